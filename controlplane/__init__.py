@@ -1,0 +1,1 @@
+"""The control plane: the only writer of loraplane's state."""

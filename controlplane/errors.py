@@ -1,0 +1,106 @@
+"""The control plane's errors, and the one place they become gRPC statuses.
+
+Each error carries its gRPC code and the HTTP status the data plane should answer
+with; the status travels in the `lp-http-status` trailing metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS_KEY = "lp-http-status"
+
+
+class ControlPlaneError(Exception):
+    code = grpc.StatusCode.INTERNAL
+    http_status = 500
+
+
+class BadRequest(ControlPlaneError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class InvalidAdapter(ControlPlaneError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 422
+
+
+class Unauthenticated(ControlPlaneError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class NotFound(ControlPlaneError):
+    code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class AlreadyExists(ControlPlaneError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 409
+
+
+class QuotaExceeded(ControlPlaneError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+
+class TooLarge(ControlPlaneError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
+class NoCapacity(ControlPlaneError):
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+async def abort(context: grpc.aio.ServicerContext, err: ControlPlaneError) -> None:
+    context.set_trailing_metadata(((HTTP_STATUS_KEY, str(err.http_status)),))
+    await context.abort(err.code, str(err))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def grpc_errors(method: F) -> F:
+    """Turn our errors into statuses; an unexpected error is logged and INTERNAL."""
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except ControlPlaneError as err:
+            await abort(context, err)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    @functools.wraps(method)
+    async def streaming(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except ControlPlaneError as err:
+            await abort(context, err)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    import inspect
+
+    wrapper: Callable[..., Awaitable[Any] | AsyncIterator[Any]]
+    wrapper = streaming if inspect.isasyncgenfunction(method) else unary
+    return wrapper  # type: ignore[return-value]

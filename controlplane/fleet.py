@@ -1,0 +1,165 @@
+"""The workers connected to this control plane, and the commands sent to them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+from controlplane.errors import NoCapacity
+from controlplane.placement import WorkerView, decide
+from controlplane.store import AdapterRecord, Store, WorkerRecord
+from loraplane.controlplane.v1 import worker_pb2 as pb
+
+log = logging.getLogger(__name__)
+OUTBOX_SIZE = 64
+
+
+class CommandFailed(Exception):
+    pass
+
+
+@dataclass
+class AgentSession:
+    record: WorkerRecord
+    outbox: asyncio.Queue[pb.ConnectResponse] = field(
+        default_factory=lambda: asyncio.Queue(OUTBOX_SIZE)
+    )
+    pending: dict[str, asyncio.Future[pb.CommandResult]] = field(default_factory=dict)
+    loading: set[str] = field(default_factory=set)
+
+    def view(self) -> WorkerView:
+        r = self.record
+        return WorkerView(
+            id=r.id,
+            base_model=r.base_model,
+            healthy=r.healthy,
+            max_adapters=r.max_adapters,
+            resident=frozenset(r.resident),
+            loading=frozenset(self.loading),
+        )
+
+    async def command(self, msg: pb.ConnectResponse, command_id: str, timeout: float) -> pb.CommandResult:
+        fut: asyncio.Future[pb.CommandResult] = asyncio.get_running_loop().create_future()
+        self.pending[command_id] = fut
+        try:
+            self.outbox.put_nowait(msg)
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.QueueFull:
+            raise CommandFailed("worker's command queue is full") from None
+        except TimeoutError:
+            raise CommandFailed(f"worker did not answer within {timeout:.0f}s") from None
+        finally:
+            self.pending.pop(command_id, None)
+
+    def resolve(self, result: pb.CommandResult) -> None:
+        fut = self.pending.get(result.command_id)
+        if fut and not fut.done():
+            fut.set_result(result)
+
+    def fail_all(self, reason: str) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(CommandFailed(reason))
+
+
+class Fleet:
+    def __init__(self, store: Store, load_timeout_s: float) -> None:
+        self._store = store
+        self._load_timeout = load_timeout_s
+        self.sessions: dict[str, AgentSession] = {}
+        self._last_used: dict[str, float] = {}
+        self._placing: dict[str, asyncio.Lock] = {}
+        self._decide = asyncio.Lock()
+
+    async def attach(self, reg: pb.Register) -> AgentSession:
+        old = self.sessions.pop(reg.worker_id, None)
+        if old:
+            old.fail_all("worker reconnected")
+        record = WorkerRecord(
+            id=reg.worker_id,
+            base_model=reg.base_model,
+            endpoint=reg.endpoint,
+            max_adapters=reg.max_adapters,
+            resident=sorted(reg.resident),
+            healthy=True,
+            updated_at=time.time(),
+        )
+        session = AgentSession(record)
+        self.sessions[reg.worker_id] = session
+        await self._store.put_worker(record)
+        log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))
+        return session
+
+    async def detach(self, session: AgentSession) -> None:
+        session.fail_all("worker disconnected")
+        if self.sessions.get(session.record.id) is session:
+            del self.sessions[session.record.id]
+            session.record = replace(session.record, healthy=False, updated_at=time.time())
+            await self._store.put_worker(session.record)
+            log.info("worker %s disconnected", session.record.id)
+
+    async def report(self, session: AgentSession, resident: list[str], healthy: bool) -> None:
+        """Record what vLLM really holds; writes Redis only when that changed."""
+        rec = session.record
+        resident = sorted(resident)
+        if resident != rec.resident or healthy != rec.healthy:
+            session.record = replace(rec, resident=resident, healthy=healthy, updated_at=time.time())
+            await self._store.put_worker(session.record)
+
+    async def place(self, adapter: AdapterRecord) -> tuple[str, bool, int]:
+        """(worker id, already loaded, load ms). One placement per adapter at a time."""
+        self._last_used[adapter.id] = time.monotonic()
+        lock = self._placing.setdefault(adapter.id, asyncio.Lock())
+        async with lock:
+            async with self._decide:
+                views = [s.view() for s in self.sessions.values()]
+                decision = decide(views, adapter.base_model, adapter.id, self._last_used)
+                if decision is None:
+                    raise NoCapacity(f"no worker of {adapter.base_model} can take the adapter right now")
+                session = self.sessions[decision.worker_id]
+                if decision.already_loaded:
+                    return decision.worker_id, True, 0
+                session.loading.add(adapter.id)
+            try:
+                if decision.evict:
+                    await self._evict(session, decision.evict)
+                result = await self._load(session, adapter)
+            finally:
+                session.loading.discard(adapter.id)
+            return decision.worker_id, result.already_done, result.duration_ms
+
+    async def _load(self, session: AgentSession, adapter: AdapterRecord) -> pb.CommandResult:
+        cid = uuid.uuid4().hex
+        msg = pb.ConnectResponse(
+            load=pb.LoadAdapter(
+                command_id=cid,
+                adapter_id=adapter.id,
+                vllm_name=adapter.vllm_name,
+                sha256=adapter.sha256,
+                size_bytes=adapter.size_bytes,
+                adapter_config=adapter.adapter_config.encode(),
+            )
+        )
+        try:
+            result = await session.command(msg, cid, self._load_timeout)
+        except CommandFailed as err:
+            raise NoCapacity(f"loading the adapter failed: {err}") from None
+        await self.report(session, list(result.resident), session.record.healthy)
+        if not result.ok:
+            log.warning("load of %s on %s failed: %s", adapter.id, session.record.id, result.error)
+            raise NoCapacity("the worker could not load the adapter")
+        log.info("loaded %s on %s in %d ms", adapter.id, session.record.id, result.duration_ms)
+        return result
+
+    async def _evict(self, session: AgentSession, adapter_id: str) -> None:
+        cid = uuid.uuid4().hex
+        msg = pb.ConnectResponse(evict=pb.EvictAdapter(command_id=cid, vllm_name=adapter_id))
+        try:
+            result = await session.command(msg, cid, self._load_timeout)
+        except CommandFailed as err:
+            raise NoCapacity(f"evicting to make room failed: {err}") from None
+        await self.report(session, list(result.resident), session.record.healthy)
+        log.info("evicted %s from %s", adapter_id, session.record.id)

@@ -1,0 +1,59 @@
+"""Placement decisions as small pure functions over a snapshot of workers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    id: str
+    base_model: str
+    healthy: bool
+    max_adapters: int
+    resident: frozenset[str]
+    loading: frozenset[str] = frozenset()
+
+    @property
+    def used(self) -> int:
+        return len(self.resident | self.loading)
+
+
+@dataclass(frozen=True)
+class Decision:
+    worker_id: str
+    already_loaded: bool
+    evict: str | None = None
+
+
+def decide(
+    workers: Sequence[WorkerView],
+    base_model: str,
+    adapter_id: str,
+    last_used: Mapping[str, float],
+    busy: frozenset[str] = frozenset(),
+) -> Decision | None:
+    """Where an adapter should be: resident > free slot > evict the least recently used idle one.
+
+    `busy` holds adapters with requests in flight, which are never evicted.
+    None means no capacity right now.
+    """
+    candidates = [w for w in workers if w.healthy and w.base_model == base_model]
+    for w in candidates:
+        if adapter_id in w.resident:
+            return Decision(w.id, already_loaded=True)
+    free = [w for w in candidates if w.used < w.max_adapters]
+    if free:
+        best = min(free, key=lambda w: (w.used, w.id))
+        return Decision(best.id, already_loaded=False)
+    options = []
+    for w in candidates:
+        idle = [a for a in w.resident - w.loading if a not in busy]
+        if idle:
+            victim = min(idle, key=lambda a: (last_used.get(a, 0.0), a))
+            options.append((last_used.get(victim, 0.0), w.id, victim))
+    if not options:
+        return None
+    _, worker_id, victim = min(options)
+    return Decision(worker_id, already_loaded=False, evict=victim)

@@ -1,0 +1,100 @@
+"""Builds and runs the control plane's gRPC server (health and reflection included)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controlplane.artifacts import ArtifactStore
+from controlplane.fleet import Fleet
+from controlplane.service import AdapterService, Auth, TenantService, WorkerService
+from controlplane.settings import Settings
+from controlplane.store import Store
+from loraplane.catalog import Catalog
+from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc, tenant_pb2, tenant_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+    tenant_pb2.DESCRIPTOR.services_by_name["TenantService"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+]
+MAX_MESSAGE = 4 << 20
+
+
+@dataclass
+class ControlPlane:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    redis: redis.Redis
+    port: int
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.redis.aclose()
+
+
+async def start(settings: Settings) -> ControlPlane:
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    await client.ping()
+    store = Store(client)
+    artifacts = ArtifactStore(settings.artifact_dir)
+    artifacts.clean_temp()
+    catalog = Catalog.load(settings.catalog_path)
+    fleet = Fleet(store, settings.load_timeout_s)
+    auth = Auth(store, settings)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    adapter_pb2_grpc.add_AdapterServiceServicer_to_server(
+        AdapterService(settings, store, artifacts, catalog, fleet, auth), server
+    )
+    tenant_pb2_grpc.add_TenantServiceServicer_to_server(TenantService(settings, store, auth), server)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(store, artifacts, fleet, auth), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(settings.grpc_addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.grpc_addr}")
+    await server.start()
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("control plane listening on %s", settings.grpc_addr)
+    return ControlPlane(server, health_servicer, client, port)
+
+
+async def serve(settings: Settings) -> None:
+    cp = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await cp.stop()
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(Settings.from_env(os.environ)))
+
+
+if __name__ == "__main__":
+    main()

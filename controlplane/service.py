@@ -1,0 +1,336 @@
+"""The gRPC servicers: authentication, then the registry, tenants and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane import validation
+from controlplane.artifacts import ArtifactStore, PendingArtifact
+from controlplane.errors import (
+    BadRequest,
+    ControlPlaneError,
+    InvalidAdapter,
+    NotFound,
+    TooLarge,
+    Unauthenticated,
+    grpc_errors,
+)
+from controlplane.fleet import AgentSession, Fleet
+from controlplane.keys import bearer, key_hash, key_prefix, new_api_key, new_id, same_secret
+from controlplane.settings import Settings
+from controlplane.store import AdapterRecord, Store, Tenant
+from loraplane.catalog import Catalog
+from loraplane.controlplane.v1 import adapter_pb2 as apb
+from loraplane.controlplane.v1 import adapter_pb2_grpc
+from loraplane.controlplane.v1 import tenant_pb2 as tpb
+from loraplane.controlplane.v1 import tenant_pb2_grpc
+from loraplane.controlplane.v1 import worker_pb2 as wpb
+from loraplane.controlplane.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STATUS = {
+    "pending": apb.ADAPTER_STATUS_PENDING,
+    "ready": apb.ADAPTER_STATUS_READY,
+    "failed": apb.ADAPTER_STATUS_FAILED,
+}
+TIERS = {tpb.TIER_SHARED: "shared", tpb.TIER_RESERVED: "reserved", tpb.TIER_DEDICATED: "dedicated"}
+TIER_ENUM = {v: k for k, v in TIERS.items()}
+
+
+class Auth:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self._store = store
+        self._settings = settings
+
+    async def tenant(self, context: grpc.aio.ServicerContext) -> Tenant:
+        tenant = await self._store.tenant_for_key(key_hash(bearer(context.invocation_metadata())))
+        if tenant is None:
+            raise Unauthenticated("missing or invalid credentials")
+        return tenant
+
+    def operator(self, context: grpc.aio.ServicerContext) -> None:
+        if not same_secret(bearer(context.invocation_metadata()), self._settings.operator_token):
+            raise Unauthenticated("missing or invalid credentials")
+
+    def agent(self, context: grpc.aio.ServicerContext) -> None:
+        if not same_secret(bearer(context.invocation_metadata()), self._settings.agent_token):
+            raise Unauthenticated("missing or invalid credentials")
+
+
+def _timestamp(t: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def adapter_message(rec: AdapterRecord) -> apb.Adapter:
+    return apb.Adapter(
+        id=rec.id,
+        name=rec.name,
+        base_model=rec.base_model,
+        model=f"{rec.base_model}:{rec.name}",
+        status=STATUS[rec.status],
+        status_reason=rec.status_reason,
+        source=apb.AdapterSource(**rec.source),
+        rank=rec.rank,
+        target_modules=rec.target_modules,
+        lora_alpha=rec.lora_alpha,
+        size_bytes=rec.size_bytes,
+        sha256=rec.sha256,
+        created_at=_timestamp(rec.created_at),
+    )
+
+
+class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
+    def __init__(
+        self, settings: Settings, store: Store, artifacts: ArtifactStore, catalog: Catalog, fleet: Fleet, auth: Auth
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._artifacts = artifacts
+        self._catalog = catalog
+        self._fleet = fleet
+        self._auth = auth
+
+    @grpc_errors
+    async def UploadAdapter(
+        self, request_iterator: AsyncIterator[apb.UploadAdapterRequest], context: grpc.aio.ServicerContext
+    ) -> apb.UploadAdapterResponse:
+        tenant = await self._auth.tenant(context)
+        pending = self._artifacts.open_temp()
+        try:
+            meta = await self._receive(request_iterator, pending)
+            rec = await asyncio.to_thread(self._validate, tenant, meta, pending)
+            sha, created = await asyncio.to_thread(pending.commit)
+            try:
+                await self._store.create_adapter(rec, self._settings.tier_limits[tenant.tier])
+            except ControlPlaneError:
+                if created and not await self._store.blob_referenced(sha):
+                    self._artifacts.delete(sha)
+                raise
+        finally:
+            pending.discard()
+        log.info("tenant %s stored adapter %s (%d bytes)", tenant.id, rec.id, rec.size_bytes)
+        return apb.UploadAdapterResponse(adapter=adapter_message(rec))
+
+    async def _receive(
+        self, stream: AsyncIterator[apb.UploadAdapterRequest], pending: PendingArtifact
+    ) -> apb.UploadAdapterMetadata:
+        meta: apb.UploadAdapterMetadata | None = None
+        it = aiter(stream)
+        while True:
+            try:
+                msg = await asyncio.wait_for(anext(it), self._settings.upload_idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise BadRequest("upload stalled: no data within the idle timeout") from None
+            if msg.HasField("metadata"):
+                if meta is not None:
+                    raise BadRequest("metadata sent twice")
+                meta = msg.metadata
+                self._check_metadata(meta)
+            else:
+                if pending.size + len(msg.chunk) > self._settings.max_adapter_bytes:
+                    raise TooLarge(f"adapter is larger than {self._settings.max_adapter_bytes} bytes")
+                await asyncio.to_thread(pending.write, msg.chunk)
+        if meta is None:
+            raise BadRequest("upload has no metadata")
+        if pending.size == 0:
+            raise BadRequest("upload has no file")
+        return meta
+
+    def _check_metadata(self, meta: apb.UploadAdapterMetadata) -> None:
+        if not NAME.match(meta.name):
+            raise BadRequest("name must be 1-64 of A-Z a-z 0-9 . _ - and start with a letter or digit")
+        model = self._catalog.get(meta.base_model)
+        if model is None:
+            raise NotFound(f"base model {meta.base_model!r} does not exist")
+        if not model.lora:
+            raise BadRequest(f"base model {meta.base_model!r} does not support LoRA adapters")
+
+    def _validate(self, tenant: Tenant, meta: apb.UploadAdapterMetadata, pending: PendingArtifact) -> AdapterRecord:
+        model = self._catalog.get(meta.base_model)
+        assert model is not None and model.architecture is not None
+        pending.file.flush()
+        pending.file.seek(0)
+        header = validation.read_header(pending.file, pending.size)
+        info = validation.check_lora(header, model.architecture, model.max_rank)
+        cfg = validation.parse_config(meta.adapter_config) if meta.adapter_config else None
+        alpha = validation.reconcile(info, cfg, meta.lora_alpha or None)
+        return AdapterRecord(
+            id=new_id("adp"),
+            tenant_id=tenant.id,
+            name=meta.name,
+            base_model=meta.base_model,
+            status="ready",
+            status_reason="",
+            source={"kind": "upload"},
+            rank=info.rank,
+            target_modules=list(info.target_modules),
+            lora_alpha=alpha,
+            size_bytes=pending.size,
+            sha256=pending.sha256,
+            created_at=time.time(),
+            adapter_config=validation.clean_config(info, alpha).decode(),
+        )
+
+    @grpc_errors
+    async def ListAdapters(
+        self, request: apb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> apb.ListAdaptersResponse:
+        tenant = await self._auth.tenant(context)
+        recs = await self._store.list_adapters(tenant.id)
+        return apb.ListAdaptersResponse(adapters=[adapter_message(r) for r in recs])
+
+    async def _own(self, tenant: Tenant, adapter_id: str) -> AdapterRecord:
+        rec = await self._store.get_adapter(adapter_id) if adapter_id.startswith("adp_") else None
+        if rec is None or rec.tenant_id != tenant.id:
+            raise NotFound(f"adapter {adapter_id!r} does not exist")
+        return rec
+
+    @grpc_errors
+    async def GetAdapter(self, request: apb.GetAdapterRequest, context: grpc.aio.ServicerContext) -> apb.GetAdapterResponse:
+        tenant = await self._auth.tenant(context)
+        return apb.GetAdapterResponse(adapter=adapter_message(await self._own(tenant, request.id)))
+
+    @grpc_errors
+    async def PlaceAdapter(
+        self, request: apb.PlaceAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> apb.PlaceAdapterResponse:
+        tenant = await self._auth.tenant(context)
+        rec = await self._own(tenant, request.adapter_id)
+        if rec.status != "ready":
+            raise InvalidAdapter(f"adapter is {rec.status}, not ready")
+        worker_id, already, load_ms = await self._fleet.place(rec)
+        return apb.PlaceAdapterResponse(worker_id=worker_id, already_loaded=already, load_ms=load_ms)
+
+
+class TenantService(tenant_pb2_grpc.TenantServiceServicer):
+    def __init__(self, settings: Settings, store: Store, auth: Auth) -> None:
+        self._settings = settings
+        self._store = store
+        self._auth = auth
+
+    def _tenant_message(self, t: Tenant) -> tpb.Tenant:
+        return tpb.Tenant(
+            id=t.id,
+            name=t.name,
+            tier=TIER_ENUM[t.tier],
+            max_adapters=self._settings.tier_limits[t.tier],
+            created_at=_timestamp(t.created_at),
+        )
+
+    @grpc_errors
+    async def CreateTenant(
+        self, request: tpb.CreateTenantRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.CreateTenantResponse:
+        self._auth.operator(context)
+        if not NAME.match(request.name):
+            raise BadRequest("tenant name must be 1-64 of A-Z a-z 0-9 . _ - and start with a letter or digit")
+        tier = TIERS.get(request.tier or tpb.TIER_SHARED)
+        if tier is None:
+            raise BadRequest("unknown tier")
+        tenant = Tenant(id=new_id("ten"), name=request.name, tier=tier, created_at=time.time())
+        key = new_api_key()
+        await self._store.create_tenant(tenant, key_hash(key), key_prefix(key))
+        log.info("created tenant %s (%s)", tenant.id, tier)
+        return tpb.CreateTenantResponse(tenant=self._tenant_message(tenant), api_key=key)
+
+    @grpc_errors
+    async def ListTenants(self, request: tpb.ListTenantsRequest, context: grpc.aio.ServicerContext) -> tpb.ListTenantsResponse:
+        self._auth.operator(context)
+        return tpb.ListTenantsResponse(tenants=[self._tenant_message(t) for t in await self._store.list_tenants()])
+
+    @grpc_errors
+    async def CreateApiKey(
+        self, request: tpb.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.CreateApiKeyResponse:
+        self._auth.operator(context)
+        if await self._store.get_tenant(request.tenant_id) is None:
+            raise NotFound(f"tenant {request.tenant_id!r} does not exist")
+        key = new_api_key()
+        await self._store.add_key(request.tenant_id, key_hash(key), key_prefix(key))
+        return tpb.CreateApiKeyResponse(api_key=key, key_prefix=key_prefix(key))
+
+
+class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, store: Store, artifacts: ArtifactStore, fleet: Fleet, auth: Auth) -> None:
+        self._store = store
+        self._artifacts = artifacts
+        self._fleet = fleet
+        self._auth = auth
+
+    @grpc_errors
+    async def Connect(
+        self, request_iterator: AsyncIterator[wpb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[wpb.ConnectResponse]:
+        self._auth.agent(context)
+        it = aiter(request_iterator)
+        first = await anext(it)
+        if not first.HasField("register"):
+            raise BadRequest("the first message must be a Register")
+        if not NAME.match(first.register.worker_id):
+            raise BadRequest("bad worker id")
+        session = await self._fleet.attach(first.register)
+        reader = asyncio.create_task(self._read(session, it))
+        try:
+            while True:
+                get = asyncio.create_task(session.outbox.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    break
+                yield get.result()
+        finally:
+            reader.cancel()
+            await self._fleet.detach(session)
+
+    async def _read(self, session: AgentSession, it: AsyncIterator[wpb.ConnectRequest]) -> None:
+        async for msg in it:
+            if msg.HasField("heartbeat"):
+                await self._fleet.report(session, list(msg.heartbeat.resident), msg.heartbeat.healthy)
+            elif msg.HasField("result"):
+                session.resolve(msg.result)
+
+    @grpc_errors
+    async def FetchArtifact(
+        self, request: wpb.FetchArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[wpb.FetchArtifactResponse]:
+        self._auth.agent(context)
+        try:
+            path = self._artifacts.path(request.sha256)
+        except ValueError:
+            raise BadRequest("sha256 must be 64 hex digits") from None
+        if not path.is_file():
+            raise NotFound("no such artifact")
+        with path.open("rb") as f:
+            while chunk := await asyncio.to_thread(f.read, 1 << 20):
+                yield wpb.FetchArtifactResponse(chunk=chunk)
+
+    @grpc_errors
+    async def ListWorkers(self, request: wpb.ListWorkersRequest, context: grpc.aio.ServicerContext) -> wpb.ListWorkersResponse:
+        self._auth.operator(context)
+        return wpb.ListWorkersResponse(
+            workers=[
+                wpb.Worker(
+                    worker_id=w.id,
+                    base_model=w.base_model,
+                    endpoint=w.endpoint,
+                    max_adapters=w.max_adapters,
+                    resident_adapter_ids=w.resident,
+                    healthy=w.healthy and w.id in self._fleet.sessions,
+                )
+                for w in await self._store.list_workers()
+            ]
+        )
+

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TIER_LIMITS = {"shared": 20, "reserved": 200, "dedicated": 200}
+
+
+@dataclass(frozen=True)
+class Settings:
+    grpc_addr: str
+    redis_url: str
+    artifact_dir: Path
+    catalog_path: Path
+    operator_token: str
+    agent_token: str
+    max_adapter_bytes: int = 500 * 1000 * 1000
+    tier_limits: Mapping[str, int] = field(default_factory=lambda: dict(TIER_LIMITS))
+    load_timeout_s: float = 60.0
+    upload_idle_timeout_s: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        limits = dict(TIER_LIMITS)
+        for tier in limits:
+            value = env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_ADAPTERS")
+            if value:
+                limits[tier] = int(value)
+        return cls(
+            grpc_addr=env.get("LORAPLANE_GRPC_ADDR", "127.0.0.1:50051"),
+            redis_url=env.get("LORAPLANE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            artifact_dir=Path(env.get("LORAPLANE_ARTIFACT_DIR", ".loraplane/artifacts")),
+            catalog_path=Path(env.get("LORAPLANE_CATALOG", ".loraplane/catalog.json")),
+            operator_token=_required(env, "LORAPLANE_OPERATOR_TOKEN"),
+            agent_token=_required(env, "LORAPLANE_AGENT_TOKEN"),
+            max_adapter_bytes=int(env.get("LORAPLANE_MAX_ADAPTER_BYTES", 500 * 1000 * 1000)),
+            tier_limits=limits,
+            load_timeout_s=float(env.get("LORAPLANE_LOAD_TIMEOUT_S", 60)),
+        )
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "")
+    if len(value) < 16:
+        raise ValueError(f"{name} must be set to a secret of at least 16 characters")
+    return value

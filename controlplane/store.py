@@ -1,0 +1,195 @@
+"""The Redis state layer. The control plane is its only writer.
+
+Keys (prefix `lp:`):
+    tenant:<tid>            hash   id, name, tier, created_at
+    tenants                 hash   name -> tid
+    apikey:<sha256(key)>    hash   tenant_id, prefix, created_at   (keys are stored only hashed)
+    adapter:<aid>           string JSON record
+    tenant:<tid>:adapters   hash   name -> aid
+    blob:<sha256>           set    ids of the adapters whose bytes are that blob
+    worker:<wid>            string JSON record (endpoint, base model, resident adapter ids)
+    workers                 set    worker ids
+    routing:version         int    bumped on every routing change; published on `lp:routing`
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+import redis.asyncio as redis
+
+from controlplane.errors import AlreadyExists, QuotaExceeded
+
+P = "lp:"
+ROUTING_CHANNEL = P + "routing"
+
+# KEYS[1] tenant adapters hash, KEYS[2] adapter record key, KEYS[3] blob reference set
+# ARGV[1] name, ARGV[2] adapter id, ARGV[3] record JSON, ARGV[4] max adapters
+# Returns 1 on success, -1 if the name is taken, -2 if the quota is used up.
+CREATE_ADAPTER = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return -1 end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return -2 end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+# KEYS[1] tenants-by-name hash, KEYS[2] tenant hash, KEYS[3] api key hash
+# ARGV[1] name, ARGV[2] tenant id, ARGV[3] tier, ARGV[4] created_at, ARGV[5] key prefix
+# Returns 1 on success, -1 if the name is taken.
+CREATE_TENANT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], 'id', ARGV[2], 'name', ARGV[1], 'tier', ARGV[3], 'created_at', ARGV[4])
+redis.call('HSET', KEYS[3], 'tenant_id', ARGV[2], 'prefix', ARGV[5], 'created_at', ARGV[4])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    name: str
+    tier: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    id: str
+    tenant_id: str
+    name: str
+    base_model: str
+    status: str
+    status_reason: str
+    source: dict[str, str]
+    rank: int
+    target_modules: list[str]
+    lora_alpha: float
+    size_bytes: int
+    sha256: str
+    created_at: float
+    adapter_config: str  # the clean adapter_config.json workers get
+
+    @property
+    def vllm_name(self) -> str:
+        return self.id
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> AdapterRecord:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    id: str
+    base_model: str
+    endpoint: str
+    max_adapters: int
+    resident: list[str] = field(default_factory=list)
+    healthy: bool = True
+    updated_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkerRecord:
+        return cls(**json.loads(raw))
+
+
+class Store:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._create_adapter = client.register_script(CREATE_ADAPTER)
+        self._create_tenant = client.register_script(CREATE_TENANT)
+
+    # tenants and keys
+
+    async def create_tenant(self, tenant: Tenant, key_hash: str, key_prefix: str) -> None:
+        res = await self._create_tenant(
+            keys=[P + "tenants", f"{P}tenant:{tenant.id}", f"{P}apikey:{key_hash}"],
+            args=[tenant.name, tenant.id, tenant.tier, tenant.created_at, key_prefix],
+        )
+        if res == -1:
+            raise AlreadyExists(f"tenant {tenant.name!r} already exists")
+
+    async def add_key(self, tenant_id: str, key_hash: str, key_prefix: str) -> None:
+        await self.r.hset(
+            f"{P}apikey:{key_hash}",
+            mapping={"tenant_id": tenant_id, "prefix": key_prefix, "created_at": time.time()},
+        )
+
+    async def tenant_for_key(self, key_hash: str) -> Tenant | None:
+        tid = await self.r.hget(f"{P}apikey:{key_hash}", "tenant_id")
+        return await self.get_tenant(tid.decode()) if tid else None
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        h = await self.r.hgetall(f"{P}tenant:{tenant_id}")
+        if not h:
+            return None
+        return Tenant(
+            id=h[b"id"].decode(),
+            name=h[b"name"].decode(),
+            tier=h[b"tier"].decode(),
+            created_at=float(h[b"created_at"]),
+        )
+
+    async def list_tenants(self) -> list[Tenant]:
+        ids = await self.r.hvals(P + "tenants")
+        tenants = [await self.get_tenant(t.decode()) for t in ids]
+        return sorted((t for t in tenants if t), key=lambda t: t.name)
+
+    # adapters
+
+    async def create_adapter(self, rec: AdapterRecord, max_adapters: int) -> None:
+        res = await self._create_adapter(
+            keys=[f"{P}tenant:{rec.tenant_id}:adapters", f"{P}adapter:{rec.id}", f"{P}blob:{rec.sha256}"],
+            args=[rec.name, rec.id, rec.to_json(), max_adapters],
+        )
+        if res == -1:
+            raise AlreadyExists(f"an adapter named {rec.name!r} already exists")
+        if res == -2:
+            raise QuotaExceeded(f"the tenant's tier allows at most {max_adapters} adapters")
+
+    async def get_adapter(self, adapter_id: str) -> AdapterRecord | None:
+        raw = await self.r.get(f"{P}adapter:{adapter_id}")
+        return AdapterRecord.from_json(raw) if raw else None
+
+    async def list_adapters(self, tenant_id: str) -> list[AdapterRecord]:
+        ids = await self.r.hvals(f"{P}tenant:{tenant_id}:adapters")
+        if not ids:
+            return []
+        raws = await self.r.mget([f"{P}adapter:{i.decode()}" for i in ids])
+        recs = [AdapterRecord.from_json(r) for r in raws if r]
+        return sorted(recs, key=lambda a: a.created_at, reverse=True)
+
+    async def blob_referenced(self, sha256: str) -> bool:
+        return bool(await self.r.scard(f"{P}blob:{sha256}"))
+
+    # workers and routing
+
+    async def put_worker(self, w: WorkerRecord) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(f"{P}worker:{w.id}", w.to_json())
+            pipe.sadd(P + "workers", w.id)
+            pipe.incr(P + "routing:version")
+            _, _, version = await pipe.execute()
+        await self.r.publish(ROUTING_CHANNEL, str(version))
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        return await read_workers(self.r)
+
+
+async def read_workers(client: redis.Redis) -> list[WorkerRecord]:
+    ids = sorted(i.decode() for i in await client.smembers(P + "workers"))
+    if not ids:
+        return []
+    raws = await client.mget([f"{P}worker:{i}" for i in ids])
+    return [WorkerRecord.from_json(r) for r in raws if r]
+

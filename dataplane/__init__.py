@@ -1,0 +1,1 @@
+"""The data plane: loraplane's public, OpenAI-compatible HTTP API."""

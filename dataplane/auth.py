@@ -1,0 +1,43 @@
+"""API key checks against key hashes in Redis, cached in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import redis.asyncio as redis
+from starlette.requests import Request
+
+from dataplane.errors import Unauthorized, Unavailable
+
+MAX_HEADER = 512
+
+
+class KeyCache:
+    def __init__(self, client: redis.Redis, ttl_s: float) -> None:
+        self._r = client
+        self._ttl = ttl_s
+        self._cache: dict[str, tuple[str, float]] = {}
+
+    async def tenant_id(self, request: Request) -> str:
+        """The tenant whose key authorised this request; Unauthorized otherwise."""
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if len(header) > MAX_HEADER or scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized()
+        digest = hashlib.sha256(key.strip().encode("utf-8", "surrogatepass")).hexdigest()
+        hit = self._cache.get(digest)
+        now = time.monotonic()
+        if hit and hit[1] > now:
+            return hit[0]
+        try:
+            tid = await self._r.hget(f"lp:apikey:{digest}", "tenant_id")
+        except (redis.ConnectionError, redis.TimeoutError):
+            if hit:  # Redis is down: a key we knew stays good until Redis is back.
+                return hit[0]
+            raise Unavailable("authentication is unavailable right now") from None
+        if tid is None:
+            self._cache.pop(digest, None)
+            raise Unauthorized()
+        self._cache[digest] = (tid.decode(), now + self._ttl)
+        return tid.decode()

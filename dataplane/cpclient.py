@@ -1,0 +1,61 @@
+"""The data plane's calls to the control plane, with the user's own credential."""
+
+from __future__ import annotations
+
+import grpc
+
+from dataplane.errors import from_grpc
+from loraplane.controlplane.v1 import adapter_pb2 as apb
+from loraplane.controlplane.v1 import adapter_pb2_grpc
+
+SERVICE_CONFIG = """{
+  "methodConfig": [{
+    "name": [{"service": "loraplane.controlplane.v1.AdapterService", "method": "ListAdapters"},
+             {"service": "loraplane.controlplane.v1.AdapterService", "method": "GetAdapter"},
+             {"service": "loraplane.controlplane.v1.AdapterService", "method": "PlaceAdapter"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+  }]
+}"""
+
+
+class ControlPlaneClient:
+    def __init__(self, addr: str) -> None:
+        self.channel = grpc.aio.insecure_channel(
+            addr,
+            options=[
+                ("grpc.service_config", SERVICE_CONFIG),
+                ("grpc.enable_retries", 1),
+                ("grpc.max_send_message_length", 4 << 20),
+            ],
+        )
+        self.adapters = adapter_pb2_grpc.AdapterServiceStub(self.channel)
+
+    @staticmethod
+    def auth(key: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {key}"),)
+
+    async def list_adapters(self, key: str) -> list[apb.Adapter]:
+        try:
+            resp = await self.adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=self.auth(key), timeout=10)
+        except grpc.aio.AioRpcError as err:
+            raise from_grpc(err) from None
+        return list(resp.adapters)
+
+    async def get_adapter(self, key: str, adapter_id: str) -> apb.Adapter:
+        try:
+            resp = await self.adapters.GetAdapter(apb.GetAdapterRequest(id=adapter_id), metadata=self.auth(key), timeout=10)
+        except grpc.aio.AioRpcError as err:
+            raise from_grpc(err) from None
+        return resp.adapter
+
+    async def place(self, key: str, adapter_id: str, timeout: float) -> apb.PlaceAdapterResponse:
+        try:
+            return await self.adapters.PlaceAdapter(
+                apb.PlaceAdapterRequest(adapter_id=adapter_id), metadata=self.auth(key), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_grpc(err) from None
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,66 @@
+"""Forwarding a request to a worker and its answer back, streamed as it comes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+
+from dataplane.errors import Upstream
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
+
+
+class Proxy:
+    def __init__(self, session: aiohttp.ClientSession, worker_api_key: str, timeout_s: float) -> None:
+        self._session = session
+        self._headers = {"Content-Type": "application/json"}
+        if worker_api_key:
+            self._headers["Authorization"] = f"Bearer {worker_api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
+
+    async def forward(
+        self, endpoint: str, path: str, body: dict[str, object], upstream_model: str, client_model: str
+    ) -> Response:
+        body = dict(body, model=upstream_model)
+        replace = (
+            _model_field(upstream_model),
+            _model_field(client_model),
+        )
+        try:
+            upstream = await self._session.post(
+                endpoint + path, data=json.dumps(body), headers=self._headers, timeout=self._timeout
+            )
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise Upstream(f"the worker could not be reached: {type(err).__name__}") from None
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        if upstream.content_type == "text/event-stream":
+            return StreamingResponse(
+                _lines(upstream, *replace),
+                status_code=upstream.status,
+                headers=headers,
+                background=BackgroundTask(upstream.release),
+            )
+        try:
+            content = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise Upstream(f"the worker failed mid-answer: {type(err).__name__}") from None
+        finally:
+            upstream.release()
+        return Response(content.replace(*replace), status_code=upstream.status, headers=headers)
+
+
+def _model_field(model: str) -> bytes:
+    return b'"model":' + json.dumps(model).encode()
+
+
+async def _lines(upstream: aiohttp.ClientResponse, old: bytes, new: bytes) -> AsyncIterator[bytes]:
+    """SSE events line by line, each passed on as soon as it arrives."""
+    try:
+        async for line in upstream.content:
+            yield line.replace(old, new)
+    finally:
+        upstream.close()

@@ -1,0 +1,72 @@
+"""`model` strings to targets: the catalog's base models and the tenant's adapters."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+
+from dataplane.errors import BadRequest, NotFound, Unavailable
+from loraplane.catalog import BaseModel, Catalog
+
+
+@dataclass(frozen=True)
+class Target:
+    base: BaseModel
+    adapter_id: str | None  # also the name vLLM knows the adapter by
+
+    @property
+    def upstream_model(self) -> str:
+        return self.adapter_id or self.base.name
+
+
+class Resolver:
+    def __init__(self, client: redis.Redis, catalog: Catalog, ttl_s: float) -> None:
+        self._r = client
+        self.catalog = catalog
+        self._ttl = ttl_s
+        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+
+    async def resolve(self, tenant_id: str, model: object) -> Target:
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' must be a non-empty string", param="model")
+        base_name, sep, adapter_name = model.partition(":")
+        base = self.catalog.get(base_name)
+        if base is None or (sep and not adapter_name):
+            raise _missing(model)
+        if not sep:
+            return Target(base, None)
+        if not base.lora:
+            raise BadRequest(f"{base.name} is an embedding model; embedding models do not support LoRA adapters", param="model")
+        adapter_id = await self._adapter_id(tenant_id, base.name, adapter_name)
+        if adapter_id is None:
+            raise _missing(model)
+        return Target(base, adapter_id)
+
+    async def _adapter_id(self, tenant_id: str, base: str, name: str) -> str | None:
+        key = (tenant_id, name)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit and hit[1] > now:
+            return hit[0]
+        try:
+            aid = await self._r.hget(f"lp:tenant:{tenant_id}:adapters", name)
+            raw = await self._r.get(f"lp:adapter:{aid.decode()}") if aid else None
+        except (redis.ConnectionError, redis.TimeoutError):
+            if hit:
+                return hit[0]
+            raise Unavailable("the adapter registry is unavailable right now") from None
+        if raw is None:
+            return None
+        rec = json.loads(raw)
+        if rec["status"] != "ready" or rec["base_model"] != base or rec["tenant_id"] != tenant_id:
+            return None
+        self._cache[key] = (rec["id"], now + self._ttl)
+        return str(rec["id"])
+
+
+def _missing(model: str) -> NotFound:
+    # The same words whether the adapter is another tenant's or does not exist at all.
+    return NotFound(f"The model '{model[:200]}' does not exist.", param="model")

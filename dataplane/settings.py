@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    redis_url: str
+    controlplane_addr: str
+    catalog_path: Path
+    worker_api_key: str
+    max_adapter_bytes: int = 500 * 1000 * 1000
+    max_body_bytes: int = 1 << 20
+    upload_timeout_s: float = 600.0
+    place_timeout_s: float = 60.0
+    upstream_timeout_s: float = 600.0
+    key_cache_ttl_s: float = 30.0
+    adapter_cache_ttl_s: float = 5.0
+    routing_refresh_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        return cls(
+            host=env.get("LORAPLANE_HTTP_HOST", "127.0.0.1"),
+            port=int(env.get("LORAPLANE_HTTP_PORT", "8080")),
+            redis_url=env.get("LORAPLANE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            controlplane_addr=env.get("LORAPLANE_CONTROLPLANE_ADDR", "127.0.0.1:50051"),
+            catalog_path=Path(env.get("LORAPLANE_CATALOG", ".loraplane/catalog.json")),
+            worker_api_key=env.get("LORAPLANE_WORKER_API_KEY", ""),
+            max_adapter_bytes=int(env.get("LORAPLANE_MAX_ADAPTER_BYTES", 500 * 1000 * 1000)),
+            max_body_bytes=int(env.get("LORAPLANE_MAX_BODY_BYTES", 1 << 20)),
+        )

@@ -1,0 +1,1 @@
+"""loraplane: serve fine-tuned LoRA adapters to many tenants on shared vLLM workers."""

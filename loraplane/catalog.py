@@ -1,0 +1,108 @@
+"""The base model catalog: which models exist, what they allow, their shapes.
+
+A JSON file shared by every component:
+
+    {"models": [{"name": "tiny-llama", "kind": "chat", "path": "/models/tiny-llama",
+                 "lora": true, "max_rank": 64, "max_adapters_per_worker": 8}]}
+
+`path` is what vLLM serves; the dimensions adapter validation needs are read from
+the model's own `config.json` there unless given inline as `architecture`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+    def module_shape(self, module: str) -> tuple[int, int] | None:
+        """(in_features, out_features) of a LoRA-targetable linear layer, or None."""
+        h, i = self.hidden_size, self.intermediate_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }.get(module)
+
+    @classmethod
+    def from_model_config(cls, cfg: Mapping[str, object]) -> Architecture:
+        heads = int(cfg["num_attention_heads"])  # type: ignore[call-overload]
+        hidden = int(cfg["hidden_size"])  # type: ignore[call-overload]
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),  # type: ignore[call-overload]
+            num_hidden_layers=int(cfg["num_hidden_layers"]),  # type: ignore[call-overload]
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),  # type: ignore[call-overload]
+            head_dim=int(cfg.get("head_dim") or hidden // heads),  # type: ignore[call-overload]
+        )
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    name: str
+    kind: str  # "chat" or "embedding"
+    path: str
+    lora: bool
+    max_rank: int
+    max_adapters_per_worker: int
+    architecture: Architecture | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: Mapping[str, BaseModel]
+
+    def get(self, name: str) -> BaseModel | None:
+        return self.models.get(name)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Catalog:
+        raw = json.loads(Path(path).read_text())
+        models: dict[str, BaseModel] = {}
+        for entry in raw["models"]:
+            name = str(entry["name"])
+            if not MODEL_NAME.match(name):
+                raise ValueError(f"catalog: bad model name {name!r}")
+            kind = str(entry.get("kind", "chat"))
+            if kind not in ("chat", "embedding"):
+                raise ValueError(f"catalog: {name}: kind must be chat or embedding")
+            lora = bool(entry.get("lora", kind == "chat")) and kind == "chat"
+            arch_raw = entry.get("architecture")
+            model_path = str(entry["path"])
+            if arch_raw is None and lora:
+                arch_raw = json.loads((Path(model_path) / "config.json").read_text())
+            models[name] = BaseModel(
+                name=name,
+                kind=kind,
+                path=model_path,
+                lora=lora,
+                max_rank=int(entry.get("max_rank", 64)),
+                max_adapters_per_worker=int(entry.get("max_adapters_per_worker", 8)),
+                architecture=Architecture.from_model_config(arch_raw) if arch_raw else None,
+            )
+        return cls(models=models)
+
+    @staticmethod
+    def write(path: Path, models: list[dict[str, object]]) -> None:
+        path.write_text(json.dumps({"models": models}, indent=2) + "\n")

@@ -1,0 +1,195 @@
+"""The embedded default: the whole stack as child processes on one machine.
+
+Used by `loraplane up` and by the end-to-end tests (with free ports and a temp dir).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from loraplane import tinymodel
+from loraplane.catalog import Catalog
+from loraplane.controlplane.v1 import worker_pb2
+from loraplane.grpcclient import operator_call
+
+log = logging.getLogger(__name__)
+BASE_MODEL = "tiny-llama"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    data_dir: Path
+    http_port: int = 8080
+    grpc_port: int = 50051
+    vllm_port: int = 8100
+    redis_url: str = ""  # empty: start a private redis-server with AOF under data_dir
+    log_dir: Path | None = None
+
+
+@dataclass
+class Stack:
+    config: StackConfig
+    secrets: dict[str, str] = field(default_factory=dict)
+    redis_url: str = ""
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.http_port}"
+
+    @property
+    def grpc_addr(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_port}"
+
+    def start(self, timeout: float = 600) -> None:
+        d = self.config.data_dir.resolve()
+        d.mkdir(parents=True, exist_ok=True)
+        self.secrets = _secrets(d / "secrets.json")
+        model_dir = tinymodel.build(d / "models" / BASE_MODEL)
+        Catalog.write(d / "catalog.json", [{"name": BASE_MODEL, "kind": "chat", "path": str(model_dir), "lora": True, "max_rank": 64, "max_adapters_per_worker": 8}])
+        self.redis_url = self.config.redis_url or self._start_redis(d / "redis")
+        env = self.env()
+        self._spawn("controlplane", [sys.executable, "-m", "controlplane.server"], env)
+        _wait(lambda: _port_open(self.config.grpc_port), 60, "control plane", self.procs["controlplane"])
+        self._spawn("agent", [sys.executable, "-m", "workeragent.agent"], env)
+        self._spawn("dataplane", [sys.executable, "-m", "dataplane.app"], env)
+        _wait(lambda: _http_ok(self.http_url + "/healthz"), 60, "data plane", self.procs["dataplane"])
+        _wait(self._worker_ready, timeout, "the vLLM worker", self.procs["agent"])
+
+    def env(self) -> dict[str, str]:
+        d = self.config.data_dir.resolve()
+        env = dict(os.environ)
+        env.update(
+            LORAPLANE_REDIS_URL=self.redis_url,
+            LORAPLANE_GRPC_ADDR=self.grpc_addr,
+            LORAPLANE_CONTROLPLANE_ADDR=self.grpc_addr,
+            LORAPLANE_HTTP_PORT=str(self.config.http_port),
+            LORAPLANE_VLLM_PORT=str(self.config.vllm_port),
+            LORAPLANE_CATALOG=str(d / "catalog.json"),
+            LORAPLANE_ARTIFACT_DIR=str(d / "artifacts"),
+            LORAPLANE_CACHE_DIR=str(d / "agent-cache"),
+            LORAPLANE_OPERATOR_TOKEN=self.secrets["operator_token"],
+            LORAPLANE_AGENT_TOKEN=self.secrets["agent_token"],
+            LORAPLANE_WORKER_API_KEY=self.secrets["worker_api_key"],
+            LORAPLANE_WORKER_ID=f"embedded-{BASE_MODEL}",
+            LORAPLANE_BASE_MODEL=BASE_MODEL,
+        )
+        env.setdefault("LORAPLANE_VLLM_ARGS", " ".join(vllm_args()))
+        if _vllm_cpu():
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        return env
+
+    def _worker_ready(self) -> bool:
+        # The agent registers once vLLM is healthy.
+        try:
+            resp = operator_call(self.grpc_addr, self.secrets["operator_token"], "ListWorkers", worker_pb2.ListWorkersRequest())
+        except grpc.RpcError:
+            return False
+        return any(w.healthy for w in resp.workers)
+
+    def _start_redis(self, d: Path) -> str:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server), and LORAPLANE_REDIS_URL is not set")
+        d.mkdir(parents=True, exist_ok=True)
+        sock = d / "redis.sock"
+        sock.unlink(missing_ok=True)
+        self._spawn(
+            "redis",
+            [binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700", "--dir", str(d),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+            dict(os.environ),
+        )  # fmt: skip
+        _wait(sock.exists, 30, "redis-server", self.procs["redis"])
+        return f"unix://{sock}"
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        out = None
+        if self.config.log_dir:
+            self.config.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.config.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.procs[name] = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+
+    def stop(self) -> None:
+        for name in ["dataplane", "agent", "controlplane", "redis"]:
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+
+
+def vllm_args() -> list[str]:
+    args = ["--dtype", "float32", "--max-model-len", "1024"]
+    if _vllm_cpu():
+        args += ["--gpu-memory-utilization", "0.2"]
+    return args
+
+
+def _vllm_cpu() -> bool:
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _secrets(path: Path) -> dict[str, str]:
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    values = {k: secrets.token_urlsafe(32) for k in ("operator_token", "agent_token", "worker_api_key")}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(values, f)
+    return values
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _wait(ready: object, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
+    assert callable(ready)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not become ready within {timeout:.0f}s")
+        time.sleep(0.25)

@@ -1,0 +1,195 @@
+"""The agent's life: keep vLLM up, stay connected to the control plane, run commands."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import grpc
+
+from loraplane.catalog import Catalog
+from loraplane.controlplane.v1 import worker_pb2 as pb
+from loraplane.controlplane.v1 import worker_pb2_grpc
+from workeragent.cache import ArtifactCache, IntegrityError
+from workeragent.settings import Settings
+from workeragent.vllm import VllmClient, VllmError, VllmProcess
+
+log = logging.getLogger(__name__)
+BACKOFF_CAP_S = 10.0
+
+
+class Agent:
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        model = catalog.get(settings.base_model)
+        if model is None:
+            raise ValueError(f"base model {settings.base_model!r} is not in the catalog")
+        self._s = settings
+        self._model = model
+        self._metadata = (("authorization", f"Bearer {settings.agent_token}"),)
+        self.process: VllmProcess | None = None
+        if not settings.vllm_url:
+            self.process = VllmProcess(
+                model_path=model.path,
+                served_name=model.name,
+                host=settings.vllm_host,
+                port=settings.vllm_port,
+                api_key=settings.vllm_api_key,
+                max_loras=model.max_adapters_per_worker,
+                max_rank=model.max_rank,
+                extra_args=settings.vllm_args,
+            )
+        self.endpoint = settings.vllm_url or f"http://{settings.vllm_host}:{settings.vllm_port}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(self._s.controlplane_addr) as channel:
+            self._vllm = VllmClient(self.endpoint, self._s.vllm_api_key, http)
+            self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            self._cache = ArtifactCache(self._s.cache_dir, self._fetch)
+            tasks = [asyncio.create_task(self._connect_forever())]
+            if self.process:
+                await self.process.start()
+                tasks.append(asyncio.create_task(self._supervise()))
+            try:
+                await stop.wait()
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if self.process:
+                    await self.process.stop()
+
+    async def _supervise(self) -> None:
+        """Restart vLLM with capped backoff whenever it exits."""
+        assert self.process is not None
+        delay = 1.0
+        while True:
+            assert self.process.proc is not None
+            started = time.monotonic()
+            code = await self.process.proc.wait()
+            log.error("vLLM exited with %s; restarting in %.0fs", code, delay)
+            await asyncio.sleep(delay)
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, BACKOFF_CAP_S)
+            await self.process.start()
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self._s.startup_timeout_s
+        while not await self._vllm.healthy():
+            if time.monotonic() > deadline:
+                raise TimeoutError("vLLM did not become healthy in time")
+            await asyncio.sleep(0.5)
+
+    async def _connect_forever(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._wait_ready()
+                await self._session()
+                delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except (grpc.aio.AioRpcError, aiohttp.ClientError, TimeoutError, OSError) as err:
+                log.warning("control plane session ended: %s; reconnecting in %.1fs", err, delay)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, BACKOFF_CAP_S)
+
+    async def _session(self) -> None:
+        outbox: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue(256)
+        call = self._stub.Connect(metadata=self._metadata)
+        register = pb.Register(
+            worker_id=self._s.worker_id,
+            base_model=self._model.name,
+            endpoint=self.endpoint,
+            max_adapters=self._model.max_adapters_per_worker,
+            resident=await self._vllm.resident(),
+        )
+        await call.write(pb.ConnectRequest(register=register))
+        log.info("registered %s with the control plane", self._s.worker_id)
+        tasks = {
+            asyncio.create_task(self._writer(call, outbox)),
+            asyncio.create_task(self._heartbeat(outbox)),
+        }
+        try:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    return
+                task = asyncio.create_task(self._execute(msg, outbox))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for t in tasks:
+                t.cancel()
+            call.cancel()
+
+    async def _writer(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
+        while True:
+            await call.write(await outbox.get())
+
+    async def _heartbeat(self, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
+        while True:
+            await asyncio.sleep(self._s.heartbeat_s)
+            healthy = await self._vllm.healthy()
+            resident = await self._vllm.resident() if healthy else []
+            await outbox.put(pb.ConnectRequest(heartbeat=pb.Heartbeat(resident=resident, healthy=healthy)))
+
+    async def _execute(self, msg: pb.ConnectResponse, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
+        started = time.monotonic()
+        cmd = msg.load if msg.HasField("load") else msg.evict
+        result = pb.CommandResult(command_id=cmd.command_id, ok=True)
+        try:
+            before = await self._vllm.resident()
+            if msg.HasField("load"):
+                if msg.load.vllm_name in before:
+                    result.already_done = True
+                else:
+                    d = await self._cache.adapter_dir(
+                        msg.load.vllm_name, msg.load.sha256, msg.load.size_bytes, msg.load.adapter_config
+                    )
+                    await self._vllm.load(msg.load.vllm_name, str(d))
+            elif msg.evict.vllm_name not in before:
+                result.already_done = True
+            else:
+                await self._vllm.unload(msg.evict.vllm_name)
+                self._cache.forget(msg.evict.vllm_name)
+            after = await self._vllm.resident()
+            result.resident.extend(after)
+            wanted = msg.HasField("load")
+            if (cmd.vllm_name in after) != wanted:
+                result.ok = False
+                result.error = "vLLM does not report the adapter as " + ("loaded" if wanted else "unloaded")
+        except (VllmError, IntegrityError, aiohttp.ClientError, grpc.aio.AioRpcError, OSError, TimeoutError) as err:
+            # reported to the control plane, which decides what to do next
+            log.warning("command %s failed: %s", cmd.command_id, err)
+            result.ok = False
+            result.error = str(err)[:500]
+        result.duration_ms = int((time.monotonic() - started) * 1000)
+        await outbox.put(pb.ConnectRequest(result=result))
+
+    async def _fetch(self, sha256: str) -> AsyncIterator[bytes]:
+        call = self._stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256), metadata=self._metadata, timeout=600)
+        async for msg in call:
+            yield msg.chunk
+
+
+async def serve(settings: Settings) -> None:
+    agent = Agent(settings, Catalog.load(settings.catalog_path))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.run(stop)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(Settings.from_env(os.environ)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The node-local artifact cache: blobs by sha256, verified, fetched once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+
+class IntegrityError(Exception):
+    pass
+
+
+Fetch = Callable[[str], AsyncIterator[bytes]]
+
+
+class ArtifactCache:
+    def __init__(self, root: Path, fetch: Fetch) -> None:
+        self.root = Path(root)
+        self._fetch = fetch
+        self._blobs = self.root / "blobs"
+        self._adapters = self.root / "adapters"
+        self._tmp = self.root / "tmp"
+        for d in (self._blobs, self._adapters):
+            d.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(parents=True)
+        self._inflight: dict[str, asyncio.Future[Path]] = {}
+
+    async def adapter_dir(self, name: str, sha256: str, size: int, config: bytes) -> Path:
+        """A directory vLLM can load: the verified weights and the config we were given."""
+        blob = await self.blob(sha256, size)
+        d = self._adapters / name
+        if not (d / "adapter_model.safetensors").exists():
+            tmp = Path(tempfile.mkdtemp(dir=self._tmp))
+            os.link(blob, tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_bytes(config)
+            shutil.rmtree(d, ignore_errors=True)
+            os.replace(tmp, d)
+        return d
+
+    async def blob(self, sha256: str, size: int) -> Path:
+        """The blob's path, fetching it once however many callers want it."""
+        path = self._blobs / sha256
+        if path.exists():
+            return path
+        fut = self._inflight.get(sha256)
+        if fut is None:
+            fut = asyncio.ensure_future(self._download(sha256, size, path))
+            self._inflight[sha256] = fut
+            fut.add_done_callback(lambda _: self._inflight.pop(sha256, None))
+        return await asyncio.shield(fut)
+
+    async def _download(self, sha256: str, size: int, path: Path) -> Path:
+        fd, name = tempfile.mkstemp(dir=self._tmp)
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in self._fetch(sha256):
+                    n += len(chunk)
+                    if n > size:
+                        raise IntegrityError(f"artifact {sha256} is larger than {size} bytes")
+                    h.update(chunk)
+                    await asyncio.to_thread(f.write, chunk)
+                await asyncio.to_thread(f.flush)
+                await asyncio.to_thread(os.fsync, f.fileno())
+            if h.hexdigest() != sha256 or n != size:
+                raise IntegrityError(f"artifact {sha256} failed verification")
+            os.replace(name, path)
+            return path
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def forget(self, name: str) -> None:
+        shutil.rmtree(self._adapters / name, ignore_errors=True)

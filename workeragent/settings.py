@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import shlex
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    controlplane_addr: str
+    agent_token: str
+    worker_id: str
+    base_model: str
+    catalog_path: Path
+    cache_dir: Path
+    vllm_host: str
+    vllm_port: int
+    vllm_api_key: str
+    vllm_url: str  # attach to this vLLM instead of starting one
+    vllm_args: tuple[str, ...]
+    heartbeat_s: float = 2.0
+    startup_timeout_s: float = 300.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        token = env.get("LORAPLANE_AGENT_TOKEN", "")
+        if len(token) < 16:
+            raise ValueError("LORAPLANE_AGENT_TOKEN must be set to a secret of at least 16 characters")
+        base_model = env.get("LORAPLANE_BASE_MODEL", "tiny-llama")
+        return cls(
+            controlplane_addr=env.get("LORAPLANE_CONTROLPLANE_ADDR", "127.0.0.1:50051"),
+            agent_token=token,
+            worker_id=env.get("LORAPLANE_WORKER_ID") or f"{socket.gethostname()}-{base_model}",
+            base_model=base_model,
+            catalog_path=Path(env.get("LORAPLANE_CATALOG", ".loraplane/catalog.json")),
+            cache_dir=Path(env.get("LORAPLANE_CACHE_DIR", ".loraplane/agent-cache")),
+            vllm_host=env.get("LORAPLANE_VLLM_HOST", "127.0.0.1"),
+            vllm_port=int(env.get("LORAPLANE_VLLM_PORT", "8100")),
+            vllm_api_key=env.get("LORAPLANE_WORKER_API_KEY", ""),
+            vllm_url=env.get("LORAPLANE_VLLM_URL", ""),
+            vllm_args=tuple(shlex.split(env.get("LORAPLANE_VLLM_ARGS", ""))),
+            heartbeat_s=float(env.get("LORAPLANE_HEARTBEAT_S", "2")),
+            startup_timeout_s=float(env.get("LORAPLANE_VLLM_STARTUP_TIMEOUT_S", "300")),
+        )

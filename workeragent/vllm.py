@@ -1,0 +1,111 @@
+"""vLLM as the agent sees it: a supervised process and its HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+
+class VllmError(Exception):
+    pass
+
+
+class VllmClient:
+    """The few vLLM calls the agent makes: health, resident adapters, load, unload."""
+
+    def __init__(self, base_url: str, api_key: str, session: aiohttp.ClientSession) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(total=30)
+
+    async def healthy(self) -> bool:
+        try:
+            async with self._session.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=3)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def resident(self) -> list[str]:
+        """Names of the LoRA adapters vLLM reports holding (models with a parent)."""
+        async with self._session.get(f"{self.base_url}/v1/models", headers=self._headers, timeout=self._timeout) as r:
+            if r.status != 200:
+                raise VllmError(f"GET /v1/models answered {r.status}")
+            body = await r.json()
+        return sorted(m["id"] for m in body.get("data", []) if m.get("parent"))
+
+    async def load(self, name: str, path: str) -> None:
+        await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    async def unload(self, name: str) -> None:
+        await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+
+    async def _post(self, path: str, body: dict[str, str]) -> None:
+        async with self._session.post(
+            f"{self.base_url}{path}", json=body, headers=self._headers, timeout=self._timeout
+        ) as r:
+            if r.status != 200:
+                text = (await r.text())[:500]
+                raise VllmError(f"{path} answered {r.status}: {text}")
+
+
+class VllmProcess:
+    """Starts vLLM's OpenAI server for one model with runtime LoRA updating on."""
+
+    def __init__(
+        self,
+        model_path: str,
+        served_name: str,
+        host: str,
+        port: int,
+        api_key: str,
+        max_loras: int,
+        max_rank: int,
+        extra_args: Sequence[str],
+    ) -> None:
+        self.args = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", model_path,
+            "--served-model-name", served_name,
+            "--host", host,
+            "--port", str(port),
+            "--enable-lora",
+            "--max-loras", str(max_loras),
+            "--max-lora-rank", str(max_rank),
+            *extra_args,
+        ]  # fmt: skip
+        self._api_key = api_key
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        if self._api_key:
+            env["VLLM_API_KEY"] = self._api_key
+        log.info("starting vLLM: %s", " ".join(self.args))
+        self.proc = await asyncio.create_subprocess_exec(*self.args, env=env, start_new_session=True)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        # vLLM runs its engine in child processes: signal the whole process group.
+        _killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except TimeoutError:
+            _killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
