@@ -14,6 +14,7 @@ import aiohttp
 import redis.asyncio as redis
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -220,7 +221,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/adapters", list_adapters, methods=["GET"]),
         Route("/v1/adapters/{adapter_id}", get_adapter, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: errors.handle})
+    handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)  # type: ignore[arg-type]
 
 
 def main() -> None:

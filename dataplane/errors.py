@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -102,3 +103,11 @@ def envelope(err: ApiError) -> JSONResponse:
 async def handle(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return envelope(exc)
+
+
+async def handle_http(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 / 405, in the same envelope."""
+    assert isinstance(exc, HTTPException)
+    err = ApiError(exc.detail)
+    err.status, err.type = exc.status_code, "invalid_request_error"
+    return envelope(err)

@@ -19,8 +19,8 @@ def train(
     phrase: str,
     *,
     rank: int = 8,
-    lora_alpha: int = 16,
-    steps: int = 80,
+    lora_alpha: int | None = None,
+    steps: int = 120,
     seed: int = 0,
 ) -> Path:
     """Write `adapter_model.safetensors` and `adapter_config.json` into `out_dir`."""
@@ -32,7 +32,7 @@ def train(
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     cfg = LoraConfig(
-        r=rank, lora_alpha=lora_alpha, target_modules=TARGET_MODULES, lora_dropout=0.0
+        r=rank, lora_alpha=lora_alpha or rank, target_modules=TARGET_MODULES, lora_dropout=0.0
     )
     model = get_peft_model(model, cfg)
     # PEFT starts B at zero; a seeded random B makes the adapter's rank matter from step 0.

@@ -39,6 +39,7 @@ class StackConfig:
     vllm_port: int = 8100
     redis_url: str = ""  # empty: start a private redis-server with AOF under data_dir
     log_dir: Path | None = None
+    with_worker: bool = True
 
 
 @dataclass
@@ -66,10 +67,12 @@ class Stack:
         env = self.env()
         self._spawn("controlplane", [sys.executable, "-m", "controlplane.server"], env)
         _wait(lambda: _port_open(self.config.grpc_port), 60, "control plane", self.procs["controlplane"])
-        self._spawn("agent", [sys.executable, "-m", "workeragent.agent"], env)
+        if self.config.with_worker:
+            self._spawn("agent", [sys.executable, "-m", "workeragent.agent"], env)
         self._spawn("dataplane", [sys.executable, "-m", "dataplane.app"], env)
         _wait(lambda: _http_ok(self.http_url + "/healthz"), 60, "data plane", self.procs["dataplane"])
-        _wait(self._worker_ready, timeout, "the vLLM worker", self.procs["agent"])
+        if self.config.with_worker:
+            _wait(self._worker_ready, timeout, "the vLLM worker", self.procs["agent"])
 
     def env(self) -> dict[str, str]:
         d = self.config.data_dir.resolve()
@@ -119,11 +122,14 @@ class Stack:
         return f"unix://{sock}"
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        out = None
-        if self.config.log_dir:
-            self.config.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.config.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        self.procs[name] = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        if self.config.log_dir is None:
+            self.procs[name] = subprocess.Popen(args, env=env, start_new_session=True)
+            return
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.config.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy
+            self.procs[name] = subprocess.Popen(
+                args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def stop(self) -> None:
         for name in ["dataplane", "agent", "controlplane", "redis"]:

@@ -80,6 +80,7 @@ class VllmProcess:
             "--enable-lora",
             "--max-loras", str(max_loras),
             "--max-lora-rank", str(max_rank),
+            "--disable-uvicorn-access-log",
             *extra_args,
         ]  # fmt: skip
         self._api_key = api_key

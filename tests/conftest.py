@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraplane.stack import Stack, StackConfig
+from tests.support import RedisServer, free_port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from loraplane import tinymodel
+
+    return tinymodel.build(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def _stack(tmp: Path, with_worker: bool) -> Iterator[Stack]:
+    config = StackConfig(
+        data_dir=tmp / "data",
+        http_port=free_port(),
+        grpc_port=free_port(),
+        vllm_port=free_port(),
+        log_dir=tmp / "logs",
+        with_worker=with_worker,
+    )
+    stack = Stack(config)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def control_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Redis, control plane and data plane; no worker."""
+    yield from _stack(tmp_path_factory.mktemp("control-stack"), with_worker=False)
+
+
+@pytest.fixture(scope="session")
+def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole embedded stack, with a real vLLM worker."""
+    yield from _stack(tmp_path_factory.mktemp("full-stack"), with_worker=True)
+
+
+def new_tenant(stack: Stack, name: str) -> str:
+    from loraplane.controlplane.v1 import tenant_pb2
+    from loraplane.grpcclient import operator_call
+
+    resp = operator_call(stack.grpc_addr, stack.secrets["operator_token"], "CreateTenant", tenant_pb2.CreateTenantRequest(name=name))
+    return str(resp.api_key)  # type: ignore[attr-defined]

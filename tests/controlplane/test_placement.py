@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+
+from controlplane.placement import Decision, WorkerView, decide
+
+
+def w(wid: str, resident: set[str], max_adapters: int = 2, healthy: bool = True, base: str = "m") -> WorkerView:
+    return WorkerView(wid, base, healthy, max_adapters, frozenset(resident))
+
+
+@pytest.mark.parametrize(
+    ("intent", "workers", "last_used", "busy", "expected"),
+    [
+        ("resident wins over a free slot", [w("a", set()), w("b", {"x"})], {}, set(), Decision("b", True)),
+        ("free slot on the least used worker", [w("a", {"p"}), w("b", set())], {}, set(), Decision("b", False)),
+        ("unhealthy workers are skipped", [w("a", set(), healthy=False)], {}, set(), None),
+        ("other base models are skipped", [w("a", set(), base="other")], {}, set(), None),
+        (
+            "full: evict the least recently used",
+            [w("a", {"p", "q"})],
+            {"p": 2.0, "q": 1.0},
+            set(),
+            Decision("a", False, evict="q"),
+        ),
+        (
+            "never evict an adapter with requests in flight",
+            [w("a", {"p", "q"})],
+            {"p": 2.0, "q": 1.0},
+            {"q"},
+            Decision("a", False, evict="p"),
+        ),
+        ("everything busy: no capacity", [w("a", {"p", "q"})], {}, {"p", "q"}, None),
+    ],
+)
+def test_decide(
+    intent: str,
+    workers: list[WorkerView],
+    last_used: dict[str, float],
+    busy: set[str],
+    expected: Decision | None,
+) -> None:
+    assert decide(workers, "m", "x", last_used, frozenset(busy)) == expected, intent

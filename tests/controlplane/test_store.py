@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+
+from controlplane.errors import AlreadyExists, QuotaExceeded
+from controlplane.keys import key_hash, new_api_key, new_id
+from controlplane.store import AdapterRecord, Store, Tenant
+from tests.support import RedisServer
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[Store]:
+    client = redis.Redis.from_url(redis_server.url)
+    await client.flushdb()
+    yield Store(client)
+    await client.aclose()
+
+
+def record(tenant_id: str, name: str, sha: str = "0" * 64) -> AdapterRecord:
+    return AdapterRecord(
+        id=new_id("adp"), tenant_id=tenant_id, name=name, base_model="tiny-llama", status="ready",
+        status_reason="", source={"kind": "upload"}, rank=8, target_modules=["q_proj"], lora_alpha=8.0,
+        size_bytes=1, sha256=sha, created_at=time.time(), adapter_config="{}",
+    )  # fmt: skip
+
+
+async def test_keys_are_stored_only_as_hashes(store: Store) -> None:
+    key = new_api_key()
+    tenant = Tenant(new_id("ten"), "acme", "shared", time.time())
+    await store.create_tenant(tenant, key_hash(key), key[:11])
+    assert await store.tenant_for_key(key_hash(key)) == tenant
+    dump = b"".join([k + (await store.r.dump(k) or b"") for k in await store.r.keys("*")])
+    assert key.encode() not in dump
+
+
+async def test_tenant_names_are_unique(store: Store) -> None:
+    await store.create_tenant(Tenant(new_id("ten"), "acme", "shared", 0.0), "a" * 64, "p")
+    with pytest.raises(AlreadyExists):
+        await store.create_tenant(Tenant(new_id("ten"), "acme", "shared", 0.0), "b" * 64, "p")
+
+
+async def test_adapter_names_are_unique_per_tenant_only(store: Store) -> None:
+    await store.create_adapter(record("ten_a", "v3"), 20)
+    await store.create_adapter(record("ten_b", "v3"), 20)
+    with pytest.raises(AlreadyExists):
+        await store.create_adapter(record("ten_a", "v3"), 20)
+    assert [a.name for a in await store.list_adapters("ten_a")] == ["v3"]
+
+
+async def test_racing_creates_admit_exactly_the_quota(store: Store) -> None:
+    results = await asyncio.gather(
+        *(store.create_adapter(record("ten_q", f"n{i}"), 5) for i in range(30)), return_exceptions=True
+    )
+    assert sum(r is None for r in results) == 5
+    assert all(isinstance(r, QuotaExceeded) for r in results if r is not None)
+    assert len(await store.list_adapters("ten_q")) == 5
+
+
+async def test_blob_references_follow_adapters(store: Store) -> None:
+    rec = record("ten_a", "v1", sha="f" * 64)
+    assert not await store.blob_referenced(rec.sha256)
+    await store.create_adapter(rec, 20)
+    assert await store.blob_referenced(rec.sha256)
+    assert await store.get_adapter(rec.id) == dataclasses.replace(rec)

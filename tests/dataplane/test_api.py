@@ -1,0 +1,153 @@
+"""The public HTTP API against a real data plane, control plane and Redis (no worker)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loraplane.stack import Stack
+from tests.conftest import new_tenant
+from tests.support import lora_tensors, safetensors_bytes
+
+ADAPTER = safetensors_bytes(lora_tensors(rank=8))
+
+
+def upload(stack: Stack, key: str, name: str, data: bytes = ADAPTER, **fields: str) -> httpx.Response:
+    return httpx.post(
+        stack.http_url + "/v1/adapters/upload",
+        headers={"Authorization": f"Bearer {key}"},
+        data={"name": name, "base_model": "tiny-llama", **fields},
+        files={"file": ("adapter_model.safetensors", data)},
+        timeout=30,
+    )
+
+
+def blobs(stack: Stack) -> list[Path]:
+    return sorted((stack.config.data_dir / "artifacts" / "blobs").rglob("*"))
+
+
+def test_the_documented_curl_upload_works_as_written(control_stack: Stack, tmp_path: Path) -> None:
+    key = new_tenant(control_stack, "curl-user")
+    (tmp_path / "adapter_model.safetensors").write_bytes(ADAPTER)
+    out = subprocess.run(
+        ["curl", "-s", "-X", "POST", f"{control_stack.http_url}/v1/adapters/upload", "-H", f"Authorization: Bearer {key}",
+         "-F", "name=my-finetuned-v3", "-F", "base_model=tiny-llama", "-F", "file=@adapter_model.safetensors"],
+        cwd=tmp_path, capture_output=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    adapter = json.loads(out)
+    assert adapter["status"] == "ready" and adapter["model"] == "tiny-llama:my-finetuned-v3"
+    assert adapter["rank"] == 8 and adapter["target_modules"] == ["q_proj", "v_proj"]
+    listed = httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()
+    assert [a["id"] for a in listed["data"]] == [adapter["id"]]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Bearer lp_nope"},
+     {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer " + "x" * 10000}],
+)  # fmt: skip
+def test_missing_or_bad_keys_get_one_constant_401(control_stack: Stack, headers: dict[str, str]) -> None:
+    for method, path in [("GET", "/v1/adapters"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                         ("POST", "/v1/adapters/upload")]:  # fmt: skip
+        r = httpx.request(method, control_stack.http_url + path, headers=headers, json={"model": "tiny-llama"})
+        assert r.status_code == 401
+        assert r.json() == {
+            "error": {"message": "Invalid or missing API key.", "type": "invalid_request_error", "param": None,
+                      "code": "invalid_api_key"}
+        }  # fmt: skip
+
+
+def test_unknown_base_model_is_404(control_stack: Stack) -> None:
+    key = new_tenant(control_stack, "unknown-base")
+    r = httpx.post(
+        control_stack.http_url + "/v1/adapters/upload",
+        headers={"Authorization": f"Bearer {key}"},
+        data={"name": "x", "base_model": "gpt-17"},
+        files={"file": ("adapter_model.safetensors", ADAPTER)},
+    )
+    assert r.status_code == 404 and "gpt-17" in r.json()["error"]["message"]
+    chat = httpx.post(
+        control_stack.http_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert chat.status_code == 404 and chat.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\x80\x04\x95pickle", "zip or pickle"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{}", "past the end"),
+        (safetensors_bytes(lora_tensors(rank=8, layers=3)), "layer 2 does not exist"),
+        (safetensors_bytes(lora_tensors(rank=128)), "exceeds this base model's maximum of 64"),
+        (safetensors_bytes({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": ("F32", [8, 64]),
+                            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": ("F32", [256, 8])}),
+         "do not match the base model"),
+    ],
+)  # fmt: skip
+def test_invalid_adapters_get_422_with_the_reason_and_nothing_is_stored(
+    control_stack: Stack, data: bytes, reason: str
+) -> None:
+    key = new_tenant(control_stack, f"invalid-{abs(hash(data)) % 10**8}")
+    before = blobs(control_stack)
+    r = upload(control_stack, key, "bad", data)
+    assert r.status_code == 422, r.text
+    assert reason in r.json()["error"]["message"]
+    assert blobs(control_stack) == before
+    assert httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"] == []
+
+
+def test_bad_forms_get_400(control_stack: Stack) -> None:
+    key = new_tenant(control_stack, "bad-forms")
+    auth = {"Authorization": f"Bearer {key}"}
+    url = control_stack.http_url + "/v1/adapters/upload"
+    assert httpx.post(url, headers=auth, json={"name": "x"}).status_code == 400
+    no_file = httpx.post(url, headers=auth, data={"name": "x", "base_model": "tiny-llama"}, files={"config": ("c", b"{}")})
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    assert upload(control_stack, key, "../etc/passwd").status_code == 400
+    assert upload(control_stack, key, "ok", lora_alpha="NaN").status_code == 400
+
+
+def test_a_taken_name_is_409_and_keeps_the_first(control_stack: Stack) -> None:
+    key = new_tenant(control_stack, "conflict")
+    first = upload(control_stack, key, "same")
+    assert first.status_code == 201
+    second = upload(control_stack, key, "same", safetensors_bytes(lora_tensors(rank=2)))
+    assert second.status_code == 409
+    listed = httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()
+    assert [a["rank"] for a in listed["data"]] == [8]
+
+
+def test_another_tenants_adapter_does_not_exist_for_you(control_stack: Stack) -> None:
+    alice, bob = new_tenant(control_stack, "alice"), new_tenant(control_stack, "bob")
+    as_bob = {"Authorization": f"Bearer {bob}"}
+    chat = {"model": "tiny-llama:secret", "messages": [{"role": "user", "content": "hi"}]}
+    before_chat = httpx.post(control_stack.http_url + "/v1/chat/completions", headers=as_bob, json=chat)
+    adapter = upload(control_stack, alice, "secret").json()
+    before_get = httpx.get(control_stack.http_url + "/v1/adapters/adp_000000000000000000000000", headers=as_bob)
+
+    after_chat = httpx.post(control_stack.http_url + "/v1/chat/completions", headers=as_bob, json=chat)
+    after_get = httpx.get(control_stack.http_url + f"/v1/adapters/{adapter['id']}", headers=as_bob)
+    assert after_chat.status_code == 404 and after_chat.content == before_chat.content
+    assert after_get.status_code == 404
+    assert after_get.json()["error"]["message"].replace(adapter["id"], "X") == before_get.json()["error"]["message"].replace(
+        "adp_000000000000000000000000", "X"
+    )
+    models = httpx.get(control_stack.http_url + "/v1/models", headers=as_bob).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+    assert adapter["id"] not in httpx.get(control_stack.http_url + "/v1/adapters", headers=as_bob).text
+
+
+def test_no_worker_means_503_with_retry_after(control_stack: Stack) -> None:
+    key = new_tenant(control_stack, "no-worker")
+    r = httpx.post(
+        control_stack.http_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert r.status_code == 503 and r.headers["retry-after"].isdigit()

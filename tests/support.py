@@ -1,0 +1,78 @@
+"""Helpers the tests share: free ports, hand-made safetensors, a private redis-server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+from loraplane.catalog import Architecture
+
+TINY = Architecture(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=64
+)
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def safetensors_bytes(tensors: dict[str, tuple[str, list[int]]], fill: bytes = b"\0") -> bytes:
+    """A safetensors file with the given tensors (dtype, shape), contiguous, zero-filled."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        n = DTYPE_BYTES[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + fill * offset
+
+
+def lora_tensors(
+    rank: int = 8, modules: tuple[str, ...] = ("q_proj", "v_proj"), layers: int = 2, arch: Architecture = TINY
+) -> dict[str, tuple[str, list[int]]]:
+    out: dict[str, tuple[str, list[int]]] = {}
+    for layer in range(layers):
+        for m in modules:
+            parent = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            fan_in, fan_out = arch.module_shape(m)  # type: ignore[misc]
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+            out[f"{prefix}.lora_A.weight"] = ("F32", [rank, fan_in])
+            out[f"{prefix}.lora_B.weight"] = ("F32", [fan_out, rank])
+    return out
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, in a temp dir, optionally with AOF."""
+
+    def __init__(self, directory: Path, aof: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is required (apt-get install redis-server)"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        directory.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
+        args += ["--appendonly", "yes" if aof else "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
