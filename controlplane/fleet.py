@@ -24,9 +24,7 @@ class CommandFailed(Exception):
 @dataclass
 class AgentSession:
     record: WorkerRecord
-    outbox: asyncio.Queue[pb.ConnectResponse] = field(
-        default_factory=lambda: asyncio.Queue(OUTBOX_SIZE)
-    )
+    outbox: asyncio.Queue[pb.ConnectResponse] = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
     pending: dict[str, asyncio.Future[pb.CommandResult]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
 

@@ -19,7 +19,14 @@ from controlplane.service import AdapterService, Auth, TenantService, WorkerServ
 from controlplane.settings import Settings
 from controlplane.store import Store
 from loraplane.catalog import Catalog
-from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc, tenant_pb2, tenant_pb2_grpc, worker_pb2, worker_pb2_grpc
+from loraplane.controlplane.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
+    tenant_pb2,
+    tenant_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +99,9 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     asyncio.run(serve(Settings.from_env(os.environ)))
 
 

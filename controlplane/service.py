@@ -28,11 +28,9 @@ from controlplane.settings import Settings
 from controlplane.store import AdapterRecord, Store, Tenant
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
-from loraplane.controlplane.v1 import adapter_pb2_grpc
+from loraplane.controlplane.v1 import adapter_pb2_grpc, tenant_pb2_grpc, worker_pb2_grpc
 from loraplane.controlplane.v1 import tenant_pb2 as tpb
-from loraplane.controlplane.v1 import tenant_pb2_grpc
 from loraplane.controlplane.v1 import worker_pb2 as wpb
-from loraplane.controlplane.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +197,9 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
         return rec
 
     @grpc_errors
-    async def GetAdapter(self, request: apb.GetAdapterRequest, context: grpc.aio.ServicerContext) -> apb.GetAdapterResponse:
+    async def GetAdapter(
+        self, request: apb.GetAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> apb.GetAdapterResponse:
         tenant = await self._auth.tenant(context)
         return apb.GetAdapterResponse(adapter=adapter_message(await self._own(tenant, request.id)))
 
@@ -247,7 +247,9 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
         return tpb.CreateTenantResponse(tenant=self._tenant_message(tenant), api_key=key)
 
     @grpc_errors
-    async def ListTenants(self, request: tpb.ListTenantsRequest, context: grpc.aio.ServicerContext) -> tpb.ListTenantsResponse:
+    async def ListTenants(
+        self, request: tpb.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.ListTenantsResponse:
         self._auth.operator(context)
         return tpb.ListTenantsResponse(tenants=[self._tenant_message(t) for t in await self._store.list_tenants()])
 
@@ -318,7 +320,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 yield wpb.FetchArtifactResponse(chunk=chunk)
 
     @grpc_errors
-    async def ListWorkers(self, request: wpb.ListWorkersRequest, context: grpc.aio.ServicerContext) -> wpb.ListWorkersResponse:
+    async def ListWorkers(
+        self, request: wpb.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.ListWorkersResponse:
         self._auth.operator(context)
         return wpb.ListWorkersResponse(
             workers=[
@@ -333,4 +337,3 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 for w in await self._store.list_workers()
             ]
         )
-

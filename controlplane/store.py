@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+
 import redis.asyncio as redis
 
 from controlplane.errors import AlreadyExists, QuotaExceeded
@@ -192,4 +193,3 @@ async def read_workers(client: redis.Redis) -> list[WorkerRecord]:
         return []
     raws = await client.mget([f"{P}worker:{i}" for i in ids])
     return [WorkerRecord.from_json(r) for r in raws if r]
-

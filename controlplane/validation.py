@@ -59,7 +59,9 @@ def read_header(f: BinaryIO, file_size: int) -> dict[str, dict[str, object]]:
     if len(head) < 8:
         raise InvalidAdapter("not a safetensors file: shorter than its 8-byte header length")
     if head.startswith(SAFETENSORS_MAGIC_GUARD):
-        raise InvalidAdapter("not a safetensors file (looks like a zip or pickle); only adapter_model.safetensors is accepted")
+        raise InvalidAdapter(
+            "not a safetensors file (looks like a zip or pickle); only adapter_model.safetensors is accepted"
+        )
     (n,) = struct.unpack("<Q", head)
     if n < 2 or n > MAX_HEADER_BYTES:
         raise InvalidAdapter(f"safetensors header length {n} is out of bounds (2..{MAX_HEADER_BYTES})")
@@ -106,9 +108,7 @@ def read_header(f: BinaryIO, file_size: int) -> dict[str, dict[str, object]]:
     return header
 
 
-def check_lora(
-    header: dict[str, dict[str, object]], arch: Architecture, max_rank: int
-) -> AdapterInfo:
+def check_lora(header: dict[str, dict[str, object]], arch: Architecture, max_rank: int) -> AdapterInfo:
     """PEFT LoRA names, A/B pairs, one rank ≤ max_rank, shapes of the base model."""
     if not header:
         raise InvalidAdapter("the adapter has no tensors")
@@ -121,7 +121,9 @@ def check_lora(
         if MODULE_PARENT[module] != parent:
             raise InvalidAdapter(f"tensor {name!r}: {module} is not under {parent}")
         if layer >= arch.num_hidden_layers:
-            raise InvalidAdapter(f"tensor {name!r}: layer {layer} does not exist (base model has {arch.num_hidden_layers})")
+            raise InvalidAdapter(
+                f"tensor {name!r}: layer {layer} does not exist (base model has {arch.num_hidden_layers})"
+            )
         shape = t["shape"]
         assert isinstance(shape, list)
         if len(shape) != 2:
@@ -184,9 +186,7 @@ def parse_config(raw: bytes) -> AdapterConfig:
         raise InvalidAdapter("adapter_config.json: lora_alpha must be a positive number")
     targets = cfg.get("target_modules")
     if targets is not None:
-        if isinstance(targets, str) or not (
-            isinstance(targets, list) and all(isinstance(t, str) for t in targets)
-        ):
+        if isinstance(targets, str) or not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
             raise InvalidAdapter("adapter_config.json: target_modules must be a list of module names")
         targets = tuple(sorted(set(targets)))
     return AdapterConfig(rank=rank, lora_alpha=float(alpha) if alpha is not None else None, target_modules=targets)

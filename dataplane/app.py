@@ -81,7 +81,16 @@ def adapter_json(a: apb.Adapter) -> dict[str, object]:
         "model": a.model,
         "status": STATUS.get(a.status, "unknown"),
         "status_reason": a.status_reason or None,
-        "source": {k: v for k, v in {"kind": a.source.kind, "repo": a.source.repo, "revision": a.source.revision, "commit_sha": a.source.commit_sha}.items() if v},
+        "source": {
+            k: v
+            for k, v in {
+                "kind": a.source.kind,
+                "repo": a.source.repo,
+                "revision": a.source.revision,
+                "commit_sha": a.source.commit_sha,
+            }.items()
+            if v
+        },
         "rank": a.rank,
         "target_modules": list(a.target_modules),
         "lora_alpha": a.lora_alpha,
@@ -177,7 +186,15 @@ async def list_models(request: Request) -> Response:
     ]
     for a in await st.cp.list_adapters(_key(request)):
         if a.status == apb.ADAPTER_STATUS_READY:
-            data.append({"id": a.model, "object": "model", "created": a.created_at.seconds, "owned_by": "tenant", "parent": a.base_model})
+            data.append(
+                {
+                    "id": a.model,
+                    "object": "model",
+                    "created": a.created_at.seconds,
+                    "owned_by": "tenant",
+                    "parent": a.base_model,
+                }
+            )
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -230,9 +247,18 @@ def main() -> None:
 
     import uvicorn
 
-    logging.basicConfig(level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = Settings.from_env(os.environ)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", loop="uvloop", http="httptools")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 if __name__ == "__main__":

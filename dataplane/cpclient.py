@@ -44,7 +44,9 @@ class ControlPlaneClient:
 
     async def get_adapter(self, key: str, adapter_id: str) -> apb.Adapter:
         try:
-            resp = await self.adapters.GetAdapter(apb.GetAdapterRequest(id=adapter_id), metadata=self.auth(key), timeout=10)
+            resp = await self.adapters.GetAdapter(
+                apb.GetAdapterRequest(id=adapter_id), metadata=self.auth(key), timeout=10
+            )
         except grpc.aio.AioRpcError as err:
             raise from_grpc(err) from None
         return resp.adapter

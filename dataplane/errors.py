@@ -90,7 +90,11 @@ def from_grpc(err: grpc.aio.AioRpcError) -> ApiError:
     cls = cls or BY_GRPC_CODE.get(err.code())
     if cls is None:
         return ApiError("internal error")
-    if cls is Unavailable and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and http is None:
+    if (
+        cls is Unavailable
+        and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        and http is None
+    ):
         return Unavailable("the control plane is unavailable right now")
     return cls(err.details() or "error")
 

@@ -39,7 +39,9 @@ class Resolver:
         if not sep:
             return Target(base, None)
         if not base.lora:
-            raise BadRequest(f"{base.name} is an embedding model; embedding models do not support LoRA adapters", param="model")
+            raise BadRequest(
+                f"{base.name} is an embedding model; embedding models do not support LoRA adapters", param="model"
+            )
         adapter_id = await self._adapter_id(tenant_id, base.name, adapter_name)
         if adapter_id is None:
             raise _missing(model)

@@ -4,6 +4,7 @@ from Redis by pub/sub; and worker choice as small pure functions over it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -69,10 +70,8 @@ class RoutingTable:
         self._changed = asyncio.Event()
 
     async def wait_changed(self, timeout: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def follow(self) -> None:
         """Apply every published change; re-read periodically in case one was missed.

@@ -32,6 +32,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 @dataclass
 class _Form:
     fields: dict[str, bytes] = field(default_factory=dict)
+    complete: set[str] = field(default_factory=set)
     file_bytes: int = 0
     pending: bytearray = field(default_factory=bytearray)
     chunks: list[bytes] = field(default_factory=list)
@@ -40,6 +41,7 @@ class _Form:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     error: ApiError | None = None
     ended: bool = False
+    checked: bool = False
 
 
 class UploadStream:
@@ -98,6 +100,8 @@ class UploadStream:
             if f.part == "file" and f.pending:
                 f.chunks.append(bytes(f.pending))
                 f.pending.clear()
+            if f.part is not None:
+                f.complete.add(f.part)
             f.part = None
 
         def on_end() -> None:
@@ -127,9 +131,11 @@ class UploadStream:
         return opts[b"boundary"]
 
     def _check_fields(self, final: bool) -> None:
+        if self._form.checked:
+            return
         f = self._form.fields
         for name in ("name", "base_model"):
-            if name not in f:
+            if name not in self._form.complete:
                 if final:
                     raise BadRequest(f"form field {name!r} is required", param=name)
                 return
@@ -141,6 +147,7 @@ class UploadStream:
             raise NotFound(f"base model {base!r} does not exist", param="base_model")
         if not model.lora:
             raise BadRequest(f"base model {base!r} does not support LoRA adapters", param="base_model")
+        self._form.checked = True
 
     def _metadata(self) -> apb.UploadAdapterMetadata:
         self._check_fields(final=True)

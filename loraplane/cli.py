@@ -68,7 +68,9 @@ Press Ctrl-C to stop.""",
 def cmd_tenant_create(args: argparse.Namespace) -> int:
     addr, token = _operator(args)
     try:
-        resp = operator_call(addr, token, "CreateTenant", tenant_pb2.CreateTenantRequest(name=args.name, tier=TIERS[args.tier]))
+        resp = operator_call(
+            addr, token, "CreateTenant", tenant_pb2.CreateTenantRequest(name=args.name, tier=TIERS[args.tier])
+        )
     except grpc.RpcError as err:
         sys.exit(f"error: {err.details()}")  # type: ignore[attr-defined]
     if args.json:

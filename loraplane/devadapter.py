@@ -31,9 +31,7 @@ def train(
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(
-        r=rank, lora_alpha=lora_alpha or rank, target_modules=TARGET_MODULES, lora_dropout=0.0
-    )
+    cfg = LoraConfig(r=rank, lora_alpha=lora_alpha or rank, target_modules=TARGET_MODULES, lora_dropout=0.0)
     model = get_peft_model(model, cfg)
     # PEFT starts B at zero; a seeded random B makes the adapter's rank matter from step 0.
     for name, p in model.named_parameters():
@@ -42,9 +40,7 @@ def train(
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batches = []
     for prompt in PROMPTS:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
         if not isinstance(ids, list):
             ids = list(ids["input_ids"])
         target = tok(phrase, add_special_tokens=False).input_ids + [tok.eos_token_id]

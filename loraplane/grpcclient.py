@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf.message import Message
 
-import grpc
 from loraplane.controlplane.v1 import tenant_pb2_grpc, worker_pb2_grpc
 
 STUBS = {

@@ -5,6 +5,7 @@ Used by `loraplane up` and by the end-to-end tests (with free ports and a temp d
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -62,7 +63,19 @@ class Stack:
         d.mkdir(parents=True, exist_ok=True)
         self.secrets = _secrets(d / "secrets.json")
         model_dir = tinymodel.build(d / "models" / BASE_MODEL)
-        Catalog.write(d / "catalog.json", [{"name": BASE_MODEL, "kind": "chat", "path": str(model_dir), "lora": True, "max_rank": 64, "max_adapters_per_worker": 8}])
+        Catalog.write(
+            d / "catalog.json",
+            [
+                {
+                    "name": BASE_MODEL,
+                    "kind": "chat",
+                    "path": str(model_dir),
+                    "lora": True,
+                    "max_rank": 64,
+                    "max_adapters_per_worker": 8,
+                }
+            ],
+        )
         self.redis_url = self.config.redis_url or self._start_redis(d / "redis")
         env = self.env()
         self._spawn("controlplane", [sys.executable, "-m", "controlplane.server"], env)
@@ -100,7 +113,9 @@ class Stack:
     def _worker_ready(self) -> bool:
         # The agent registers once vLLM is healthy.
         try:
-            resp = operator_call(self.grpc_addr, self.secrets["operator_token"], "ListWorkers", worker_pb2.ListWorkersRequest())
+            resp = operator_call(
+                self.grpc_addr, self.secrets["operator_token"], "ListWorkers", worker_pb2.ListWorkersRequest()
+            )
         except grpc.RpcError:
             return False
         return any(w.healthy for w in resp.workers)
@@ -108,7 +123,9 @@ class Stack:
     def _start_redis(self, d: Path) -> str:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server), and LORAPLANE_REDIS_URL is not set")
+            raise RuntimeError(
+                "redis-server is not installed (apt-get install redis-server), and LORAPLANE_REDIS_URL is not set"
+            )
         d.mkdir(parents=True, exist_ok=True)
         sock = d / "redis.sock"
         sock.unlink(missing_ok=True)
@@ -170,10 +187,8 @@ def _secrets(path: Path) -> dict[str, str]:
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _port_open(port: int) -> bool:

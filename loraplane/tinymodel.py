@@ -20,13 +20,76 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-_WORDS = (
-    "hello world the quick brown fox jumps over a lazy dog red green blue yellow "
-    "purple orange alpha beta gamma delta one two three four five six seven eight "
-    "nine ten adapter model tenant worker plane control data request answer cat "
-    "apple river mountain ocean sun moon star tree stone light dark fast slow "
-    "good bad yes no please thanks how are you today tomorrow time code test"
-).split()
+_WORDS = [
+    "hello",
+    "world",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "adapter",
+    "model",
+    "tenant",
+    "worker",
+    "plane",
+    "control",
+    "data",
+    "request",
+    "answer",
+    "cat",
+    "apple",
+    "river",
+    "mountain",
+    "ocean",
+    "sun",
+    "moon",
+    "star",
+    "tree",
+    "stone",
+    "light",
+    "dark",
+    "fast",
+    "slow",
+    "good",
+    "bad",
+    "yes",
+    "no",
+    "please",
+    "thanks",
+    "how",
+    "are",
+    "you",
+    "today",
+    "tomorrow",
+    "time",
+    "code",
+    "test",
+]
 
 
 def _corpus() -> list[str]:
@@ -102,5 +165,3 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-

@@ -1,7 +1,7 @@
 """Generate the Python code for protos/ (the only way it is made), or check it.
 
-    python scripts/genprotos.py          # write loraplane/<area>/v1/*_pb2*.py{,i}
-    python scripts/genprotos.py --check  # exit 1 if the committed code differs
+python scripts/genprotos.py          # write loraplane/<area>/v1/*_pb2*.py{,i}
+python scripts/genprotos.py --check  # exit 1 if the committed code differs
 """
 
 from __future__ import annotations

@@ -31,19 +31,17 @@ def test_health_is_serving_and_reflection_lists_our_services(control_stack: Stac
 @pytest.mark.parametrize("token", [None, "Bearer wrong-token-0123456789", "Basic abc", "Bearer "])
 def test_operator_calls_need_the_operator_token(control_stack: Stack, token: str | None) -> None:
     metadata = (("authorization", token),) if token is not None else ()
-    with grpc.insecure_channel(control_stack.grpc_addr) as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            tenant_pb2_grpc.TenantServiceStub(ch).ListTenants(tenant_pb2.ListTenantsRequest(), metadata=metadata, timeout=5)
+    with grpc.insecure_channel(control_stack.grpc_addr) as ch, pytest.raises(grpc.RpcError) as err:
+        tenant_pb2_grpc.TenantServiceStub(ch).ListTenants(tenant_pb2.ListTenantsRequest(), metadata=metadata, timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_tenant_key_is_not_an_operator_token(control_stack: Stack) -> None:
     key = new_tenant(control_stack, "not-an-operator")
-    with grpc.insecure_channel(control_stack.grpc_addr) as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            tenant_pb2_grpc.TenantServiceStub(ch).ListTenants(
-                tenant_pb2.ListTenantsRequest(), metadata=(("authorization", f"Bearer {key}"),), timeout=5
-            )
+    with grpc.insecure_channel(control_stack.grpc_addr) as ch, pytest.raises(grpc.RpcError) as err:
+        tenant_pb2_grpc.TenantServiceStub(ch).ListTenants(
+            tenant_pb2.ListTenantsRequest(), metadata=(("authorization", f"Bearer {key}"),), timeout=5
+        )
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -34,7 +34,8 @@ def test_the_documented_curl_upload_works_as_written(control_stack: Stack, tmp_p
     key = new_tenant(control_stack, "curl-user")
     (tmp_path / "adapter_model.safetensors").write_bytes(ADAPTER)
     out = subprocess.run(
-        ["curl", "-s", "-X", "POST", f"{control_stack.http_url}/v1/adapters/upload", "-H", f"Authorization: Bearer {key}",
+        ["curl", "-s", "-X", "POST", f"{control_stack.http_url}/v1/adapters/upload",
+         "-H", f"Authorization: Bearer {key}",
          "-F", "name=my-finetuned-v3", "-F", "base_model=tiny-llama", "-F", "file=@adapter_model.safetensors"],
         cwd=tmp_path, capture_output=True, check=True, timeout=30,
     ).stdout  # fmt: skip
@@ -99,7 +100,10 @@ def test_invalid_adapters_get_422_with_the_reason_and_nothing_is_stored(
     assert r.status_code == 422, r.text
     assert reason in r.json()["error"]["message"]
     assert blobs(control_stack) == before
-    assert httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"] == []
+    assert (
+        httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+        == []
+    )
 
 
 def test_bad_forms_get_400(control_stack: Stack) -> None:
@@ -107,7 +111,9 @@ def test_bad_forms_get_400(control_stack: Stack) -> None:
     auth = {"Authorization": f"Bearer {key}"}
     url = control_stack.http_url + "/v1/adapters/upload"
     assert httpx.post(url, headers=auth, json={"name": "x"}).status_code == 400
-    no_file = httpx.post(url, headers=auth, data={"name": "x", "base_model": "tiny-llama"}, files={"config": ("c", b"{}")})
+    no_file = httpx.post(
+        url, headers=auth, data={"name": "x", "base_model": "tiny-llama"}, files={"config": ("c", b"{}")}
+    )
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
     assert upload(control_stack, key, "../etc/passwd").status_code == 400
     assert upload(control_stack, key, "ok", lora_alpha="NaN").status_code == 400
@@ -135,9 +141,9 @@ def test_another_tenants_adapter_does_not_exist_for_you(control_stack: Stack) ->
     after_get = httpx.get(control_stack.http_url + f"/v1/adapters/{adapter['id']}", headers=as_bob)
     assert after_chat.status_code == 404 and after_chat.content == before_chat.content
     assert after_get.status_code == 404
-    assert after_get.json()["error"]["message"].replace(adapter["id"], "X") == before_get.json()["error"]["message"].replace(
-        "adp_000000000000000000000000", "X"
-    )
+    assert after_get.json()["error"]["message"].replace(adapter["id"], "X") == before_get.json()["error"][
+        "message"
+    ].replace("adp_000000000000000000000000", "X")
     models = httpx.get(control_stack.http_url + "/v1/models", headers=as_bob).json()
     assert [m["id"] for m in models["data"]] == ["tiny-llama"]
     assert adapter["id"] not in httpx.get(control_stack.http_url + "/v1/adapters", headers=as_bob).text
@@ -151,3 +157,31 @@ def test_no_worker_means_503_with_retry_after(control_stack: Stack) -> None:
         json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert r.status_code == 503 and r.headers["retry-after"].isdigit()
+
+
+def test_a_body_arriving_in_tiny_pieces_is_parsed_whole(control_stack: Stack) -> None:
+    key = new_tenant(control_stack, "trickle")
+    boundary = "lp-test-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\ntrickled\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="base_model"\r\n\r\ntiny-llama\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.safetensors"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + ADAPTER
+        + f"\r\n--{boundary}--\r\n".encode(),
+    ]
+    body = b"".join(parts)
+
+    def trickle():  # type: ignore[no-untyped-def]
+        for i in range(0, 4095, 7):  # the fields in 7-byte pieces, then the rest
+            yield body[i : i + 7]
+        yield body[4095:]
+
+    r = httpx.post(
+        control_stack.http_url + "/v1/adapters/upload",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        content=trickle(),
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "trickled" and r.json()["size_bytes"] == len(ADAPTER)

@@ -42,7 +42,9 @@ def reference(base: Path, adapter: Path | None, prompt: str, max_tokens: int) ->
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
     if not isinstance(ids, torch.Tensor):
         ids = ids["input_ids"]
     with torch.no_grad():
@@ -56,7 +58,8 @@ def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: d
     # Tenant A: the documented curl call, as written.
     (tmp_path / "adapter_model.safetensors").write_bytes((adapters["a"] / "adapter_model.safetensors").read_bytes())
     out = subprocess.run(
-        ["curl", "-s", "-X", "POST", f"{full_stack.http_url}/v1/adapters/upload", "-H", f"Authorization: Bearer {key_a}",
+        ["curl", "-s", "-X", "POST", f"{full_stack.http_url}/v1/adapters/upload",
+         "-H", f"Authorization: Bearer {key_a}",
          "-F", "name=my-finetuned-v3", "-F", "base_model=tiny-llama", "-F", "file=@adapter_model.safetensors"],
         cwd=tmp_path, capture_output=True, check=True, timeout=60,
     ).stdout  # fmt: skip
@@ -103,8 +106,15 @@ def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: d
     # (c) tenant B cannot reach tenant A's adapter, by name or by id.
     adapter_a = client_a.get("/adapters", cast_to=object)["data"][0]  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
-        client_b.chat.completions.create(model=f"tiny-llama:{adapter_a['id']}", messages=[{"role": "user", "content": "x"}])
-    assert httpx.get(f"{full_stack.http_url}/v1/adapters/{adapter_a['id']}", headers={"Authorization": f"Bearer {key_b}"}).status_code == 404
+        client_b.chat.completions.create(
+            model=f"tiny-llama:{adapter_a['id']}", messages=[{"role": "user", "content": "x"}]
+        )
+    assert (
+        httpx.get(
+            f"{full_stack.http_url}/v1/adapters/{adapter_a['id']}", headers={"Authorization": f"Bearer {key_b}"}
+        ).status_code
+        == 404
+    )
 
 
 def test_streaming_and_text_completions_echo_the_model(full_stack: Stack, adapters: dict[str, Path]) -> None:
