@@ -44,11 +44,12 @@ class Agent:
                 max_rank=model.max_rank,
                 extra_args=settings.vllm_args,
             )
-        self.endpoint = settings.vllm_url or f"http://{settings.vllm_host}:{settings.vllm_port}"
+        self.local_url = settings.vllm_url or f"http://{settings.vllm_host}:{settings.vllm_port}"
+        self.endpoint = settings.advertise_url or self.local_url
 
     async def run(self, stop: asyncio.Event) -> None:
         async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(self._s.controlplane_addr) as channel:
-            self._vllm = VllmClient(self.endpoint, self._s.vllm_api_key, http)
+            self._vllm = VllmClient(self.local_url, self._s.vllm_api_key, http)
             self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
             self._cache = ArtifactCache(self._s.cache_dir, self._fetch)
             tasks = [asyncio.create_task(self._connect_forever())]

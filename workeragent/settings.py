@@ -19,6 +19,7 @@ class Settings:
     vllm_port: int
     vllm_api_key: str
     vllm_url: str  # attach to this vLLM instead of starting one
+    advertise_url: str  # where data planes reach this worker's vLLM
     vllm_args: tuple[str, ...]
     heartbeat_s: float = 2.0
     startup_timeout_s: float = 300.0
@@ -40,6 +41,7 @@ class Settings:
             vllm_port=int(env.get("LORAPLANE_VLLM_PORT", "8100")),
             vllm_api_key=env.get("LORAPLANE_WORKER_API_KEY", ""),
             vllm_url=env.get("LORAPLANE_VLLM_URL", ""),
+            advertise_url=env.get("LORAPLANE_ADVERTISE_URL", ""),
             vllm_args=tuple(shlex.split(env.get("LORAPLANE_VLLM_ARGS", ""))),
             heartbeat_s=float(env.get("LORAPLANE_HEARTBEAT_S", "2")),
             startup_timeout_s=float(env.get("LORAPLANE_VLLM_STARTUP_TIMEOUT_S", "300")),
