@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import struct
@@ -73,7 +74,12 @@ def first_token_s(client: httpx.Client, model: str) -> float:
 def summary(xs: list[float]) -> dict[str, float]:
     ms = sorted(x * 1000 for x in xs)
     p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
-    return {"n": len(ms), "p50_ms": round(statistics.median(ms), 1), "p99_ms": round(p99, 1), "max_ms": round(ms[-1], 1)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p99_ms": round(p99, 1),
+        "max_ms": round(ms[-1], 1),
+    }
 
 
 def main() -> None:
@@ -106,7 +112,7 @@ def main() -> None:
     result = {
         "benchmark": "hotload",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, vLLM CPU build, tiny-llama (2 layers, hidden 256)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, vLLM CPU build, tiny-llama (2 layers, hidden 256)",
         "side_by_side": True,
         "cold_node_cache": summary(cold),
         "warm_node_cache": summary(warm),

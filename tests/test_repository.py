@@ -22,7 +22,9 @@ def test_generated_code_matches_the_protos() -> None:
 
 def test_compose_runs_modules_that_exist_with_settings_that_are_read() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    source = "".join(p.read_text() for d in ("controlplane", "dataplane", "workeragent") for p in (ROOT / d).glob("*.py"))
+    source = "".join(
+        p.read_text() for d in ("controlplane", "dataplane", "workeragent") for p in (ROOT / d).glob("*.py")
+    )
     read = set(re.findall(r'"(LORAPLANE_[A-Z0-9_]+)"', source))
     for name, service in compose["services"].items():
         command = service.get("command", [])
