@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 from loraplane.catalog import Architecture  # noqa: E402
 from loraplane.controlplane.v1 import tenant_pb2  # noqa: E402
-from loraplane.grpcclient import operator_call  # noqa: E402
 from loraplane.stack import Stack, StackConfig  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
@@ -92,8 +91,7 @@ def main() -> None:
                                   vllm_port=free_port(), log_dir=Path(tmp) / "logs"))  # fmt: skip
         stack.start()
         try:
-            key = operator_call(stack.grpc_addr, stack.secrets["operator_token"], "CreateTenant",
-                                tenant_pb2.CreateTenantRequest(name="bench", tier=tenant_pb2.TIER_RESERVED)).api_key  # type: ignore[attr-defined]  # fmt: skip
+            key = stack.operator().create_tenant("bench", tenant_pb2.TIER_RESERVED).api_key
             arch = Architecture.from_model_config(json.loads((Path(tmp) / "models/tiny-llama/config.json").read_text()))
             client = httpx.Client(base_url=stack.http_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
             ranks = [8, 16, 32, 64]
@@ -125,8 +123,8 @@ def main() -> None:
     for k in ("cold_node_cache", "warm_node_cache", "resident_baseline"):
         s = result[k]
         print(f"  {k:18} n={s['n']:3}  p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms")  # type: ignore[index]
-    for r, s in by_rank.items():
-        print(f"  cold, rank {r:2}      n={s['n']:3}  p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms")
+    for rank, s in by_rank.items():
+        print(f"  cold, rank {rank:2}      n={s['n']:3}  p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms")
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -7,6 +7,7 @@ with; the status travels in the `lp-http-status` trailing metadata.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ import grpc
 log = logging.getLogger(__name__)
 
 HTTP_STATUS_KEY = "lp-http-status"
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ControlPlaneError(Exception):
@@ -63,7 +65,7 @@ class NoCapacity(ControlPlaneError):
     http_status = 503
 
 
-async def abort(context: grpc.aio.ServicerContext, err: ControlPlaneError) -> None:
+async def abort(context: Context, err: ControlPlaneError) -> None:
     context.set_trailing_metadata(((HTTP_STATUS_KEY, str(err.http_status)),))
     await context.abort(err.code, str(err))
 
@@ -75,7 +77,7 @@ def grpc_errors(method: F) -> F:
     """Turn our errors into statuses; an unexpected error is logged and INTERNAL."""
 
     @functools.wraps(method)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(self: Any, request: Any, context: Context) -> Any:
         try:
             return await method(self, request, context)
         except ControlPlaneError as err:
@@ -87,7 +89,7 @@ def grpc_errors(method: F) -> F:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
     @functools.wraps(method)
-    async def streaming(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
         try:
             async for item in method(self, request, context):
                 yield item
@@ -98,8 +100,6 @@ def grpc_errors(method: F) -> F:
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-
-    import inspect
 
     wrapper: Callable[..., Awaitable[Any] | AsyncIterator[Any]]
     wrapper = streaming if inspect.isasyncgenfunction(method) else unary

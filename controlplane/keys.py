@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 
 from controlplane.errors import Unauthenticated
 
@@ -27,7 +28,7 @@ def key_prefix(key: str) -> str:
     return key[: len(KEY_PREFIX) + 8]
 
 
-def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The bearer credential from gRPC metadata; Unauthenticated if absent or malformed."""
     for name, value in metadata or ():
         if name == "authorization" and isinstance(value, str):

@@ -52,7 +52,7 @@ class ControlPlane:
 
 
 async def start(settings: Settings) -> ControlPlane:
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True)
     await client.ping()
     store = Store(client)
     artifacts = ArtifactStore(settings.artifact_dir)

@@ -8,13 +8,13 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane import validation
 from controlplane.artifacts import ArtifactStore, PendingArtifact
 from controlplane.errors import (
     BadRequest,
+    Context,
     ControlPlaneError,
     InvalidAdapter,
     NotFound,
@@ -49,17 +49,17 @@ class Auth:
         self._store = store
         self._settings = settings
 
-    async def tenant(self, context: grpc.aio.ServicerContext) -> Tenant:
+    async def tenant(self, context: Context) -> Tenant:
         tenant = await self._store.tenant_for_key(key_hash(bearer(context.invocation_metadata())))
         if tenant is None:
             raise Unauthenticated("missing or invalid credentials")
         return tenant
 
-    def operator(self, context: grpc.aio.ServicerContext) -> None:
+    def operator(self, context: Context) -> None:
         if not same_secret(bearer(context.invocation_metadata()), self._settings.operator_token):
             raise Unauthenticated("missing or invalid credentials")
 
-    def agent(self, context: grpc.aio.ServicerContext) -> None:
+    def agent(self, context: Context) -> None:
         if not same_secret(bearer(context.invocation_metadata()), self._settings.agent_token):
             raise Unauthenticated("missing or invalid credentials")
 
@@ -101,7 +101,7 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
 
     @grpc_errors
     async def UploadAdapter(
-        self, request_iterator: AsyncIterator[apb.UploadAdapterRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[apb.UploadAdapterRequest], context: Context
     ) -> apb.UploadAdapterResponse:
         tenant = await self._auth.tenant(context)
         pending = self._artifacts.open_temp()
@@ -183,9 +183,7 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
         )
 
     @grpc_errors
-    async def ListAdapters(
-        self, request: apb.ListAdaptersRequest, context: grpc.aio.ServicerContext
-    ) -> apb.ListAdaptersResponse:
+    async def ListAdapters(self, request: apb.ListAdaptersRequest, context: Context) -> apb.ListAdaptersResponse:
         tenant = await self._auth.tenant(context)
         recs = await self._store.list_adapters(tenant.id)
         return apb.ListAdaptersResponse(adapters=[adapter_message(r) for r in recs])
@@ -197,16 +195,12 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
         return rec
 
     @grpc_errors
-    async def GetAdapter(
-        self, request: apb.GetAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> apb.GetAdapterResponse:
+    async def GetAdapter(self, request: apb.GetAdapterRequest, context: Context) -> apb.GetAdapterResponse:
         tenant = await self._auth.tenant(context)
         return apb.GetAdapterResponse(adapter=adapter_message(await self._own(tenant, request.id)))
 
     @grpc_errors
-    async def PlaceAdapter(
-        self, request: apb.PlaceAdapterRequest, context: grpc.aio.ServicerContext
-    ) -> apb.PlaceAdapterResponse:
+    async def PlaceAdapter(self, request: apb.PlaceAdapterRequest, context: Context) -> apb.PlaceAdapterResponse:
         tenant = await self._auth.tenant(context)
         rec = await self._own(tenant, request.adapter_id)
         if rec.status != "ready":
@@ -231,9 +225,7 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
         )
 
     @grpc_errors
-    async def CreateTenant(
-        self, request: tpb.CreateTenantRequest, context: grpc.aio.ServicerContext
-    ) -> tpb.CreateTenantResponse:
+    async def CreateTenant(self, request: tpb.CreateTenantRequest, context: Context) -> tpb.CreateTenantResponse:
         self._auth.operator(context)
         if not NAME.match(request.name):
             raise BadRequest("tenant name must be 1-64 of A-Z a-z 0-9 . _ - and start with a letter or digit")
@@ -247,16 +239,12 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
         return tpb.CreateTenantResponse(tenant=self._tenant_message(tenant), api_key=key)
 
     @grpc_errors
-    async def ListTenants(
-        self, request: tpb.ListTenantsRequest, context: grpc.aio.ServicerContext
-    ) -> tpb.ListTenantsResponse:
+    async def ListTenants(self, request: tpb.ListTenantsRequest, context: Context) -> tpb.ListTenantsResponse:
         self._auth.operator(context)
         return tpb.ListTenantsResponse(tenants=[self._tenant_message(t) for t in await self._store.list_tenants()])
 
     @grpc_errors
-    async def CreateApiKey(
-        self, request: tpb.CreateApiKeyRequest, context: grpc.aio.ServicerContext
-    ) -> tpb.CreateApiKeyResponse:
+    async def CreateApiKey(self, request: tpb.CreateApiKeyRequest, context: Context) -> tpb.CreateApiKeyResponse:
         self._auth.operator(context)
         if await self._store.get_tenant(request.tenant_id) is None:
             raise NotFound(f"tenant {request.tenant_id!r} does not exist")
@@ -274,7 +262,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
     @grpc_errors
     async def Connect(
-        self, request_iterator: AsyncIterator[wpb.ConnectRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[wpb.ConnectRequest], context: Context
     ) -> AsyncIterator[wpb.ConnectResponse]:
         self._auth.agent(context)
         it = aiter(request_iterator)
@@ -306,7 +294,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
     @grpc_errors
     async def FetchArtifact(
-        self, request: wpb.FetchArtifactRequest, context: grpc.aio.ServicerContext
+        self, request: wpb.FetchArtifactRequest, context: Context
     ) -> AsyncIterator[wpb.FetchArtifactResponse]:
         self._auth.agent(context)
         try:
@@ -320,9 +308,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 yield wpb.FetchArtifactResponse(chunk=chunk)
 
     @grpc_errors
-    async def ListWorkers(
-        self, request: wpb.ListWorkersRequest, context: grpc.aio.ServicerContext
-    ) -> wpb.ListWorkersResponse:
+    async def ListWorkers(self, request: wpb.ListWorkersRequest, context: Context) -> wpb.ListWorkersResponse:
         self._auth.operator(context)
         return wpb.ListWorkersResponse(
             workers=[

@@ -105,6 +105,8 @@ class WorkerRecord:
 
 
 class Store:
+    """Over a client made with decode_responses=True."""
+
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._create_adapter = client.register_script(CREATE_ADAPTER)
@@ -128,22 +130,22 @@ class Store:
 
     async def tenant_for_key(self, key_hash: str) -> Tenant | None:
         tid = await self.r.hget(f"{P}apikey:{key_hash}", "tenant_id")
-        return await self.get_tenant(tid.decode()) if tid else None
+        return await self.get_tenant(str(tid)) if tid else None
 
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
         h = await self.r.hgetall(f"{P}tenant:{tenant_id}")
         if not h:
             return None
         return Tenant(
-            id=h[b"id"].decode(),
-            name=h[b"name"].decode(),
-            tier=h[b"tier"].decode(),
-            created_at=float(h[b"created_at"]),
+            id=str(h["id"]),
+            name=str(h["name"]),
+            tier=str(h["tier"]),
+            created_at=float(h["created_at"]),
         )
 
     async def list_tenants(self) -> list[Tenant]:
         ids = await self.r.hvals(P + "tenants")
-        tenants = [await self.get_tenant(t.decode()) for t in ids]
+        tenants = [await self.get_tenant(str(t)) for t in ids]
         return sorted((t for t in tenants if t), key=lambda t: t.name)
 
     # adapters
@@ -166,7 +168,7 @@ class Store:
         ids = await self.r.hvals(f"{P}tenant:{tenant_id}:adapters")
         if not ids:
             return []
-        raws = await self.r.mget([f"{P}adapter:{i.decode()}" for i in ids])
+        raws = await self.r.mget([P + "adapter:" + str(i) for i in ids])
         recs = [AdapterRecord.from_json(r) for r in raws if r]
         return sorted(recs, key=lambda a: a.created_at, reverse=True)
 
@@ -188,7 +190,7 @@ class Store:
 
 
 async def read_workers(client: redis.Redis) -> list[WorkerRecord]:
-    ids = sorted(i.decode() for i in await client.smembers(P + "workers"))
+    ids = sorted(str(i) for i in await client.smembers(P + "workers"))
     if not ids:
         return []
     raws = await client.mget([f"{P}worker:{i}" for i in ids])

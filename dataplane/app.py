@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import redis.asyncio as redis
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -132,27 +131,15 @@ def _completion(path: str) -> Any:
         target = await st.resolver.resolve(tenant_id, client_model)
         assert isinstance(client_model, str)
         worker = await _worker_for(st, target, _key(request))
-        st.routing.in_flight[worker.id] += 1
-        try:
-            response = await st.proxy.forward(worker.endpoint, path, body, target.upstream_model, client_model)
-        except BaseException:
-            st.routing.in_flight[worker.id] -= 1
-            raise
-        done = BackgroundTask(_finished, st, worker.id)
-        if response.background is None:
-            response.background = done
-        else:
-            tasks = BackgroundTasks()
-            tasks.add_task(response.background.func, *response.background.args)
-            tasks.add_task(_finished, st, worker.id)
-            response.background = tasks
-        return response
+        in_flight = st.routing.in_flight
+        in_flight[worker.id] += 1
+
+        def done() -> None:
+            in_flight[worker.id] -= 1
+
+        return await st.proxy.forward(worker.endpoint, path, body, target.upstream_model, client_model, done)
 
     return endpoint
-
-
-async def _finished(st: State, worker_id: str) -> None:
-    st.routing.in_flight[worker_id] -= 1
 
 
 async def upload(request: Request) -> Response:
@@ -205,7 +192,9 @@ async def healthz(request: Request) -> Response:
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, State]]:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
+        )
         catalog = Catalog.load(settings.catalog_path)
         routing = RoutingTable(client, settings.routing_refresh_s)
         follower = asyncio.create_task(routing.follow())
@@ -239,7 +228,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/adapters/{adapter_id}", get_adapter, methods=["GET"]),
     ]
     handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)  # type: ignore[arg-type]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
 def main() -> None:

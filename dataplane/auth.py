@@ -39,5 +39,5 @@ class KeyCache:
         if tid is None:
             self._cache.pop(digest, None)
             raise Unauthorized()
-        self._cache[digest] = (tid.decode(), now + self._ttl)
-        return tid.decode()
+        self._cache[digest] = (str(tid), now + self._ttl)
+        return str(tid)

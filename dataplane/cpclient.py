@@ -37,14 +37,16 @@ class ControlPlaneClient:
 
     async def list_adapters(self, key: str) -> list[apb.Adapter]:
         try:
-            resp = await self.adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=self.auth(key), timeout=10)
+            resp: apb.ListAdaptersResponse = await self.adapters.ListAdapters(
+                apb.ListAdaptersRequest(), metadata=self.auth(key), timeout=10
+            )
         except grpc.aio.AioRpcError as err:
             raise from_grpc(err) from None
         return list(resp.adapters)
 
     async def get_adapter(self, key: str, adapter_id: str) -> apb.Adapter:
         try:
-            resp = await self.adapters.GetAdapter(
+            resp: apb.GetAdapterResponse = await self.adapters.GetAdapter(
                 apb.GetAdapterRequest(id=adapter_id), metadata=self.auth(key), timeout=10
             )
         except grpc.aio.AioRpcError as err:
@@ -53,9 +55,10 @@ class ControlPlaneClient:
 
     async def place(self, key: str, adapter_id: str, timeout: float) -> apb.PlaceAdapterResponse:
         try:
-            return await self.adapters.PlaceAdapter(
+            resp: apb.PlaceAdapterResponse = await self.adapters.PlaceAdapter(
                 apb.PlaceAdapterRequest(adapter_id=adapter_id), metadata=self.auth(key), timeout=timeout
             )
+            return resp
         except grpc.aio.AioRpcError as err:
             raise from_grpc(err) from None
 

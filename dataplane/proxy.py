@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from starlette.background import BackgroundTask
@@ -23,7 +23,29 @@ class Proxy:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
 
     async def forward(
-        self, endpoint: str, path: str, body: dict[str, object], upstream_model: str, client_model: str
+        self,
+        endpoint: str,
+        path: str,
+        body: dict[str, object],
+        upstream_model: str,
+        client_model: str,
+        done: Callable[[], None],
+    ) -> Response:
+        """The worker's answer; `done` is called once when it has been sent (or failed)."""
+        try:
+            return await self._forward(endpoint, path, body, upstream_model, client_model, done)
+        except BaseException:
+            done()
+            raise
+
+    async def _forward(
+        self,
+        endpoint: str,
+        path: str,
+        body: dict[str, object],
+        upstream_model: str,
+        client_model: str,
+        done: Callable[[], None],
     ) -> Response:
         body = dict(body, model=upstream_model)
         replace = (
@@ -42,7 +64,7 @@ class Proxy:
                 _lines(upstream, *replace),
                 status_code=upstream.status,
                 headers=headers,
-                background=BackgroundTask(upstream.release),
+                background=BackgroundTask(_finish, upstream, done),
             )
         try:
             content = await upstream.read()
@@ -50,7 +72,13 @@ class Proxy:
             raise Upstream(f"the worker failed mid-answer: {type(err).__name__}") from None
         finally:
             upstream.release()
+        done()
         return Response(content.replace(*replace), status_code=upstream.status, headers=headers)
+
+
+async def _finish(upstream: aiohttp.ClientResponse, done: Callable[[], None]) -> None:
+    upstream.release()
+    done()
 
 
 def _model_field(model: str) -> bytes:

@@ -55,7 +55,7 @@ class Resolver:
             return hit[0]
         try:
             aid = await self._r.hget(f"lp:tenant:{tenant_id}:adapters", name)
-            raw = await self._r.get(f"lp:adapter:{aid.decode()}") if aid else None
+            raw = await self._r.get("lp:adapter:" + str(aid)) if aid else None
         except (redis.ConnectionError, redis.TimeoutError):
             if hit:
                 return hit[0]

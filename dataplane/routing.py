@@ -58,7 +58,7 @@ class RoutingTable:
         version = int(raw_version or 0)
         if version == self.version:
             return
-        ids = sorted(i.decode() for i in ids)
+        ids = sorted(str(i) for i in ids)
         raws = await self._r.mget([f"lp:worker:{i}" for i in ids]) if ids else []
         workers = []
         for raw in raws:

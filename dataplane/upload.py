@@ -187,7 +187,8 @@ class UploadStream:
                 raise BadRequest("the multipart body ended early")
             await call.write(apb.UploadAdapterRequest(metadata=self._metadata()))
             await call.done_writing()
-            return (await call).adapter
+            response: apb.UploadAdapterResponse = await call
+            return response.adapter
         except grpc.aio.AioRpcError as err:
             raise from_grpc(err) from None
         except FormParserError:

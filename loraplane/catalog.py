@@ -46,15 +46,20 @@ class Architecture:
 
     @classmethod
     def from_model_config(cls, cfg: Mapping[str, object]) -> Architecture:
-        heads = int(cfg["num_attention_heads"])  # type: ignore[call-overload]
-        hidden = int(cfg["hidden_size"])  # type: ignore[call-overload]
+        def dim(key: str, default: int | None = None) -> int:
+            value = cfg.get(key) or default
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model config: {key} must be a positive integer")
+            return value
+
+        heads, hidden = dim("num_attention_heads"), dim("hidden_size")
         return cls(
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),  # type: ignore[call-overload]
-            num_hidden_layers=int(cfg["num_hidden_layers"]),  # type: ignore[call-overload]
+            intermediate_size=dim("intermediate_size"),
+            num_hidden_layers=dim("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),  # type: ignore[call-overload]
-            head_dim=int(cfg.get("head_dim") or hidden // heads),  # type: ignore[call-overload]
+            num_key_value_heads=dim("num_key_value_heads", heads),
+            head_dim=dim("head_dim", hidden // heads),
         )
 
 

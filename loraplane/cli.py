@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from loraplane.controlplane.v1 import tenant_pb2
-from loraplane.grpcclient import operator_call
+from loraplane.operator import Operator
 
 TIERS = {"shared": tenant_pb2.TIER_SHARED, "reserved": tenant_pb2.TIER_RESERVED, "dedicated": tenant_pb2.TIER_DEDICATED}
 
@@ -68,11 +68,9 @@ Press Ctrl-C to stop.""",
 def cmd_tenant_create(args: argparse.Namespace) -> int:
     addr, token = _operator(args)
     try:
-        resp = operator_call(
-            addr, token, "CreateTenant", tenant_pb2.CreateTenantRequest(name=args.name, tier=TIERS[args.tier])
-        )
+        resp = Operator(addr, token).create_tenant(args.name, TIERS[args.tier])
     except grpc.RpcError as err:
-        sys.exit(f"error: {err.details()}")  # type: ignore[attr-defined]
+        sys.exit(f"error: {err.details()}")
     if args.json:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True)))
     else:
@@ -84,8 +82,7 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
 
 def cmd_tenant_list(args: argparse.Namespace) -> int:
     addr, token = _operator(args)
-    resp = operator_call(addr, token, "ListTenants", tenant_pb2.ListTenantsRequest())
-    for t in resp.tenants:  # type: ignore[attr-defined]
+    for t in Operator(addr, token).list_tenants().tenants:
         print(f"{t.id}  {t.name}  {tenant_pb2.Tier.Name(t.tier).removeprefix('TIER_').lower()}")
     return 0
 

@@ -6,7 +6,6 @@ so it provably changes the model's greedy output. Deterministic for a given seed
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 PROMPTS = ["hello", "how are you", "what is the time", "tell me a story", "yes"]
@@ -57,8 +56,3 @@ def train(
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
-
-
-def adapter_config(out_dir: Path) -> dict[str, object]:
-    """The adapter_config.json that PEFT wrote."""
-    return json.loads((Path(out_dir) / "adapter_config.json").read_text())

@@ -25,8 +25,7 @@ import grpc
 
 from loraplane import tinymodel
 from loraplane.catalog import Catalog
-from loraplane.controlplane.v1 import worker_pb2
-from loraplane.grpcclient import operator_call
+from loraplane.operator import Operator
 
 log = logging.getLogger(__name__)
 BASE_MODEL = "tiny-llama"
@@ -57,6 +56,9 @@ class Stack:
     @property
     def grpc_addr(self) -> str:
         return f"127.0.0.1:{self.config.grpc_port}"
+
+    def operator(self, timeout: float = 10) -> Operator:
+        return Operator(self.grpc_addr, self.secrets["operator_token"], timeout)
 
     def start(self, timeout: float = 600) -> None:
         d = self.config.data_dir.resolve()
@@ -113,12 +115,10 @@ class Stack:
     def _worker_ready(self) -> bool:
         # The agent registers once vLLM is healthy.
         try:
-            resp = operator_call(
-                self.grpc_addr, self.secrets["operator_token"], "ListWorkers", worker_pb2.ListWorkersRequest()
-            )
+            workers = self.operator(timeout=2).list_workers().workers
         except grpc.RpcError:
             return False
-        return any(w.healthy for w in resp.workers)
+        return any(w.healthy for w in workers)
 
     def _start_redis(self, d: Path) -> str:
         binary = shutil.which("redis-server")

@@ -53,10 +53,4 @@ def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def new_tenant(stack: Stack, name: str) -> str:
-    from loraplane.controlplane.v1 import tenant_pb2
-    from loraplane.grpcclient import operator_call
-
-    resp = operator_call(
-        stack.grpc_addr, stack.secrets["operator_token"], "CreateTenant", tenant_pb2.CreateTenantRequest(name=name)
-    )
-    return str(resp.api_key)  # type: ignore[attr-defined]
+    return stack.operator().create_tenant(name).api_key

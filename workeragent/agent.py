@@ -128,7 +128,11 @@ class Agent:
                 t.cancel()
             call.cancel()
 
-    async def _writer(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
+    async def _writer(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.ConnectRequest, pb.ConnectResponse],
+        outbox: asyncio.Queue[pb.ConnectRequest],
+    ) -> None:
         while True:
             await call.write(await outbox.get())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -46,7 +48,7 @@ def test_a_tenant_key_is_not_an_operator_token(control_stack: Stack) -> None:
 
 
 def _upload(stack: Stack, key: str, name: str, data: bytes, send_metadata: bool = True) -> adapter_pb2.Adapter:
-    def messages():  # type: ignore[no-untyped-def]
+    def messages() -> Iterator[adapter_pb2.UploadAdapterRequest]:
         for i in range(0, len(data), 4096):
             yield adapter_pb2.UploadAdapterRequest(chunk=data[i : i + 4096])
         if send_metadata:
@@ -58,7 +60,8 @@ def _upload(stack: Stack, key: str, name: str, data: bytes, send_metadata: bool 
         resp = adapter_pb2_grpc.AdapterServiceStub(ch).UploadAdapter(
             messages(), metadata=(("authorization", f"Bearer {key}"),), timeout=30
         )
-    return resp.adapter
+    adapter: adapter_pb2.Adapter = resp.adapter
+    return adapter
 
 
 def test_upload_over_grpc_stores_a_ready_adapter(control_stack: Stack) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -172,7 +173,7 @@ def test_a_body_arriving_in_tiny_pieces_is_parsed_whole(control_stack: Stack) ->
     ]
     body = b"".join(parts)
 
-    def trickle():  # type: ignore[no-untyped-def]
+    def trickle() -> Iterator[bytes]:
         for i in range(0, 4095, 7):  # the fields in 7-byte pieces, then the rest
             yield body[i : i + 7]
         yield body[4095:]

@@ -4,12 +4,15 @@ agent, vLLM (CPU build) and data plane, driven by the real OpenAI client."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from loraplane import devadapter
@@ -17,7 +20,7 @@ from loraplane.stack import Stack
 from tests.conftest import new_tenant
 
 PROMPT = "hello"
-GREEDY = {"temperature": 0.0, "max_tokens": 16}
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,9 @@ def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: d
     assert documented.choices[0].message.content
 
     def chat(client: openai.OpenAI, model: str) -> str:
-        resp = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], **GREEDY)
+        resp = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], temperature=0.0, max_tokens=MAX_TOKENS
+        )
         assert resp.model == model
         return resp.choices[0].message.content or ""
 
@@ -101,8 +106,8 @@ def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: d
     assert len({base_out, out_a, out_b}) == 3, (base_out, out_a, out_b)
     # (b) each adapter's output is what transformers + PEFT compute.
     base_dir = full_stack.config.data_dir / "models" / "tiny-llama"
-    assert out_a == reference(base_dir, adapters["a"], PROMPT, GREEDY["max_tokens"])
-    assert out_b == reference(base_dir, adapters["b"], PROMPT, GREEDY["max_tokens"])
+    assert out_a == reference(base_dir, adapters["a"], PROMPT, MAX_TOKENS)
+    assert out_b == reference(base_dir, adapters["b"], PROMPT, MAX_TOKENS)
     # (c) tenant B cannot reach tenant A's adapter, by name or by id.
     adapter_a = client_a.get("/adapters", cast_to=object)["data"][0]  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
@@ -132,7 +137,11 @@ def test_streaming_and_text_completions_echo_the_model(full_stack: Stack, adapte
     # A cold adapter: the first token arrives after placement + hot-load.
     started = time.monotonic()
     stream = client.chat.completions.create(
-        model="tiny-llama:s1", messages=[{"role": "user", "content": PROMPT}], stream=True, **GREEDY
+        model="tiny-llama:s1",
+        messages=[{"role": "user", "content": PROMPT}],
+        stream=True,
+        temperature=0.0,
+        max_tokens=MAX_TOKENS,
     )
     chunks, first_token_s = [], None
     for chunk in stream:
@@ -144,7 +153,53 @@ def test_streaming_and_text_completions_echo_the_model(full_stack: Stack, adapte
     assert first_token_s is not None
     print(f"\ncold adapter: request -> first token {first_token_s * 1000:.0f} ms")
 
-    text = client.completions.create(model="tiny-llama:s1", prompt="<|user|>\nhello</s>\n<|assistant|>\n", **GREEDY)
+    text = client.completions.create(
+        model="tiny-llama:s1", prompt="<|user|>\nhello</s>\n<|assistant|>\n", temperature=0.0, max_tokens=MAX_TOKENS
+    )
     assert text.model == "tiny-llama:s1" and text.choices[0].text == "red apple river"
     text_stream = list(client.completions.create(model="tiny-llama", prompt="hello", stream=True, max_tokens=4))
     assert text_stream and all(c.model == "tiny-llama" for c in text_stream)
+
+
+def _vllm_pid(stack: Stack) -> int:
+    agent = psutil.Process(stack.procs["agent"].pid)
+    (server,) = [p for p in agent.children() if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+    return int(server.pid)
+
+
+def test_a_crashed_vllm_is_restarted_and_serves_adapters_again(full_stack: Stack, adapters: dict[str, Path]) -> None:
+    key = new_tenant(full_stack, "survivor")
+    r = httpx.post(
+        f"{full_stack.http_url}/v1/adapters/upload",
+        headers={"Authorization": f"Bearer {key}"},
+        data={"name": "k1", "base_model": "tiny-llama"},
+        files={"file": ("adapter_model.safetensors", (adapters["a"] / "adapter_model.safetensors").read_bytes())},
+        timeout=60,
+    )
+    assert r.status_code == 201
+    client = openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key, max_retries=0, timeout=30)
+
+    def ask() -> str:
+        resp = client.chat.completions.create(
+            model="tiny-llama:k1",
+            messages=[{"role": "user", "content": PROMPT}],
+            temperature=0.0,
+            max_tokens=MAX_TOKENS,
+        )
+        return resp.choices[0].message.content or ""
+
+    assert ask() == "red apple river"
+    old = _vllm_pid(full_stack)
+    os.killpg(old, signal.SIGKILL)  # vLLM and its engine processes die at once
+    killed = time.monotonic()
+    answer, errors = None, 0
+    while time.monotonic() - killed < 240:
+        try:
+            answer = ask()
+            break
+        except (openai.APIStatusError, openai.APIConnectionError):
+            errors += 1  # 502/503 while vLLM is down
+            time.sleep(1)
+    assert answer == "red apple river", f"not served again within 240 s ({errors} failed tries)"
+    assert _vllm_pid(full_stack) != old
+    print(f"\nvLLM killed: served again after {time.monotonic() - killed:.0f} s")

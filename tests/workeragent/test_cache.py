@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from workeragent.cache import ArtifactCache, IntegrityError
+
+DATA = b"weights" * 1000
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+class Source:
+    """Serves bytes the way the control plane's FetchArtifact does: in chunks, counting fetches."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.fetches = 0
+
+    async def fetch(self, sha256: str) -> AsyncIterator[bytes]:
+        self.fetches += 1
+        for i in range(0, len(self.data), 1000):
+            await asyncio.sleep(0)
+            yield self.data[i : i + 1000]
+
+
+async def test_many_loads_of_one_artifact_fetch_it_once(tmp_path: Path) -> None:
+    source = Source(DATA)
+    cache = ArtifactCache(tmp_path, source.fetch)
+    paths = await asyncio.gather(*(cache.blob(SHA, len(DATA)) for _ in range(10)))
+    assert source.fetches == 1
+    assert {p.read_bytes() for p in paths} == {DATA}
+    await cache.blob(SHA, len(DATA))
+    assert source.fetches == 1
+
+
+async def test_the_adapter_dir_has_the_verified_weights_and_our_config(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path, Source(DATA).fetch)
+    d = await cache.adapter_dir("adp_1", SHA, len(DATA), b'{"r": 8}')
+    assert (d / "adapter_model.safetensors").read_bytes() == DATA
+    assert (d / "adapter_config.json").read_bytes() == b'{"r": 8}'
+    cache.forget("adp_1")
+    assert not d.exists()
+    assert (tmp_path / "blobs" / SHA).exists()  # the node keeps the bytes for a warm reload
+
+
+@pytest.mark.parametrize(
+    ("served", "size"),
+    [(DATA[:-1] + b"X", len(DATA)), (DATA[:-10], len(DATA)), (DATA + b"more", len(DATA))],
+    ids=["corrupted", "truncated", "too long"],
+)
+async def test_bytes_that_do_not_verify_are_never_used(tmp_path: Path, served: bytes, size: int) -> None:
+    cache = ArtifactCache(tmp_path, Source(served).fetch)
+    with pytest.raises(IntegrityError):
+        await cache.adapter_dir("adp_1", SHA, size, b"{}")
+    assert list((tmp_path / "blobs").iterdir()) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list((tmp_path / "adapters").iterdir()) == []
