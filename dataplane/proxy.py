@@ -31,49 +31,37 @@ class Proxy:
         client_model: str,
         done: Callable[[], None],
     ) -> Response:
-        """The worker's answer; `done` is called once when it has been sent (or failed)."""
+        """The worker's answer; `done` is called once, when it has been sent or has failed."""
+        old, new = _model_field(upstream_model), _model_field(client_model)
         try:
-            return await self._forward(endpoint, path, body, upstream_model, client_model, done)
+            try:
+                upstream = await self._session.post(
+                    endpoint + path,
+                    data=json.dumps(dict(body, model=upstream_model)),
+                    headers=self._headers,
+                    timeout=self._timeout,
+                )
+            except (aiohttp.ClientError, TimeoutError) as err:
+                raise Upstream(f"the worker could not be reached: {type(err).__name__}") from None
+            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            if upstream.content_type == "text/event-stream":
+                return StreamingResponse(
+                    _lines(upstream, old, new),
+                    status_code=upstream.status,
+                    headers=headers,
+                    background=BackgroundTask(_finish, upstream, done),
+                )
+            try:
+                content = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError) as err:
+                raise Upstream(f"the worker failed mid-answer: {type(err).__name__}") from None
+            finally:
+                upstream.release()
         except BaseException:
             done()
             raise
-
-    async def _forward(
-        self,
-        endpoint: str,
-        path: str,
-        body: dict[str, object],
-        upstream_model: str,
-        client_model: str,
-        done: Callable[[], None],
-    ) -> Response:
-        body = dict(body, model=upstream_model)
-        replace = (
-            _model_field(upstream_model),
-            _model_field(client_model),
-        )
-        try:
-            upstream = await self._session.post(
-                endpoint + path, data=json.dumps(body), headers=self._headers, timeout=self._timeout
-            )
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise Upstream(f"the worker could not be reached: {type(err).__name__}") from None
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        if upstream.content_type == "text/event-stream":
-            return StreamingResponse(
-                _lines(upstream, *replace),
-                status_code=upstream.status,
-                headers=headers,
-                background=BackgroundTask(_finish, upstream, done),
-            )
-        try:
-            content = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise Upstream(f"the worker failed mid-answer: {type(err).__name__}") from None
-        finally:
-            upstream.release()
         done()
-        return Response(content.replace(*replace), status_code=upstream.status, headers=headers)
+        return Response(content.replace(old, new), status_code=upstream.status, headers=headers)
 
 
 async def _finish(upstream: aiohttp.ClientResponse, done: Callable[[], None]) -> None:

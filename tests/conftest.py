@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from loraplane.stack import Stack, StackConfig
@@ -54,3 +57,30 @@ def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def new_tenant(stack: Stack, name: str) -> str:
     return stack.operator().create_tenant(name).api_key
+
+
+def upload(
+    stack: Stack, key: str, name: str, data: bytes, config: bytes | None = None, **fields: str
+) -> httpx.Response:
+    """POST /v1/adapters/upload as httpx sends multipart forms."""
+    files = {"file": ("adapter_model.safetensors", data)}
+    if config is not None:
+        files["config"] = ("adapter_config.json", config)
+    return httpx.post(
+        stack.http_url + "/v1/adapters/upload",
+        headers={"Authorization": f"Bearer {key}"},
+        data={"name": name, "base_model": "tiny-llama", **fields},
+        files=files,
+        timeout=60,
+    )
+
+
+def curl_upload(stack: Stack, key: str, directory: Path) -> dict[str, object]:
+    """The README's curl upload, run as written but for host and key, in `directory`."""
+    out = subprocess.run(
+        ["curl", "-s", "-X", "POST", f"{stack.http_url}/v1/adapters/upload", "-H", f"Authorization: Bearer {key}",
+         "-F", "name=my-finetuned-v3", "-F", "base_model=tiny-llama", "-F", "file=@adapter_model.safetensors"],
+        cwd=directory, capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    adapter: dict[str, object] = json.loads(out)
+    return adapter

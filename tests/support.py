@@ -10,16 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from loraplane import tinymodel
 from loraplane.catalog import Architecture
 
-TINY = Architecture(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=64,
-)
+TINY = Architecture.from_model_config(tinymodel.DIMENSIONS)
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
 
 

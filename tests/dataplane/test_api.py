@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,20 +9,10 @@ import httpx
 import pytest
 
 from loraplane.stack import Stack
-from tests.conftest import new_tenant
+from tests.conftest import curl_upload, new_tenant, upload
 from tests.support import lora_tensors, safetensors_bytes
 
 ADAPTER = safetensors_bytes(lora_tensors(rank=8))
-
-
-def upload(stack: Stack, key: str, name: str, data: bytes = ADAPTER, **fields: str) -> httpx.Response:
-    return httpx.post(
-        stack.http_url + "/v1/adapters/upload",
-        headers={"Authorization": f"Bearer {key}"},
-        data={"name": name, "base_model": "tiny-llama", **fields},
-        files={"file": ("adapter_model.safetensors", data)},
-        timeout=30,
-    )
 
 
 def blobs(stack: Stack) -> list[Path]:
@@ -34,13 +22,7 @@ def blobs(stack: Stack) -> list[Path]:
 def test_the_documented_curl_upload_works_as_written(control_stack: Stack, tmp_path: Path) -> None:
     key = new_tenant(control_stack, "curl-user")
     (tmp_path / "adapter_model.safetensors").write_bytes(ADAPTER)
-    out = subprocess.run(
-        ["curl", "-s", "-X", "POST", f"{control_stack.http_url}/v1/adapters/upload",
-         "-H", f"Authorization: Bearer {key}",
-         "-F", "name=my-finetuned-v3", "-F", "base_model=tiny-llama", "-F", "file=@adapter_model.safetensors"],
-        cwd=tmp_path, capture_output=True, check=True, timeout=30,
-    ).stdout  # fmt: skip
-    adapter = json.loads(out)
+    adapter = curl_upload(control_stack, key, tmp_path)
     assert adapter["status"] == "ready" and adapter["model"] == "tiny-llama:my-finetuned-v3"
     assert adapter["rank"] == 8 and adapter["target_modules"] == ["q_proj", "v_proj"]
     listed = httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()
@@ -116,13 +98,13 @@ def test_bad_forms_get_400(control_stack: Stack) -> None:
         url, headers=auth, data={"name": "x", "base_model": "tiny-llama"}, files={"config": ("c", b"{}")}
     )
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
-    assert upload(control_stack, key, "../etc/passwd").status_code == 400
-    assert upload(control_stack, key, "ok", lora_alpha="NaN").status_code == 400
+    assert upload(control_stack, key, "../etc/passwd", ADAPTER).status_code == 400
+    assert upload(control_stack, key, "ok", ADAPTER, lora_alpha="NaN").status_code == 400
 
 
 def test_a_taken_name_is_409_and_keeps_the_first(control_stack: Stack) -> None:
     key = new_tenant(control_stack, "conflict")
-    first = upload(control_stack, key, "same")
+    first = upload(control_stack, key, "same", ADAPTER)
     assert first.status_code == 201
     second = upload(control_stack, key, "same", safetensors_bytes(lora_tensors(rank=2)))
     assert second.status_code == 409
@@ -135,7 +117,7 @@ def test_another_tenants_adapter_does_not_exist_for_you(control_stack: Stack) ->
     as_bob = {"Authorization": f"Bearer {bob}"}
     chat = {"model": "tiny-llama:secret", "messages": [{"role": "user", "content": "hi"}]}
     before_chat = httpx.post(control_stack.http_url + "/v1/chat/completions", headers=as_bob, json=chat)
-    adapter = upload(control_stack, alice, "secret").json()
+    adapter = upload(control_stack, alice, "secret", ADAPTER).json()
     before_get = httpx.get(control_stack.http_url + "/v1/adapters/adp_000000000000000000000000", headers=as_bob)
 
     after_chat = httpx.post(control_stack.http_url + "/v1/chat/completions", headers=as_bob, json=chat)

@@ -3,10 +3,8 @@ agent, vLLM (CPU build) and data plane, driven by the real OpenAI client."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 
 from loraplane import devadapter
 from loraplane.stack import Stack
-from tests.conftest import new_tenant
+from tests.conftest import curl_upload, new_tenant, upload
 
 PROMPT = "hello"
 MAX_TOKENS = 16
@@ -60,24 +58,15 @@ def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: d
 
     # Tenant A: the documented curl call, as written.
     (tmp_path / "adapter_model.safetensors").write_bytes((adapters["a"] / "adapter_model.safetensors").read_bytes())
-    out = subprocess.run(
-        ["curl", "-s", "-X", "POST", f"{full_stack.http_url}/v1/adapters/upload",
-         "-H", f"Authorization: Bearer {key_a}",
-         "-F", "name=my-finetuned-v3", "-F", "base_model=tiny-llama", "-F", "file=@adapter_model.safetensors"],
-        cwd=tmp_path, capture_output=True, check=True, timeout=60,
-    ).stdout  # fmt: skip
-    assert json.loads(out)["status"] == "ready", out
+    assert curl_upload(full_stack, key_a, tmp_path)["status"] == "ready"
 
     # Tenant B: same adapter name, other weights, with its PEFT config.
-    r = httpx.post(
-        f"{full_stack.http_url}/v1/adapters/upload",
-        headers={"Authorization": f"Bearer {key_b}"},
-        data={"name": "my-finetuned-v3", "base_model": "tiny-llama"},
-        files={
-            "file": ("adapter_model.safetensors", (adapters["b"] / "adapter_model.safetensors").read_bytes()),
-            "config": ("adapter_config.json", (adapters["b"] / "adapter_config.json").read_bytes()),
-        },
-        timeout=60,
+    r = upload(
+        full_stack,
+        key_b,
+        "my-finetuned-v3",
+        (adapters["b"] / "adapter_model.safetensors").read_bytes(),
+        config=(adapters["b"] / "adapter_config.json").read_bytes(),
     )
     assert r.status_code == 201 and r.json()["lora_alpha"] == 16.0, r.text
 
@@ -124,13 +113,7 @@ def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: d
 
 def test_streaming_and_text_completions_echo_the_model(full_stack: Stack, adapters: dict[str, Path]) -> None:
     key = new_tenant(full_stack, "streamer")
-    r = httpx.post(
-        f"{full_stack.http_url}/v1/adapters/upload",
-        headers={"Authorization": f"Bearer {key}"},
-        data={"name": "s1", "base_model": "tiny-llama"},
-        files={"file": ("adapter_model.safetensors", (adapters["a"] / "adapter_model.safetensors").read_bytes())},
-        timeout=60,
-    )
+    r = upload(full_stack, key, "s1", (adapters["a"] / "adapter_model.safetensors").read_bytes())
     assert r.status_code == 201
     client = openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key, max_retries=0)
 
@@ -169,13 +152,7 @@ def _vllm_pid(stack: Stack) -> int:
 
 def test_a_crashed_vllm_is_restarted_and_serves_adapters_again(full_stack: Stack, adapters: dict[str, Path]) -> None:
     key = new_tenant(full_stack, "survivor")
-    r = httpx.post(
-        f"{full_stack.http_url}/v1/adapters/upload",
-        headers={"Authorization": f"Bearer {key}"},
-        data={"name": "k1", "base_model": "tiny-llama"},
-        files={"file": ("adapter_model.safetensors", (adapters["a"] / "adapter_model.safetensors").read_bytes())},
-        timeout=60,
-    )
+    r = upload(full_stack, key, "k1", (adapters["a"] / "adapter_model.safetensors").read_bytes())
     assert r.status_code == 201
     client = openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key, max_retries=0, timeout=30)
 
