@@ -69,7 +69,7 @@ class Fleet:
         self._load_timeout = load_timeout_s
         self.sessions: dict[str, AgentSession] = {}
         self._last_used: dict[str, float] = {}
-        self._placing: dict[str, asyncio.Lock] = {}
+        self._placing: dict[str, asyncio.Task[tuple[str, bool, int]]] = {}
         self._decide = asyncio.Lock()
 
     async def attach(self, reg: pb.Register) -> AgentSession:
@@ -108,26 +108,33 @@ class Fleet:
             await self._store.put_worker(session.record)
 
     async def place(self, adapter: AdapterRecord) -> tuple[str, bool, int]:
-        """(worker id, already loaded, load ms). One placement per adapter at a time."""
+        """(worker id, already loaded, load ms). One placement per adapter at a time:
+        callers that arrive while one runs share its outcome."""
         self._last_used[adapter.id] = time.monotonic()
-        lock = self._placing.setdefault(adapter.id, asyncio.Lock())
-        async with lock:
-            async with self._decide:
-                views = [s.view() for s in self.sessions.values()]
-                decision = decide(views, adapter.base_model, adapter.id, self._last_used)
-                if decision is None:
-                    raise NoCapacity(f"no worker of {adapter.base_model} can take the adapter right now")
-                session = self.sessions[decision.worker_id]
-                if decision.already_loaded:
-                    return decision.worker_id, True, 0
-                session.loading.add(adapter.id)
-            try:
-                if decision.evict:
-                    await self._evict(session, decision.evict)
-                result = await self._load(session, adapter)
-            finally:
-                session.loading.discard(adapter.id)
-            return decision.worker_id, result.already_done, result.duration_ms
+        task = self._placing.get(adapter.id)
+        if task is None:
+            task = asyncio.create_task(self._place(adapter))
+            self._placing[adapter.id] = task
+            task.add_done_callback(lambda _: self._placing.pop(adapter.id, None))
+        return await asyncio.shield(task)
+
+    async def _place(self, adapter: AdapterRecord) -> tuple[str, bool, int]:
+        async with self._decide:
+            views = [s.view() for s in self.sessions.values()]
+            decision = decide(views, adapter.base_model, adapter.id, self._last_used)
+            if decision is None:
+                raise NoCapacity(f"no worker of {adapter.base_model} can take the adapter right now")
+            session = self.sessions[decision.worker_id]
+            if decision.already_loaded:
+                return decision.worker_id, True, 0
+            session.loading.add(adapter.id)
+        try:
+            if decision.evict:
+                await self._evict(session, decision.evict)
+            result = await self._load(session, adapter)
+        finally:
+            session.loading.discard(adapter.id)
+        return decision.worker_id, result.already_done, result.duration_ms
 
     async def _load(self, session: AgentSession, adapter: AdapterRecord) -> pb.CommandResult:
         cid = uuid.uuid4().hex

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -33,6 +35,20 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, full_stack: Stack) -> dic
     }
 
 
+@pytest.fixture
+def openai_client(full_stack: Stack) -> Iterator[Callable[[str], openai.OpenAI]]:
+    """Makes real OpenAI clients for the stack's data plane; closes them afterwards."""
+    made: list[openai.OpenAI] = []
+
+    def make(key: str) -> openai.OpenAI:
+        made.append(openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key, max_retries=0, timeout=60))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
 def reference(base: Path, adapter: Path | None, prompt: str, max_tokens: int) -> str:
     """Greedy output computed independently with transformers + PEFT on the CPU."""
     import torch
@@ -53,7 +69,9 @@ def reference(base: Path, adapter: Path | None, prompt: str, max_tokens: int) ->
     return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
-def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: dict[str, Path], tmp_path: Path) -> None:
+def test_two_tenants_chat_with_their_own_adapters(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI], tmp_path: Path
+) -> None:
     key_a, key_b = new_tenant(full_stack, "tenant-a"), new_tenant(full_stack, "tenant-b")
 
     # Tenant A: the documented curl call, as written.
@@ -70,8 +88,8 @@ def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: d
     )
     assert r.status_code == 201 and r.json()["lora_alpha"] == 16.0, r.text
 
-    client_a = openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key_a, max_retries=0)
-    client_b = openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key_b, max_retries=0)
+    client_a = openai_client(key_a)
+    client_b = openai_client(key_b)
 
     # The documented OpenAI call, as written.
     documented = client_a.chat.completions.create(
@@ -111,11 +129,13 @@ def test_two_tenants_chat_with_their_own_adapters(full_stack: Stack, adapters: d
     )
 
 
-def test_streaming_and_text_completions_echo_the_model(full_stack: Stack, adapters: dict[str, Path]) -> None:
+def test_streaming_and_text_completions_echo_the_model(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
     key = new_tenant(full_stack, "streamer")
     r = upload(full_stack, key, "s1", (adapters["a"] / "adapter_model.safetensors").read_bytes())
     assert r.status_code == 201
-    client = openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key, max_retries=0)
+    client = openai_client(key)
 
     # A cold adapter: the first token arrives after placement + hot-load.
     started = time.monotonic()
@@ -150,11 +170,13 @@ def _vllm_pid(stack: Stack) -> int:
     return int(server.pid)
 
 
-def test_a_crashed_vllm_is_restarted_and_serves_adapters_again(full_stack: Stack, adapters: dict[str, Path]) -> None:
+def test_a_crashed_vllm_is_restarted_and_serves_adapters_again(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
     key = new_tenant(full_stack, "survivor")
     r = upload(full_stack, key, "k1", (adapters["a"] / "adapter_model.safetensors").read_bytes())
     assert r.status_code == 201
-    client = openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key, max_retries=0, timeout=30)
+    client = openai_client(key)
 
     def ask() -> str:
         resp = client.chat.completions.create(
@@ -180,3 +202,29 @@ def test_a_crashed_vllm_is_restarted_and_serves_adapters_again(full_stack: Stack
     assert answer == "red apple river", f"not served again within 240 s ({errors} failed tries)"
     assert _vllm_pid(full_stack) != old
     print(f"\nvLLM killed: served again after {time.monotonic() - killed:.0f} s")
+
+
+def test_concurrent_requests_for_a_cold_adapter_all_succeed(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    key = new_tenant(full_stack, "crowd")
+    assert upload(full_stack, key, "c1", (adapters["b"] / "adapter_model.safetensors").read_bytes()).status_code == 201
+    client = openai_client(key)
+
+    def ask(_: int) -> str:
+        resp = client.chat.completions.create(
+            model="tiny-llama:c1",
+            messages=[{"role": "user", "content": PROMPT}],
+            temperature=0.0,
+            max_tokens=MAX_TOKENS,
+        )
+        return resp.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert len(set(answers)) == 1 and answers[0]
+    workers = full_stack.operator().list_workers().workers
+    adapter_id = httpx.get(f"{full_stack.http_url}/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()[
+        "data"
+    ][0]["id"]
+    assert sum(adapter_id in w.resident_adapter_ids for w in workers) == 1
