@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -22,9 +24,10 @@ CHUNK = 1 << 20
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._tmp = self.root / "tmp"
+        # Each process writes under its own temp dir: replicas may share the store.
+        self.temp_dir = self.root / "tmp" / uuid.uuid4().hex
         self._blobs = self.root / "blobs"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
         self._blobs.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
@@ -36,7 +39,7 @@ class ArtifactStore:
         return self.path(sha256).is_file()
 
     def open_temp(self) -> PendingArtifact:
-        fd, name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
+        fd, name = tempfile.mkstemp(dir=self.temp_dir, prefix="upload-")
         return PendingArtifact(self, Path(name), os.fdopen(fd, "w+b"))
 
     def read(self, sha256: str) -> Iterator[bytes]:
@@ -47,10 +50,11 @@ class ArtifactStore:
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 
-    def clean_temp(self) -> None:
-        """Remove temp files left by a process killed mid-write."""
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
+    def clean_temp(self, older_than_s: float = 3600.0) -> None:
+        """Remove what processes killed mid-write left behind (not the live ones' files)."""
+        for d in (self.root / "tmp").iterdir():
+            if d != self.temp_dir and time.time() - d.stat().st_mtime > older_than_s:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 class PendingArtifact:

@@ -91,6 +91,25 @@ class Fleet:
         log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))
         return session
 
+    async def evict_everywhere(self, adapter_id: str) -> None:
+        """Evict from every connected worker that holds it (the agent lets requests in flight finish)."""
+        holders = [s for s in self.sessions.values() if adapter_id in s.record.resident]
+        results = await asyncio.gather(*(self._evict(s, adapter_id) for s in holders), return_exceptions=True)
+        for session, result in zip(holders, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("evicting %s from %s failed: %s", adapter_id, session.record.id, result)
+        self._last_used.pop(adapter_id, None)
+
+    async def sweep(self, session: AgentSession) -> None:
+        """Evict what a worker holds that is no longer a ready adapter (deleted while it was away)."""
+        for adapter_id in session.record.resident:
+            rec = await self._store.get_adapter(adapter_id)
+            if rec is None or rec.status != "ready":
+                try:
+                    await self._evict(session, adapter_id)
+                except NoCapacity as err:
+                    log.warning("evicting stale %s from %s failed: %s", adapter_id, session.record.id, err)
+
     async def detach(self, session: AgentSession) -> None:
         session.fail_all("worker disconnected")
         if self.sessions.get(session.record.id) is session:

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane.artifacts import ArtifactStore
 from controlplane.fleet import Fleet
+from controlplane.registry import Registry
 from controlplane.service import AdapterService, Auth, TenantService, WorkerService
 from controlplane.settings import Settings
 from controlplane.store import Store
@@ -44,10 +45,14 @@ class ControlPlane:
     health: health.aio.HealthServicer
     redis: redis.Redis
     port: int
+    registry: Registry
+    maintenance: asyncio.Task[None]
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        self.maintenance.cancel()
+        await self.registry.close()
         await self.redis.aclose()
 
 
@@ -60,6 +65,7 @@ async def start(settings: Settings) -> ControlPlane:
     catalog = Catalog.load(settings.catalog_path)
     fleet = Fleet(store, settings.load_timeout_s)
     auth = Auth(store, settings)
+    registry = Registry(settings, store, artifacts, catalog, fleet)
 
     server = grpc.aio.server(
         options=[
@@ -71,7 +77,7 @@ async def start(settings: Settings) -> ControlPlane:
         ]
     )
     adapter_pb2_grpc.add_AdapterServiceServicer_to_server(
-        AdapterService(settings, store, artifacts, catalog, fleet, auth), server
+        AdapterService(settings, store, registry, fleet, auth), server
     )
     tenant_pb2_grpc.add_TenantServiceServicer_to_server(TenantService(settings, store, auth), server)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(store, artifacts, fleet, auth), server)
@@ -85,7 +91,8 @@ async def start(settings: Settings) -> ControlPlane:
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s", settings.grpc_addr)
-    return ControlPlane(server, health_servicer, client, port)
+    maintenance = asyncio.create_task(registry.maintain())
+    return ControlPlane(server, health_servicer, client, port, registry, maintenance)
 
 
 async def serve(settings: Settings) -> None:

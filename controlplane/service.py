@@ -10,12 +10,10 @@ from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane import validation
 from controlplane.artifacts import ArtifactStore, PendingArtifact
 from controlplane.errors import (
     BadRequest,
     Context,
-    ControlPlaneError,
     InvalidAdapter,
     NotFound,
     TooLarge,
@@ -24,9 +22,9 @@ from controlplane.errors import (
 )
 from controlplane.fleet import AgentSession, Fleet
 from controlplane.keys import bearer, key_hash, key_prefix, new_api_key, new_id, same_secret
+from controlplane.registry import Registry
 from controlplane.settings import Settings
 from controlplane.store import AdapterRecord, Store, Tenant
-from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 from loraplane.controlplane.v1 import adapter_pb2_grpc, tenant_pb2_grpc, worker_pb2_grpc
 from loraplane.controlplane.v1 import tenant_pb2 as tpb
@@ -39,6 +37,7 @@ STATUS = {
     "pending": apb.ADAPTER_STATUS_PENDING,
     "ready": apb.ADAPTER_STATUS_READY,
     "failed": apb.ADAPTER_STATUS_FAILED,
+    "deleting": apb.ADAPTER_STATUS_FAILED,  # never shown: deleted adapters do not exist for tenants
 }
 TIERS = {tpb.TIER_SHARED: "shared", tpb.TIER_RESERVED: "reserved", tpb.TIER_DEDICATED: "dedicated"}
 TIER_ENUM = {v: k for k, v in TIERS.items()}
@@ -89,13 +88,10 @@ def adapter_message(rec: AdapterRecord) -> apb.Adapter:
 
 
 class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
-    def __init__(
-        self, settings: Settings, store: Store, artifacts: ArtifactStore, catalog: Catalog, fleet: Fleet, auth: Auth
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, registry: Registry, fleet: Fleet, auth: Auth) -> None:
         self._settings = settings
         self._store = store
-        self._artifacts = artifacts
-        self._catalog = catalog
+        self._registry = registry
         self._fleet = fleet
         self._auth = auth
 
@@ -104,24 +100,18 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
         self, request_iterator: AsyncIterator[apb.UploadAdapterRequest], context: Context
     ) -> apb.UploadAdapterResponse:
         tenant = await self._auth.tenant(context)
-        pending = self._artifacts.open_temp()
+        pending = self._registry.open_temp()
         try:
-            meta = await self._receive(request_iterator, pending)
-            rec = await asyncio.to_thread(self._validate, tenant, meta, pending)
-            sha, created = await asyncio.to_thread(pending.commit)
-            try:
-                await self._store.create_adapter(rec, self._settings.tier_limits[tenant.tier])
-            except ControlPlaneError:
-                if created and not await self._store.blob_referenced(sha):
-                    self._artifacts.delete(sha)
-                raise
+            meta = await self._receive(request_iterator, pending, self._registry.max_bytes(tenant))
+            rec = await self._registry.store_upload(
+                tenant, meta.name, meta.base_model, pending, meta.adapter_config, meta.lora_alpha or None
+            )
         finally:
             pending.discard()
-        log.info("tenant %s stored adapter %s (%d bytes)", tenant.id, rec.id, rec.size_bytes)
         return apb.UploadAdapterResponse(adapter=adapter_message(rec))
 
     async def _receive(
-        self, stream: AsyncIterator[apb.UploadAdapterRequest], pending: PendingArtifact
+        self, stream: AsyncIterator[apb.UploadAdapterRequest], pending: PendingArtifact, max_bytes: int
     ) -> apb.UploadAdapterMetadata:
         meta: apb.UploadAdapterMetadata | None = None
         it = aiter(stream)
@@ -136,10 +126,10 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
                 if meta is not None:
                     raise BadRequest("metadata sent twice")
                 meta = msg.metadata
-                self._check_metadata(meta)
+                self._registry.base_model(meta.name, meta.base_model)
             else:
-                if pending.size + len(msg.chunk) > self._settings.max_adapter_bytes:
-                    raise TooLarge(f"adapter is larger than {self._settings.max_adapter_bytes} bytes")
+                if pending.size + len(msg.chunk) > max_bytes:
+                    raise TooLarge(f"adapter is larger than the tier's limit of {max_bytes} bytes")
                 await asyncio.to_thread(pending.write, msg.chunk)
         if meta is None:
             raise BadRequest("upload has no metadata")
@@ -147,40 +137,19 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
             raise BadRequest("upload has no file")
         return meta
 
-    def _check_metadata(self, meta: apb.UploadAdapterMetadata) -> None:
-        if not NAME.match(meta.name):
-            raise BadRequest("name must be 1-64 of A-Z a-z 0-9 . _ - and start with a letter or digit")
-        model = self._catalog.get(meta.base_model)
-        if model is None:
-            raise NotFound(f"base model {meta.base_model!r} does not exist")
-        if not model.lora:
-            raise BadRequest(f"base model {meta.base_model!r} does not support LoRA adapters")
-
-    def _validate(self, tenant: Tenant, meta: apb.UploadAdapterMetadata, pending: PendingArtifact) -> AdapterRecord:
-        model = self._catalog.get(meta.base_model)
-        assert model is not None and model.architecture is not None
-        pending.file.flush()
-        pending.file.seek(0)
-        header = validation.read_header(pending.file, pending.size)
-        info = validation.check_lora(header, model.architecture, model.max_rank)
-        cfg = validation.parse_config(meta.adapter_config) if meta.adapter_config else None
-        alpha = validation.reconcile(info, cfg, meta.lora_alpha or None)
-        return AdapterRecord(
-            id=new_id("adp"),
-            tenant_id=tenant.id,
-            name=meta.name,
-            base_model=meta.base_model,
-            status="ready",
-            status_reason="",
-            source={"kind": "upload"},
-            rank=info.rank,
-            target_modules=list(info.target_modules),
-            lora_alpha=alpha,
-            size_bytes=pending.size,
-            sha256=pending.sha256,
-            created_at=time.time(),
-            adapter_config=validation.clean_config(info, alpha).decode(),
+    @grpc_errors
+    async def CreateAdapter(self, request: apb.CreateAdapterRequest, context: Context) -> apb.CreateAdapterResponse:
+        tenant = await self._auth.tenant(context)
+        rec = await self._registry.register_hub(
+            tenant, request.name, request.base_model, request.repo, request.revision, request.hf_token
         )
+        return apb.CreateAdapterResponse(adapter=adapter_message(rec))
+
+    @grpc_errors
+    async def DeleteAdapter(self, request: apb.DeleteAdapterRequest, context: Context) -> apb.DeleteAdapterResponse:
+        tenant = await self._auth.tenant(context)
+        await self._registry.delete(await self._own(tenant, request.id))
+        return apb.DeleteAdapterResponse(id=request.id, deleted=True)
 
     @grpc_errors
     async def ListAdapters(self, request: apb.ListAdaptersRequest, context: Context) -> apb.ListAdaptersResponse:
@@ -190,7 +159,7 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
 
     async def _own(self, tenant: Tenant, adapter_id: str) -> AdapterRecord:
         rec = await self._store.get_adapter(adapter_id) if adapter_id.startswith("adp_") else None
-        if rec is None or rec.tenant_id != tenant.id:
+        if rec is None or rec.tenant_id != tenant.id or rec.status == "deleting":
             raise NotFound(f"adapter {adapter_id!r} does not exist")
         return rec
 
@@ -273,6 +242,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             raise BadRequest("bad worker id")
         session = await self._fleet.attach(first.register)
         reader = asyncio.create_task(self._read(session, it))
+        sweeper = asyncio.create_task(self._fleet.sweep(session))
         try:
             while True:
                 get = asyncio.create_task(session.outbox.get())
@@ -283,6 +253,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 yield get.result()
         finally:
             reader.cancel()
+            sweeper.cancel()
             await self._fleet.detach(session)
 
     async def _read(self, session: AgentSession, it: AsyncIterator[wpb.ConnectRequest]) -> None:

@@ -17,16 +17,21 @@ class Settings:
     agent_token: str
     max_adapter_bytes: int = 500 * 1000 * 1000
     tier_limits: Mapping[str, int] = field(default_factory=lambda: dict(TIER_LIMITS))
+    tier_max_bytes: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(TIER_LIMITS, 500 * 1000 * 1000))
     load_timeout_s: float = 60.0
     upload_idle_timeout_s: float = 60.0
+    hf_endpoint: str = "https://huggingface.co"
+    hub_timeout_s: float = 30.0
+    hub_total_timeout_s: float = 900.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         limits = dict(TIER_LIMITS)
-        for tier in limits:
-            value = env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_ADAPTERS")
-            if value:
-                limits[tier] = int(value)
+        max_bytes = int(env.get("LORAPLANE_MAX_ADAPTER_BYTES", 500 * 1000 * 1000))
+        sizes = dict.fromkeys(TIER_LIMITS, max_bytes)
+        for tier in TIER_LIMITS:
+            limits[tier] = int(env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_ADAPTERS", limits[tier]))
+            sizes[tier] = int(env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_BYTES", max_bytes))
         return cls(
             grpc_addr=env.get("LORAPLANE_GRPC_ADDR", "127.0.0.1:50051"),
             redis_url=env.get("LORAPLANE_REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -34,8 +39,12 @@ class Settings:
             catalog_path=Path(env.get("LORAPLANE_CATALOG", ".loraplane/catalog.json")),
             operator_token=_required(env, "LORAPLANE_OPERATOR_TOKEN"),
             agent_token=_required(env, "LORAPLANE_AGENT_TOKEN"),
-            max_adapter_bytes=int(env.get("LORAPLANE_MAX_ADAPTER_BYTES", 500 * 1000 * 1000)),
+            max_adapter_bytes=max_bytes,
             tier_limits=limits,
+            tier_max_bytes=sizes,
+            hf_endpoint=env.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
+            hub_timeout_s=float(env.get("LORAPLANE_HUB_TIMEOUT_S", 30)),
+            hub_total_timeout_s=float(env.get("LORAPLANE_HUB_TOTAL_TIMEOUT_S", 900)),
             load_timeout_s=float(env.get("LORAPLANE_LOAD_TIMEOUT_S", 60)),
         )
 

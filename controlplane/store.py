@@ -4,9 +4,12 @@ Keys (prefix `lp:`):
     tenant:<tid>            hash   id, name, tier, created_at
     tenants                 hash   name -> tid
     apikey:<sha256(key)>    hash   tenant_id, prefix, created_at   (keys are stored only hashed)
-    adapter:<aid>           string JSON record
-    tenant:<tid>:adapters   hash   name -> aid
+    adapter:<aid>           string JSON record (status pending | ready | failed | deleting)
+    tenant:<tid>:adapters   hash   name -> aid of live (pending or ready) adapters: names and quota
+    tenant:<tid>:ids        zset   aid -> created_at of every adapter the tenant sees (+ failed)
     blob:<sha256>           set    ids of the adapters whose bytes are that blob
+    pending                 set    ids of adapters whose bytes are still being fetched
+    deleting                set    ids being deleted (eviction and garbage collection pending)
     worker:<wid>            string JSON record (endpoint, base model, resident adapter ids)
     workers                 set    worker ids
     routing:version         int    bumped on every routing change; published on `lp:routing`
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import redis.asyncio as redis
 
@@ -24,16 +27,23 @@ from controlplane.errors import AlreadyExists, QuotaExceeded
 
 P = "lp:"
 ROUTING_CHANNEL = P + "routing"
+# Messages "adapter:<tenant id>:<name>" and "key:<key hash>": drop cached entries now.
+INVALIDATE_CHANNEL = P + "invalidate"
+FAILED_TTL_S = 7 * 24 * 3600
 
-# KEYS[1] tenant adapters hash, KEYS[2] adapter record key, KEYS[3] blob reference set
-# ARGV[1] name, ARGV[2] adapter id, ARGV[3] record JSON, ARGV[4] max adapters
+# Check the name and the quota and take both, in one step.
+# KEYS[1] tenant adapters hash, KEYS[2] adapter record key, KEYS[3] tenant ids zset,
+# KEYS[4] blob reference set (when ARGV[6] is a sha256), KEYS[5] pending set (when it is "")
+# ARGV[1] name, ARGV[2] adapter id, ARGV[3] record JSON, ARGV[4] max adapters, ARGV[5] created_at,
+# ARGV[6] sha256 or "" (bytes not there yet)
 # Returns 1 on success, -1 if the name is taken, -2 if the quota is used up.
 CREATE_ADAPTER = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return -1 end
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return -2 end
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[2])
+if ARGV[6] ~= '' then redis.call('SADD', KEYS[4], ARGV[2]) else redis.call('SADD', KEYS[5], ARGV[2]) end
 return 1
 """
 
@@ -152,8 +162,14 @@ class Store:
 
     async def create_adapter(self, rec: AdapterRecord, max_adapters: int) -> None:
         res = await self._create_adapter(
-            keys=[f"{P}tenant:{rec.tenant_id}:adapters", f"{P}adapter:{rec.id}", f"{P}blob:{rec.sha256}"],
-            args=[rec.name, rec.id, rec.to_json(), max_adapters],
+            keys=[
+                f"{P}tenant:{rec.tenant_id}:adapters",
+                f"{P}adapter:{rec.id}",
+                f"{P}tenant:{rec.tenant_id}:ids",
+                f"{P}blob:{rec.sha256}",
+                P + "pending",
+            ],
+            args=[rec.name, rec.id, rec.to_json(), max_adapters, rec.created_at, rec.sha256],
         )
         if res == -1:
             raise AlreadyExists(f"an adapter named {rec.name!r} already exists")
@@ -165,15 +181,88 @@ class Store:
         return AdapterRecord.from_json(raw) if raw else None
 
     async def list_adapters(self, tenant_id: str) -> list[AdapterRecord]:
-        ids = await self.r.hvals(f"{P}tenant:{tenant_id}:adapters")
+        ids = await self.r.zrevrange(f"{P}tenant:{tenant_id}:ids", 0, -1)
         if not ids:
             return []
         raws = await self.r.mget([P + "adapter:" + str(i) for i in ids])
-        recs = [AdapterRecord.from_json(r) for r in raws if r]
-        return sorted(recs, key=lambda a: a.created_at, reverse=True)
+        return [AdapterRecord.from_json(r) for r in raws if r]
+
+    async def complete_adapter(self, done: AdapterRecord) -> bool:
+        """pending -> ready, with its bytes; False if the adapter was deleted meanwhile."""
+        key = f"{P}adapter:{done.id}"
+        async with self.r.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            raw = await pipe.get(key)
+            if not raw or AdapterRecord.from_json(raw).status != "pending":
+                await self.r.srem(P + "pending", done.id)
+                return False
+            pipe.multi()
+            pipe.set(key, done.to_json())
+            pipe.sadd(f"{P}blob:{done.sha256}", done.id)
+            pipe.srem(P + "pending", done.id)
+            await pipe.execute()
+        await self.invalidate_adapter(done)
+        return True
+
+    async def fail_adapter(self, adapter_id: str, reason: str) -> None:
+        """pending -> failed: still visible with its reason; its name and quota are free again."""
+        key = f"{P}adapter:{adapter_id}"
+        async with self.r.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            raw = await pipe.get(key)
+            rec = AdapterRecord.from_json(raw) if raw else None
+            pipe.multi()
+            pipe.srem(P + "pending", adapter_id)
+            if rec is None or rec.status != "pending":
+                await pipe.execute()
+                return
+            pipe.set(key, replace(rec, status="failed", status_reason=reason).to_json(), ex=FAILED_TTL_S)
+            pipe.hdel(f"{P}tenant:{rec.tenant_id}:adapters", rec.name)
+            await pipe.execute()
+
+    async def mark_deleting(self, rec: AdapterRecord) -> None:
+        """The adapter is gone for its tenant at once (name, quota, lists); eviction and
+        garbage collection follow. Idempotent."""
+        names = f"{P}tenant:{rec.tenant_id}:adapters"
+        async with self.r.pipeline(transaction=True) as pipe:
+            await pipe.watch(names)
+            owner = await pipe.hget(names, rec.name)
+            pipe.multi()
+            if owner == rec.id:
+                pipe.hdel(names, rec.name)
+            pipe.set(f"{P}adapter:{rec.id}", replace(rec, status="deleting").to_json())
+            pipe.zrem(f"{P}tenant:{rec.tenant_id}:ids", rec.id)
+            pipe.sadd(P + "deleting", rec.id)
+            await pipe.execute()
+        await self.invalidate_adapter(rec)
+
+    async def deleting(self) -> list[AdapterRecord]:
+        return await self._members(P + "deleting")
+
+    async def pending(self) -> list[AdapterRecord]:
+        return await self._members(P + "pending")
+
+    async def _members(self, key: str) -> list[AdapterRecord]:
+        ids = sorted(await self.r.smembers(key))
+        raws = await self.r.mget([P + "adapter:" + str(i) for i in ids]) if ids else []
+        return [AdapterRecord.from_json(r) for r in raws if r]
+
+    async def finish_delete(self, rec: AdapterRecord) -> bool:
+        """Forget the adapter; True if no adapter references its bytes any more."""
+        blob = f"{P}blob:{rec.sha256}"
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{P}adapter:{rec.id}")
+            pipe.srem(P + "deleting", rec.id)
+            pipe.srem(blob, rec.id)
+            pipe.scard(blob)
+            *_, remaining = await pipe.execute()
+        return bool(rec.sha256) and remaining == 0
 
     async def blob_referenced(self, sha256: str) -> bool:
         return bool(await self.r.scard(f"{P}blob:{sha256}"))
+
+    async def invalidate_adapter(self, rec: AdapterRecord) -> None:
+        await self.r.publish(INVALIDATE_CHANNEL, f"adapter:{rec.tenant_id}:{rec.name}")
 
     # workers and routing
 

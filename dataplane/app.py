@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dataplane import errors
+from dataplane import errors, events
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
 from dataplane.errors import ApiError, BadRequest, TooLarge, Unavailable
@@ -150,6 +150,33 @@ async def upload(request: Request) -> Response:
     return JSONResponse(adapter_json(adapter), status_code=201)
 
 
+async def create_adapter(request: Request) -> Response:
+    """Register an adapter from a Hugging Face repo; 202, status pending."""
+    st = _state(request)
+    await st.keys.tenant_id(request)
+    body = await _json_body(request, 64 << 10)
+    fields = {}
+    for name in ("name", "base_model", "repo", "revision", "hf_token"):
+        value = body.get(name, "")
+        if not isinstance(value, str):
+            raise BadRequest(f"{name!r} must be a string", param=name)
+        fields[name] = value
+    for name in ("name", "base_model", "repo"):
+        if not fields[name]:
+            raise BadRequest(f"{name!r} is required", param=name)
+    adapter = await st.cp.create_adapter(_key(request), apb.CreateAdapterRequest(**fields))
+    return JSONResponse(adapter_json(adapter), status_code=202)
+
+
+async def delete_adapter(request: Request) -> Response:
+    st = _state(request)
+    await st.keys.tenant_id(request)
+    adapter_id = request.path_params["adapter_id"]
+    await st.cp.delete_adapter(_key(request), adapter_id)
+    st.resolver.forget_id(adapter_id)  # at once here; other data planes hear it from Redis
+    return JSONResponse({"id": adapter_id, "object": "adapter", "deleted": True})
+
+
 async def list_adapters(request: Request) -> Response:
     st = _state(request)
     await st.keys.tenant_id(request)
@@ -196,15 +223,17 @@ def create_app(settings: Settings) -> Starlette:
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
         )
         catalog = Catalog.load(settings.catalog_path)
-        routing = RoutingTable(client, settings.routing_refresh_s)
-        follower = asyncio.create_task(routing.follow())
+        routing = RoutingTable(client)
+        keys = KeyCache(client, settings.key_cache_ttl_s)
+        resolver = Resolver(client, catalog, settings.adapter_cache_ttl_s)
+        follower = asyncio.create_task(events.follow(client, routing, [keys, resolver], settings.routing_refresh_s))
         cp = ControlPlaneClient(settings.controlplane_addr)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
             state = State(
                 settings=settings,
-                keys=KeyCache(client, settings.key_cache_ttl_s),
-                resolver=Resolver(client, catalog, settings.adapter_cache_ttl_s),
+                keys=keys,
+                resolver=resolver,
                 routing=routing,
                 cp=cp,
                 proxy=Proxy(http, settings.worker_api_key, settings.upstream_timeout_s),
@@ -225,7 +254,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/completions", _completion("/v1/completions"), methods=["POST"]),
         Route("/v1/adapters/upload", upload, methods=["POST"]),
         Route("/v1/adapters", list_adapters, methods=["GET"]),
+        Route("/v1/adapters", create_adapter, methods=["POST"]),
         Route("/v1/adapters/{adapter_id}", get_adapter, methods=["GET"]),
+        Route("/v1/adapters/{adapter_id}", delete_adapter, methods=["DELETE"]),
     ]
     handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)

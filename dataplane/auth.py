@@ -19,6 +19,13 @@ class KeyCache:
         self._ttl = ttl_s
         self._cache: dict[str, tuple[str, float]] = {}
 
+    def invalidate(self, what: str) -> None:
+        if what.startswith("key:"):
+            self._cache.pop(what[4:], None)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
     async def tenant_id(self, request: Request) -> str:
         """The tenant whose key authorised this request; Unauthorized otherwise."""
         header = request.headers.get("authorization", "")

@@ -44,6 +44,23 @@ class ControlPlaneClient:
             raise from_grpc(err) from None
         return list(resp.adapters)
 
+    async def create_adapter(self, key: str, request: apb.CreateAdapterRequest) -> apb.Adapter:
+        try:
+            resp: apb.CreateAdapterResponse = await self.adapters.CreateAdapter(
+                request, metadata=self.auth(key), timeout=30
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_grpc(err) from None
+        return resp.adapter
+
+    async def delete_adapter(self, key: str, adapter_id: str) -> None:
+        try:
+            await self.adapters.DeleteAdapter(
+                apb.DeleteAdapterRequest(id=adapter_id), metadata=self.auth(key), timeout=30
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_grpc(err) from None
+
     async def get_adapter(self, key: str, adapter_id: str) -> apb.Adapter:
         try:
             resp: apb.GetAdapterResponse = await self.adapters.GetAdapter(

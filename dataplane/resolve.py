@@ -29,6 +29,19 @@ class Resolver:
         self._ttl = ttl_s
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}
 
+    def invalidate(self, what: str) -> None:
+        kind, _, rest = what.partition(":")
+        tenant_id, _, name = rest.partition(":")
+        if kind == "adapter":
+            self._cache.pop((tenant_id, name), None)
+
+    def forget_id(self, adapter_id: str) -> None:
+        for key in [k for k, (aid, _) in self._cache.items() if aid == adapter_id]:
+            del self._cache[key]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
     async def resolve(self, tenant_id: str, model: object) -> Target:
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' must be a non-empty string", param="model")

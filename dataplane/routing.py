@@ -1,10 +1,9 @@
-"""The routing table: a versioned in-process snapshot of the workers, kept fresh
-from Redis by pub/sub; and worker choice as small pure functions over it."""
+"""The routing table: a versioned in-process snapshot of the workers, read from Redis
+(see `dataplane/events.py` for what keeps it fresh); and worker choice as small pure
+functions over it."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections import Counter
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 
 log = logging.getLogger(__name__)
-CHANNEL = "lp:routing"
 
 
 @dataclass(frozen=True)
@@ -39,13 +37,11 @@ def least_loaded(workers: Sequence[Worker], in_flight: Counter[str]) -> Worker |
 
 
 class RoutingTable:
-    def __init__(self, client: redis.Redis, refresh_s: float) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self._r = client
-        self._refresh_s = refresh_s
         self.version = -1
         self.workers: tuple[Worker, ...] = ()
         self.in_flight: Counter[str] = Counter()
-        self._changed = asyncio.Event()
 
     def get(self, worker_id: str) -> Worker | None:
         return next((w for w in self.workers if w.id == worker_id), None)
@@ -66,27 +62,3 @@ class RoutingTable:
                 w = json.loads(raw)
                 workers.append(Worker(w["id"], w["base_model"], w["endpoint"], frozenset(w["resident"]), w["healthy"]))
         self.workers, self.version = tuple(workers), version
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_changed(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
-
-    async def follow(self) -> None:
-        """Apply every published change; re-read periodically in case one was missed.
-        While Redis is down, the last snapshot keeps serving."""
-        while True:
-            try:
-                async with self._r.pubsub() as ps:
-                    await ps.subscribe(CHANNEL)
-                    await self.refresh()
-                    while True:
-                        # a message, or a timeout: either way, re-read (refresh skips same versions)
-                        await ps.get_message(ignore_subscribe_messages=True, timeout=self._refresh_s)
-                        await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
-                log.warning("routing table refresh failed (%s); serving version %d", err, self.version)
-                await asyncio.sleep(self._refresh_s)

@@ -40,6 +40,7 @@ class StackConfig:
     redis_url: str = ""  # empty: start a private redis-server with AOF under data_dir
     log_dir: Path | None = None
     with_worker: bool = True
+    extra_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Stack:
             LORAPLANE_WORKER_ID=f"embedded-{BASE_MODEL}",
             LORAPLANE_BASE_MODEL=BASE_MODEL,
         )
+        env.update(self.config.extra_env)
         env.setdefault("LORAPLANE_VLLM_ARGS", " ".join(vllm_args()))
         if _vllm_cpu():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from loraplane.stack import Stack, StackConfig
+from tests.hubserver import HubServer
 from tests.support import RedisServer, free_port
 
 
@@ -26,7 +27,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.build(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def _stack(tmp: Path, with_worker: bool) -> Iterator[Stack]:
+def _stack(tmp: Path, with_worker: bool, env: tuple[tuple[str, str], ...] = ()) -> Iterator[Stack]:
     config = StackConfig(
         data_dir=tmp / "data",
         http_port=free_port(),
@@ -34,6 +35,7 @@ def _stack(tmp: Path, with_worker: bool) -> Iterator[Stack]:
         vllm_port=free_port(),
         log_dir=tmp / "logs",
         with_worker=with_worker,
+        extra_env=env,
     )
     stack = Stack(config)
     try:
@@ -44,9 +46,21 @@ def _stack(tmp: Path, with_worker: bool) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
-def control_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Redis, control plane and data plane; no worker."""
-    yield from _stack(tmp_path_factory.mktemp("control-stack"), with_worker=False)
+def hub() -> Iterator[HubServer]:
+    """A local Hugging Face Hub the control stack downloads from."""
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+CONTROL_STACK_MAX_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="session")
+def control_stack(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[Stack]:
+    """Redis, control plane and data plane; no worker. The shared tier's size limit is 1 MB."""
+    env = (("HF_ENDPOINT", hub.url), ("LORAPLANE_TIER_SHARED_MAX_BYTES", str(CONTROL_STACK_MAX_BYTES)))
+    yield from _stack(tmp_path_factory.mktemp("control-stack"), with_worker=False, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -160,6 +160,7 @@ class Agent:
             elif msg.evict.vllm_name not in before:
                 result.already_done = True
             else:
+                await self._drain(msg.evict.vllm_name)
                 await self._vllm.unload(msg.evict.vllm_name)
                 self._cache.forget(msg.evict.vllm_name)
             after = await self._vllm.resident()
@@ -175,6 +176,15 @@ class Agent:
             result.error = str(err)[:500]
         result.duration_ms = int((time.monotonic() - started) * 1000)
         await outbox.put(pb.ConnectRequest(result=result))
+
+    async def _drain(self, name: str) -> None:
+        """Let the adapter's requests in flight finish before it goes, for at most drain_timeout_s."""
+        deadline = time.monotonic() + self._s.drain_timeout_s
+        while name in await self._vllm.busy():
+            if time.monotonic() > deadline:
+                log.warning("evicting %s with requests still in flight after %.0fs", name, self._s.drain_timeout_s)
+                return
+            await asyncio.sleep(0.1)
 
     async def _fetch(self, sha256: str) -> AsyncIterator[bytes]:
         call = self._stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256), metadata=self._metadata, timeout=600)

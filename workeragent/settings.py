@@ -22,6 +22,7 @@ class Settings:
     advertise_url: str  # where data planes reach this worker's vLLM
     vllm_args: tuple[str, ...]
     heartbeat_s: float = 2.0
+    drain_timeout_s: float = 30.0
     startup_timeout_s: float = 300.0
 
     @classmethod
@@ -44,5 +45,6 @@ class Settings:
             advertise_url=env.get("LORAPLANE_ADVERTISE_URL", ""),
             vllm_args=tuple(shlex.split(env.get("LORAPLANE_VLLM_ARGS", ""))),
             heartbeat_s=float(env.get("LORAPLANE_HEARTBEAT_S", "2")),
+            drain_timeout_s=float(env.get("LORAPLANE_DRAIN_TIMEOUT_S", "30")),
             startup_timeout_s=float(env.get("LORAPLANE_VLLM_STARTUP_TIMEOUT_S", "300")),
         )

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 import aiohttp
@@ -43,6 +44,27 @@ class VllmClient:
             body = await r.json()
         return sorted(m["id"] for m in body.get("data", []) if m.get("parent"))
 
+    async def busy(self) -> set[str]:
+        """Adapters with requests running or waiting, from vLLM's `vllm:lora_requests_info`.
+
+        vLLM adds a sample (valued at its time) per engine step; the newest is the current
+        state while the engine steps. An engine idle for over a second runs nothing.
+        """
+        async with self._session.get(f"{self.base_url}/metrics", headers=self._headers, timeout=self._timeout) as r:
+            if r.status != 200:
+                raise VllmError(f"GET /metrics answered {r.status}")
+            text = await r.text()
+        newest, names = 0.0, ""
+        for line in text.splitlines():
+            if line.startswith("vllm:lora_requests_info{"):
+                labels, _, value = line.rpartition("} ")
+                if float(value) > newest:
+                    newest = float(value)
+                    names = ",".join(_label(labels, k) for k in ("running_lora_adapters", "waiting_lora_adapters"))
+        if time.time() - newest > 1.0:
+            return set()
+        return {n for n in names.split(",") if n}
+
     async def load(self, name: str, path: str) -> None:
         await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
@@ -56,6 +78,14 @@ class VllmClient:
             if r.status != 200:
                 text = (await r.text())[:500]
                 raise VllmError(f"{path} answered {r.status}: {text}")
+
+
+def _label(labels: str, key: str) -> str:
+    start = labels.find(f'{key}="')
+    if start < 0:
+        return ""
+    start += len(key) + 2
+    return labels[start : labels.index('"', start)]
 
 
 class VllmProcess:

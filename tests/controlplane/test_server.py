@@ -79,4 +79,4 @@ def test_a_stream_without_metadata_stores_nothing(control_stack: Stack) -> None:
         _upload(control_stack, key, "g1", safetensors_bytes(lora_tensors(rank=5)), send_metadata=False)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sorted(blobs.rglob("*")) == before
-    assert list((control_stack.config.data_dir / "artifacts" / "tmp").iterdir()) == []
+    assert [p for p in (control_stack.config.data_dir / "artifacts" / "tmp").rglob("*") if p.is_file()] == []

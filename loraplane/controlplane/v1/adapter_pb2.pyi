@@ -89,6 +89,40 @@ class UploadAdapterResponse(_message.Message):
     adapter: Adapter
     def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
 
+class CreateAdapterRequest(_message.Message):
+    __slots__ = ("name", "base_model", "repo", "revision", "hf_token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPO_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HF_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    base_model: str
+    repo: str
+    revision: str
+    hf_token: str
+    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., repo: _Optional[str] = ..., revision: _Optional[str] = ..., hf_token: _Optional[str] = ...) -> None: ...
+
+class CreateAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: Adapter
+    def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
+
+class DeleteAdapterRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteAdapterResponse(_message.Message):
+    __slots__ = ("id", "deleted")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    deleted: bool
+    def __init__(self, id: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -40,6 +40,11 @@ class AdapterServiceStub:
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UploadAdapterRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UploadAdapterResponse.FromString,
                 _registered_method=True)
+        self.CreateAdapter = channel.unary_unary(
+                '/loraplane.controlplane.v1.AdapterService/CreateAdapter',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.CreateAdapterRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.CreateAdapterResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/loraplane.controlplane.v1.AdapterService/ListAdapters',
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.ListAdaptersRequest.SerializeToString,
@@ -49,6 +54,11 @@ class AdapterServiceStub:
                 '/loraplane.controlplane.v1.AdapterService/GetAdapter',
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.GetAdapterResponse.FromString,
+                _registered_method=True)
+        self.DeleteAdapter = channel.unary_unary(
+                '/loraplane.controlplane.v1.AdapterService/DeleteAdapter',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.DeleteAdapterResponse.FromString,
                 _registered_method=True)
         self.PlaceAdapter = channel.unary_unary(
                 '/loraplane.controlplane.v1.AdapterService/PlaceAdapter',
@@ -71,6 +81,15 @@ class AdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAdapter(self, request, context):
+        """Registers an adapter from a Hugging Face repo. Answers at once with status
+        PENDING; the revision is resolved to a commit sha, which every later load
+        uses, and the adapter becomes READY or FAILED (with a reason) in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAdapters(self, request, context):
         """Lists the calling tenant's adapters, newest first.
         """
@@ -80,6 +99,15 @@ class AdapterServiceServicer:
 
     def GetAdapter(self, request, context):
         """Returns one of the calling tenant's adapters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAdapter(self, request, context):
+        """Deletes an adapter: new requests fail at once, requests in flight finish
+        (bounded), workers evict it, then its bytes are garbage-collected. Idempotent
+        for the tenant until the adapter is gone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +129,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UploadAdapterRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UploadAdapterResponse.SerializeToString,
             ),
+            'CreateAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAdapter,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.CreateAdapterRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.CreateAdapterResponse.SerializeToString,
+            ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.ListAdaptersRequest.FromString,
@@ -110,6 +143,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     servicer.GetAdapter,
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.GetAdapterRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.GetAdapterResponse.SerializeToString,
+            ),
+            'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAdapter,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.DeleteAdapterResponse.SerializeToString,
             ),
             'PlaceAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.PlaceAdapter,
@@ -145,6 +183,33 @@ class AdapterService:
             '/loraplane.controlplane.v1.AdapterService/UploadAdapter',
             loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UploadAdapterRequest.SerializeToString,
             loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UploadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.AdapterService/CreateAdapter',
+            loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.CreateAdapterRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.CreateAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -199,6 +264,33 @@ class AdapterService:
             '/loraplane.controlplane.v1.AdapterService/GetAdapter',
             loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.GetAdapterRequest.SerializeToString,
             loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.GetAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.AdapterService/DeleteAdapter',
+            loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.DeleteAdapterRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.DeleteAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
