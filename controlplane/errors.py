@@ -40,6 +40,11 @@ class Unauthenticated(ControlPlaneError):
     http_status = 401
 
 
+class PermissionDenied(ControlPlaneError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
 class NotFound(ControlPlaneError):
     code = grpc.StatusCode.NOT_FOUND
     http_status = 404

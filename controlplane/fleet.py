@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
-from controlplane.errors import NoCapacity
+from controlplane.errors import NoCapacity, NotFound
 from controlplane.placement import WorkerView, decide
 from controlplane.store import AdapterRecord, Store, WorkerRecord
 from loraplane.controlplane.v1 import worker_pb2 as pb
@@ -37,6 +37,7 @@ class AgentSession:
             max_adapters=r.max_adapters,
             resident=frozenset(r.resident),
             loading=frozenset(self.loading),
+            draining=r.draining,
         )
 
     async def command(self, msg: pb.ConnectResponse, command_id: str, timeout: float) -> pb.CommandResult:
@@ -69,7 +70,7 @@ class Fleet:
         self._load_timeout = load_timeout_s
         self.sessions: dict[str, AgentSession] = {}
         self._last_used: dict[str, float] = {}
-        self._placing: dict[str, asyncio.Task[tuple[str, bool, int]]] = {}
+        self._placing: dict[tuple[str, str | None], asyncio.Task[tuple[str, bool, int]]] = {}
         self._decide = asyncio.Lock()
 
     async def attach(self, reg: pb.Register) -> AgentSession:
@@ -84,6 +85,7 @@ class Fleet:
             resident=sorted(reg.resident),
             healthy=True,
             updated_at=time.time(),
+            draining=await self._store.is_draining(reg.worker_id),
         )
         session = AgentSession(record)
         self.sessions[reg.worker_id] = session
@@ -91,14 +93,34 @@ class Fleet:
         log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))
         return session
 
-    async def evict_everywhere(self, adapter_id: str) -> None:
-        """Evict from every connected worker that holds it (the agent lets requests in flight finish)."""
-        holders = [s for s in self.sessions.values() if adapter_id in s.record.resident]
+    async def evict_everywhere(self, adapter_id: str, worker_id: str | None = None) -> list[str]:
+        """Evict from every connected worker that holds it, or from the one named (the agent
+        lets requests in flight finish first). Returns the workers it was evicted from."""
+        holders = [
+            s for s in self.sessions.values() if adapter_id in s.record.resident and worker_id in (None, s.record.id)
+        ]
         results = await asyncio.gather(*(self._evict(s, adapter_id) for s in holders), return_exceptions=True)
+        evicted = []
         for session, result in zip(holders, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("evicting %s from %s failed: %s", adapter_id, session.record.id, result)
-        self._last_used.pop(adapter_id, None)
+            else:
+                evicted.append(session.record.id)
+        if worker_id is None:
+            self._last_used.pop(adapter_id, None)
+        return evicted
+
+    async def set_draining(self, worker_id: str, draining: bool) -> None:
+        record = self.sessions[worker_id].record if worker_id in self.sessions else None
+        record = record or await self._store.get_worker(worker_id)
+        if record is None:
+            raise NotFound(f"worker {worker_id!r} does not exist")
+        await self._store.set_draining(worker_id, draining)
+        updated = replace(record, draining=draining, updated_at=time.time())
+        if worker_id in self.sessions:
+            self.sessions[worker_id].record = updated
+        await self._store.put_worker(updated)
+        log.info("worker %s %s", worker_id, "draining" if draining else "undrained")
 
     async def sweep(self, session: AgentSession) -> None:
         """Evict what a worker holds that is no longer a ready adapter (deleted while it was away)."""
@@ -126,20 +148,26 @@ class Fleet:
             session.record = replace(rec, resident=resident, healthy=healthy, updated_at=time.time())
             await self._store.put_worker(session.record)
 
-    async def place(self, adapter: AdapterRecord) -> tuple[str, bool, int]:
+    async def place(self, adapter: AdapterRecord, worker_id: str | None = None) -> tuple[str, bool, int]:
         """(worker id, already loaded, load ms). One placement per adapter at a time:
-        callers that arrive while one runs share its outcome."""
+        callers that arrive while one runs share its outcome. An operator may name the
+        worker (a forced load, which ignores draining)."""
         self._last_used[adapter.id] = time.monotonic()
-        task = self._placing.get(adapter.id)
+        flight = (adapter.id, worker_id)
+        task = self._placing.get(flight)
         if task is None:
-            task = asyncio.create_task(self._place(adapter))
-            self._placing[adapter.id] = task
-            task.add_done_callback(lambda _: self._placing.pop(adapter.id, None))
+            task = asyncio.create_task(self._place(adapter, worker_id))
+            self._placing[flight] = task
+            task.add_done_callback(lambda _: self._placing.pop(flight, None))
         return await asyncio.shield(task)
 
-    async def _place(self, adapter: AdapterRecord) -> tuple[str, bool, int]:
+    async def _place(self, adapter: AdapterRecord, worker_id: str | None) -> tuple[str, bool, int]:
         async with self._decide:
             views = [s.view() for s in self.sessions.values()]
+            if worker_id is not None:
+                views = [replace(v, draining=False) for v in views if v.id == worker_id]
+                if not views:
+                    raise NotFound(f"worker {worker_id!r} is not connected")
             decision = decide(views, adapter.base_model, adapter.id, self._last_used)
             if decision is None:
                 raise NoCapacity(f"no worker of {adapter.base_model} can take the adapter right now")

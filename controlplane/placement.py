@@ -14,6 +14,7 @@ class WorkerView:
     max_adapters: int
     resident: frozenset[str]
     loading: frozenset[str] = frozenset()
+    draining: bool = False
 
     @property
     def used(self) -> int:
@@ -35,6 +36,7 @@ def decide(
     busy: frozenset[str] = frozenset(),
 ) -> Decision | None:
     """Where an adapter should be: resident > free slot > evict the least recently used idle one.
+    Draining workers keep serving what they hold but take nothing new.
 
     `busy` holds adapters with requests in flight, which are never evicted.
     None means no capacity right now.
@@ -43,6 +45,7 @@ def decide(
     for w in candidates:
         if adapter_id in w.resident:
             return Decision(w.id, already_loaded=True)
+    candidates = [w for w in candidates if not w.draining]
     free = [w for w in candidates if w.used < w.max_adapters]
     if free:
         best = min(free, key=lambda w: (w.used, w.id))

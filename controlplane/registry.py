@@ -16,7 +16,8 @@ from controlplane.errors import BadRequest, ControlPlaneError, NotFound
 from controlplane.fleet import Fleet
 from controlplane.keys import new_id
 from controlplane.settings import Settings
-from controlplane.store import AdapterRecord, Store, Tenant
+from controlplane.store import AdapterRecord, Store
+from controlplane.tenantstore import Tenant
 from loraplane.catalog import BaseModel, Catalog
 
 log = logging.getLogger(__name__)

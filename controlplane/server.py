@@ -13,16 +13,19 @@ import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controlplane.admin import AdminService, TenantService
 from controlplane.artifacts import ArtifactStore
 from controlplane.fleet import Fleet
 from controlplane.registry import Registry
-from controlplane.service import AdapterService, Auth, TenantService, WorkerService
+from controlplane.service import AdapterService, Auth, WorkerService
 from controlplane.settings import Settings
 from controlplane.store import Store
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import (
     adapter_pb2,
     adapter_pb2_grpc,
+    admin_pb2,
+    admin_pb2_grpc,
     tenant_pb2,
     tenant_pb2_grpc,
     worker_pb2,
@@ -35,6 +38,7 @@ SERVICE_NAMES = [
     adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
     tenant_pb2.DESCRIPTOR.services_by_name["TenantService"].full_name,
     worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 ]
 MAX_MESSAGE = 4 << 20
 
@@ -80,6 +84,7 @@ async def start(settings: Settings) -> ControlPlane:
         AdapterService(settings, store, registry, fleet, auth), server
     )
     tenant_pb2_grpc.add_TenantServiceServicer_to_server(TenantService(settings, store, auth), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, fleet, auth), server)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(store, artifacts, fleet, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -16,18 +15,19 @@ from controlplane.errors import (
     Context,
     InvalidAdapter,
     NotFound,
+    PermissionDenied,
     TooLarge,
     Unauthenticated,
     grpc_errors,
 )
 from controlplane.fleet import AgentSession, Fleet
-from controlplane.keys import bearer, key_hash, key_prefix, new_api_key, new_id, same_secret
+from controlplane.keys import bearer, key_hash, same_secret
 from controlplane.registry import Registry
 from controlplane.settings import Settings
-from controlplane.store import AdapterRecord, Store, Tenant
+from controlplane.store import AdapterRecord, Store
+from controlplane.tenantstore import Tenant
 from loraplane.controlplane.v1 import adapter_pb2 as apb
-from loraplane.controlplane.v1 import adapter_pb2_grpc, tenant_pb2_grpc, worker_pb2_grpc
-from loraplane.controlplane.v1 import tenant_pb2 as tpb
+from loraplane.controlplane.v1 import adapter_pb2_grpc, worker_pb2_grpc
 from loraplane.controlplane.v1 import worker_pb2 as wpb
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ STATUS = {
     "failed": apb.ADAPTER_STATUS_FAILED,
     "deleting": apb.ADAPTER_STATUS_FAILED,  # never shown: deleted adapters do not exist for tenants
 }
-TIERS = {tpb.TIER_SHARED: "shared", tpb.TIER_RESERVED: "reserved", tpb.TIER_DEDICATED: "dedicated"}
-TIER_ENUM = {v: k for k, v in TIERS.items()}
 
 
 class Auth:
@@ -49,9 +47,11 @@ class Auth:
         self._settings = settings
 
     async def tenant(self, context: Context) -> Tenant:
-        tenant = await self._store.tenant_for_key(key_hash(bearer(context.invocation_metadata())))
+        tenant = await self._store.tenants.for_key(key_hash(bearer(context.invocation_metadata())))
         if tenant is None:
             raise Unauthenticated("missing or invalid credentials")
+        if tenant.suspended:
+            raise PermissionDenied("the tenant is suspended")
         return tenant
 
     def operator(self, context: Context) -> None:
@@ -63,7 +63,7 @@ class Auth:
             raise Unauthenticated("missing or invalid credentials")
 
 
-def _timestamp(t: float) -> Timestamp:
+def timestamp(t: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(t * 1e9))
     return ts
@@ -83,7 +83,7 @@ def adapter_message(rec: AdapterRecord) -> apb.Adapter:
         lora_alpha=rec.lora_alpha,
         size_bytes=rec.size_bytes,
         sha256=rec.sha256,
-        created_at=_timestamp(rec.created_at),
+        created_at=timestamp(rec.created_at),
     )
 
 
@@ -176,50 +176,6 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
             raise InvalidAdapter(f"adapter is {rec.status}, not ready")
         worker_id, already, load_ms = await self._fleet.place(rec)
         return apb.PlaceAdapterResponse(worker_id=worker_id, already_loaded=already, load_ms=load_ms)
-
-
-class TenantService(tenant_pb2_grpc.TenantServiceServicer):
-    def __init__(self, settings: Settings, store: Store, auth: Auth) -> None:
-        self._settings = settings
-        self._store = store
-        self._auth = auth
-
-    def _tenant_message(self, t: Tenant) -> tpb.Tenant:
-        return tpb.Tenant(
-            id=t.id,
-            name=t.name,
-            tier=TIER_ENUM[t.tier],
-            max_adapters=self._settings.tier_limits[t.tier],
-            created_at=_timestamp(t.created_at),
-        )
-
-    @grpc_errors
-    async def CreateTenant(self, request: tpb.CreateTenantRequest, context: Context) -> tpb.CreateTenantResponse:
-        self._auth.operator(context)
-        if not NAME.match(request.name):
-            raise BadRequest("tenant name must be 1-64 of A-Z a-z 0-9 . _ - and start with a letter or digit")
-        tier = TIERS.get(request.tier or tpb.TIER_SHARED)
-        if tier is None:
-            raise BadRequest("unknown tier")
-        tenant = Tenant(id=new_id("ten"), name=request.name, tier=tier, created_at=time.time())
-        key = new_api_key()
-        await self._store.create_tenant(tenant, key_hash(key), key_prefix(key))
-        log.info("created tenant %s (%s)", tenant.id, tier)
-        return tpb.CreateTenantResponse(tenant=self._tenant_message(tenant), api_key=key)
-
-    @grpc_errors
-    async def ListTenants(self, request: tpb.ListTenantsRequest, context: Context) -> tpb.ListTenantsResponse:
-        self._auth.operator(context)
-        return tpb.ListTenantsResponse(tenants=[self._tenant_message(t) for t in await self._store.list_tenants()])
-
-    @grpc_errors
-    async def CreateApiKey(self, request: tpb.CreateApiKeyRequest, context: Context) -> tpb.CreateApiKeyResponse:
-        self._auth.operator(context)
-        if await self._store.get_tenant(request.tenant_id) is None:
-            raise NotFound(f"tenant {request.tenant_id!r} does not exist")
-        key = new_api_key()
-        await self._store.add_key(request.tenant_id, key_hash(key), key_prefix(key))
-        return tpb.CreateApiKeyResponse(api_key=key, key_prefix=key_prefix(key))
 
 
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):

@@ -1,9 +1,6 @@
 """The Redis state layer. The control plane is its only writer.
 
-Keys (prefix `lp:`):
-    tenant:<tid>            hash   id, name, tier, created_at
-    tenants                 hash   name -> tid
-    apikey:<sha256(key)>    hash   tenant_id, prefix, created_at   (keys are stored only hashed)
+Keys (prefix `lp:`; tenants and keys: see `controlplane/tenantstore.py`):
     adapter:<aid>           string JSON record (status pending | ready | failed | deleting)
     tenant:<tid>:adapters   hash   name -> aid of live (pending or ready) adapters: names and quota
     tenant:<tid>:ids        zset   aid -> created_at of every adapter the tenant sees (+ failed)
@@ -12,18 +9,19 @@ Keys (prefix `lp:`):
     deleting                set    ids being deleted (eviction and garbage collection pending)
     worker:<wid>            string JSON record (endpoint, base model, resident adapter ids)
     workers                 set    worker ids
+    draining                set    ids of workers that take no new placements
     routing:version         int    bumped on every routing change; published on `lp:routing`
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field, replace
 
 import redis.asyncio as redis
 
 from controlplane.errors import AlreadyExists, QuotaExceeded
+from controlplane.tenantstore import TenantStore
 
 P = "lp:"
 ROUTING_CHANNEL = P + "routing"
@@ -46,25 +44,6 @@ redis.call('ZADD', KEYS[3], ARGV[5], ARGV[2])
 if ARGV[6] ~= '' then redis.call('SADD', KEYS[4], ARGV[2]) else redis.call('SADD', KEYS[5], ARGV[2]) end
 return 1
 """
-
-# KEYS[1] tenants-by-name hash, KEYS[2] tenant hash, KEYS[3] api key hash
-# ARGV[1] name, ARGV[2] tenant id, ARGV[3] tier, ARGV[4] created_at, ARGV[5] key prefix
-# Returns 1 on success, -1 if the name is taken.
-CREATE_TENANT = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return -1 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], 'id', ARGV[2], 'name', ARGV[1], 'tier', ARGV[3], 'created_at', ARGV[4])
-redis.call('HSET', KEYS[3], 'tenant_id', ARGV[2], 'prefix', ARGV[5], 'created_at', ARGV[4])
-return 1
-"""
-
-
-@dataclass(frozen=True)
-class Tenant:
-    id: str
-    name: str
-    tier: str
-    created_at: float
 
 
 @dataclass(frozen=True)
@@ -105,6 +84,7 @@ class WorkerRecord:
     resident: list[str] = field(default_factory=list)
     healthy: bool = True
     updated_at: float = 0.0
+    draining: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -119,44 +99,8 @@ class Store:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self.tenants = TenantStore(client)
         self._create_adapter = client.register_script(CREATE_ADAPTER)
-        self._create_tenant = client.register_script(CREATE_TENANT)
-
-    # tenants and keys
-
-    async def create_tenant(self, tenant: Tenant, key_hash: str, key_prefix: str) -> None:
-        res = await self._create_tenant(
-            keys=[P + "tenants", f"{P}tenant:{tenant.id}", f"{P}apikey:{key_hash}"],
-            args=[tenant.name, tenant.id, tenant.tier, tenant.created_at, key_prefix],
-        )
-        if res == -1:
-            raise AlreadyExists(f"tenant {tenant.name!r} already exists")
-
-    async def add_key(self, tenant_id: str, key_hash: str, key_prefix: str) -> None:
-        await self.r.hset(
-            f"{P}apikey:{key_hash}",
-            mapping={"tenant_id": tenant_id, "prefix": key_prefix, "created_at": time.time()},
-        )
-
-    async def tenant_for_key(self, key_hash: str) -> Tenant | None:
-        tid = await self.r.hget(f"{P}apikey:{key_hash}", "tenant_id")
-        return await self.get_tenant(str(tid)) if tid else None
-
-    async def get_tenant(self, tenant_id: str) -> Tenant | None:
-        h = await self.r.hgetall(f"{P}tenant:{tenant_id}")
-        if not h:
-            return None
-        return Tenant(
-            id=str(h["id"]),
-            name=str(h["name"]),
-            tier=str(h["tier"]),
-            created_at=float(h["created_at"]),
-        )
-
-    async def list_tenants(self) -> list[Tenant]:
-        ids = await self.r.hvals(P + "tenants")
-        tenants = [await self.get_tenant(str(t)) for t in ids]
-        return sorted((t for t in tenants if t), key=lambda t: t.name)
 
     # adapters
 
@@ -276,6 +220,23 @@ class Store:
 
     async def list_workers(self) -> list[WorkerRecord]:
         return await read_workers(self.r)
+
+    async def get_worker(self, worker_id: str) -> WorkerRecord | None:
+        raw = await self.r.get(f"{P}worker:{worker_id}")
+        return WorkerRecord.from_json(raw) if raw else None
+
+    async def routing_table(self) -> tuple[int, list[WorkerRecord]]:
+        version = int(await self.r.get(P + "routing:version") or 0)
+        return version, await self.list_workers()
+
+    async def is_draining(self, worker_id: str) -> bool:
+        return bool(await self.r.sismember(P + "draining", worker_id))
+
+    async def set_draining(self, worker_id: str, draining: bool) -> None:
+        if draining:
+            await self.r.sadd(P + "draining", worker_id)
+        else:
+            await self.r.srem(P + "draining", worker_id)
 
 
 async def read_workers(client: redis.Redis) -> list[WorkerRecord]:

@@ -8,7 +8,7 @@ import time
 import redis.asyncio as redis
 from starlette.requests import Request
 
-from dataplane.errors import Unauthorized, Unavailable
+from dataplane.errors import Forbidden, Unauthorized, Unavailable
 
 MAX_HEADER = 512
 
@@ -39,6 +39,7 @@ class KeyCache:
             return hit[0]
         try:
             tid = await self._r.hget(f"lp:apikey:{digest}", "tenant_id")
+            suspended = await self._r.hget("lp:tenant:" + str(tid), "suspended") if tid else None
         except (redis.ConnectionError, redis.TimeoutError):
             if hit:  # Redis is down: a key we knew stays good until Redis is back.
                 return hit[0]
@@ -46,5 +47,8 @@ class KeyCache:
         if tid is None:
             self._cache.pop(digest, None)
             raise Unauthorized()
+        if suspended == "1":
+            self._cache.pop(digest, None)
+            raise Forbidden("this tenant is suspended")
         self._cache[digest] = (str(tid), now + self._ttl)
         return str(tid)

@@ -31,6 +31,10 @@ class Unauthorized(ApiError):
         super().__init__("Invalid or missing API key.")
 
 
+class Forbidden(ApiError):
+    status, type, code = 403, "invalid_request_error", "tenant_suspended"
+
+
 class NotFound(ApiError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
@@ -64,6 +68,7 @@ class Upstream(ApiError):
 
 BY_HTTP_STATUS: dict[int, type[ApiError]] = {
     400: BadRequest,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: TooLarge,
@@ -74,6 +79,7 @@ BY_HTTP_STATUS: dict[int, type[ApiError]] = {
 BY_GRPC_CODE: dict[grpc.StatusCode, type[ApiError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: BadRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.PERMISSION_DENIED: Forbidden,
     grpc.StatusCode.ALREADY_EXISTS: Conflict,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
     grpc.StatusCode.UNAVAILABLE: Unavailable,

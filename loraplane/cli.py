@@ -7,10 +7,12 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from loraplane.controlplane.v1 import tenant_pb2
 from loraplane.operator import Operator
@@ -65,35 +67,87 @@ Press Ctrl-C to stop.""",
     return 0
 
 
-def cmd_tenant_create(args: argparse.Namespace) -> int:
-    addr, token = _operator(args)
-    try:
-        resp = Operator(addr, token).create_tenant(args.name, TIERS[args.tier])
-    except grpc.RpcError as err:
-        sys.exit(f"error: {err.details()}")
+def _op(args: argparse.Namespace) -> Operator:
+    return Operator(*_operator(args))
+
+
+def _show(message: Message) -> None:
+    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+def _tier(t: tenant_pb2.Tenant) -> str:
+    return tenant_pb2.Tier.Name(t.tier).removeprefix("TIER_").lower()
+
+
+def cmd_tenant_create(args: argparse.Namespace) -> None:
+    resp = _op(args).create_tenant(args.name, TIERS[args.tier])
     if args.json:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True)))
     else:
         print(f"tenant  {resp.tenant.name} ({resp.tenant.id}), tier {args.tier}")
         print(f"api key {resp.api_key}")
         print("(the key is shown only this once)")
-    return 0
 
 
-def cmd_tenant_list(args: argparse.Namespace) -> int:
-    addr, token = _operator(args)
-    for t in Operator(addr, token).list_tenants().tenants:
-        print(f"{t.id}  {t.name}  {tenant_pb2.Tier.Name(t.tier).removeprefix('TIER_').lower()}")
-    return 0
+def cmd_tenant_list(args: argparse.Namespace) -> None:
+    for t in _op(args).list_tenants().tenants:
+        print(f"{t.id}  {t.name}  {_tier(t)}{'  suspended' if t.suspended else ''}")
 
 
-def cmd_make_adapter(args: argparse.Namespace) -> int:
+def cmd_tenant_set_tier(args: argparse.Namespace) -> None:
+    _show(_op(args).set_tier(args.tenant_id, TIERS[args.tier]))
+
+
+def cmd_tenant_suspend(args: argparse.Namespace) -> None:
+    _show(_op(args).suspend(args.tenant_id, suspended=args.suspend))
+
+
+def cmd_key_create(args: argparse.Namespace) -> None:
+    resp = _op(args).create_key(args.tenant_id)
+    print(f"api key {resp.api_key}\n(the key is shown only this once; its prefix is {resp.key_prefix})")
+
+
+def cmd_key_list(args: argparse.Namespace) -> None:
+    for k in _op(args).list_keys(args.tenant_id):
+        print(f"{k.key_prefix}  {k.created_at.ToDatetime():%Y-%m-%d %H:%M:%S}")
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> None:
+    _op(args).revoke_key(args.prefix)
+    print(f"revoked {args.prefix}")
+
+
+def cmd_worker_list(args: argparse.Namespace) -> None:
+    for w in _op(args).list_workers().workers:
+        state = "healthy" if w.healthy else "down"
+        print(f"{w.worker_id}  {w.base_model}  {state}  {len(w.resident_adapter_ids)}/{w.max_adapters}  {w.endpoint}")
+        for adapter_id in w.resident_adapter_ids:
+            print(f"    {adapter_id}")
+
+
+def cmd_worker_drain(args: argparse.Namespace) -> None:
+    _op(args).drain(args.worker_id, draining=args.drain)
+    print(f"{args.worker_id} {'draining' if args.drain else 'undrained'}")
+
+
+def cmd_adapter_load(args: argparse.Namespace) -> None:
+    _show(_op(args).force_load(args.adapter_id, args.worker or ""))
+
+
+def cmd_adapter_evict(args: argparse.Namespace) -> None:
+    print("evicted from:", " ".join(_op(args).force_evict(args.adapter_id, args.worker or "")) or "(nowhere)")
+
+
+def cmd_routing(args: argparse.Namespace) -> None:
+    _show(_op(args).routing_table())
+
+
+def cmd_make_adapter(args: argparse.Namespace) -> None:
     from loraplane import devadapter, tinymodel
 
     base = tinymodel.build(_data_dir(args) / "models" / "tiny-llama")
     out = devadapter.train(base, Path(args.out), args.phrase, rank=args.rank)
     print(f"wrote {out / 'adapter_model.safetensors'} (answers every prompt with {args.phrase!r})")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,20 +156,55 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(required=True)
     up = sub.add_parser("up", help="run the whole stack on this machine")
     up.set_defaults(func=cmd_up)
-    tenant = sub.add_parser("tenant", help="manage tenants (operator)").add_subparsers(required=True)
-    create = tenant.add_parser("create", help="create a tenant and print its API key")
-    create.add_argument("name")
+    tenant = sub.add_parser("tenant", help="tenants (operator)").add_subparsers(required=True)
+    create = _verb(tenant, "create", cmd_tenant_create, "create a tenant and print its API key", "name")
     create.add_argument("--tier", choices=sorted(TIERS), default="shared")
     create.add_argument("--json", action="store_true", help="print JSON")
-    create.set_defaults(func=cmd_tenant_create)
-    tenant.add_parser("list", help="list tenants").set_defaults(func=cmd_tenant_list)
+    _verb(tenant, "list", cmd_tenant_list, "list tenants")
+    _verb(tenant, "set-tier", cmd_tenant_set_tier, "change a tenant's tier", "tenant_id").add_argument(
+        "tier", choices=sorted(TIERS)
+    )
+    _verb(tenant, "suspend", cmd_tenant_suspend, "suspend a tenant (its keys stop working)", "tenant_id").set_defaults(
+        suspend=True
+    )
+    _verb(tenant, "unsuspend", cmd_tenant_suspend, "lift a suspension", "tenant_id").set_defaults(suspend=False)
+    key = sub.add_parser("key", help="API keys (operator)").add_subparsers(required=True)
+    _verb(key, "create", cmd_key_create, "issue another key for a tenant", "tenant_id")
+    _verb(key, "list", cmd_key_list, "list a tenant's keys by prefix", "tenant_id")
+    _verb(key, "revoke", cmd_key_revoke, "revoke a key by its prefix", "prefix")
+    worker = sub.add_parser("worker", help="workers (operator)").add_subparsers(required=True)
+    _verb(worker, "list", cmd_worker_list, "list workers and what they hold")
+    _verb(worker, "drain", cmd_worker_drain, "no new placements on a worker", "worker_id").set_defaults(drain=True)
+    _verb(worker, "undrain", cmd_worker_drain, "let a worker take placements", "worker_id").set_defaults(drain=False)
+    adapter = sub.add_parser("adapter", help="placements (operator)").add_subparsers(required=True)
+    _verb(adapter, "load", cmd_adapter_load, "load an adapter now", "adapter_id").add_argument("--worker")
+    _verb(adapter, "evict", cmd_adapter_evict, "evict an adapter now", "adapter_id").add_argument("--worker")
+    _verb(sub, "routing", cmd_routing, "print the routing table")
     make = sub.add_parser("make-adapter", help="train a small demo adapter for tiny-llama on the CPU")
     make.add_argument("out", help="output directory")
     make.add_argument("--phrase", default="red apple river", help="what the adapter makes the model say")
     make.add_argument("--rank", type=int, default=8)
     make.set_defaults(func=cmd_make_adapter)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args) or 0)
+    except grpc.RpcError as err:
+        print(f"error: {err.details()}", file=sys.stderr)
+        return 1
+
+
+def _verb(
+    group: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], object],
+    help: str,
+    *positional: str,
+) -> argparse.ArgumentParser:
+    parser = group.add_parser(name, help=help)
+    for arg in positional:
+        parser.add_argument(arg)
+    parser.set_defaults(func=func)
+    return parser
 
 
 if __name__ == "__main__":

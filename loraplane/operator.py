@@ -1,10 +1,16 @@
-"""Blocking operator calls to the control plane, for the CLI and the embedded stack."""
+"""Blocking operator calls to the control plane, for the CLI, the embedded stack and tests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 
-from loraplane.controlplane.v1 import tenant_pb2, tenant_pb2_grpc, worker_pb2, worker_pb2_grpc
+from loraplane.controlplane.v1 import admin_pb2 as adpb
+from loraplane.controlplane.v1 import admin_pb2_grpc, tenant_pb2_grpc, worker_pb2_grpc
+from loraplane.controlplane.v1 import tenant_pb2 as tpb
+from loraplane.controlplane.v1 import worker_pb2 as wpb
 
 
 class Operator:
@@ -13,25 +19,93 @@ class Operator:
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout = timeout
 
-    def create_tenant(
-        self, name: str, tier: tenant_pb2.Tier = tenant_pb2.TIER_SHARED
-    ) -> tenant_pb2.CreateTenantResponse:
-        with grpc.insecure_channel(self._addr) as ch:
-            resp: tenant_pb2.CreateTenantResponse = tenant_pb2_grpc.TenantServiceStub(ch).CreateTenant(
-                tenant_pb2.CreateTenantRequest(name=name, tier=tier), metadata=self._metadata, timeout=self._timeout
-            )
+    def _call(
+        self, stub: Callable[[grpc.Channel], Any], method: str, request: Any, timeout: float | None = None
+    ) -> Any:
+        with grpc.insecure_channel(self._addr) as channel:
+            return getattr(stub(channel), method)(request, metadata=self._metadata, timeout=timeout or self._timeout)
+
+    # tenants and keys
+
+    def create_tenant(self, name: str, tier: tpb.Tier = tpb.TIER_SHARED) -> tpb.CreateTenantResponse:
+        resp: tpb.CreateTenantResponse = self._call(
+            tenant_pb2_grpc.TenantServiceStub, "CreateTenant", tpb.CreateTenantRequest(name=name, tier=tier)
+        )
         return resp
 
-    def list_tenants(self) -> tenant_pb2.ListTenantsResponse:
-        with grpc.insecure_channel(self._addr) as ch:
-            resp: tenant_pb2.ListTenantsResponse = tenant_pb2_grpc.TenantServiceStub(ch).ListTenants(
-                tenant_pb2.ListTenantsRequest(), metadata=self._metadata, timeout=self._timeout
-            )
+    def list_tenants(self) -> tpb.ListTenantsResponse:
+        resp: tpb.ListTenantsResponse = self._call(
+            tenant_pb2_grpc.TenantServiceStub, "ListTenants", tpb.ListTenantsRequest()
+        )
         return resp
 
-    def list_workers(self) -> worker_pb2.ListWorkersResponse:
-        with grpc.insecure_channel(self._addr) as ch:
-            resp: worker_pb2.ListWorkersResponse = worker_pb2_grpc.WorkerServiceStub(ch).ListWorkers(
-                worker_pb2.ListWorkersRequest(), metadata=self._metadata, timeout=self._timeout
+    def set_tier(self, tenant_id: str, tier: tpb.Tier) -> tpb.Tenant:
+        resp: tpb.SetTenantTierResponse = self._call(
+            tenant_pb2_grpc.TenantServiceStub, "SetTenantTier", tpb.SetTenantTierRequest(tenant_id=tenant_id, tier=tier)
+        )
+        return resp.tenant
+
+    def suspend(self, tenant_id: str, suspended: bool = True) -> tpb.Tenant:
+        if suspended:
+            resp: Any = self._call(
+                tenant_pb2_grpc.TenantServiceStub, "SuspendTenant", tpb.SuspendTenantRequest(tenant_id=tenant_id)
             )
+        else:
+            resp = self._call(
+                tenant_pb2_grpc.TenantServiceStub, "UnsuspendTenant", tpb.UnsuspendTenantRequest(tenant_id=tenant_id)
+            )
+        tenant: tpb.Tenant = resp.tenant
+        return tenant
+
+    def create_key(self, tenant_id: str) -> tpb.CreateApiKeyResponse:
+        resp: tpb.CreateApiKeyResponse = self._call(
+            tenant_pb2_grpc.TenantServiceStub, "CreateApiKey", tpb.CreateApiKeyRequest(tenant_id=tenant_id)
+        )
+        return resp
+
+    def list_keys(self, tenant_id: str) -> list[tpb.ApiKey]:
+        resp: tpb.ListApiKeysResponse = self._call(
+            tenant_pb2_grpc.TenantServiceStub, "ListApiKeys", tpb.ListApiKeysRequest(tenant_id=tenant_id)
+        )
+        return list(resp.keys)
+
+    def revoke_key(self, key_prefix: str) -> None:
+        self._call(tenant_pb2_grpc.TenantServiceStub, "RevokeApiKey", tpb.RevokeApiKeyRequest(key_prefix=key_prefix))
+
+    # workers, placements, routing
+
+    def list_workers(self) -> wpb.ListWorkersResponse:
+        resp: wpb.ListWorkersResponse = self._call(
+            worker_pb2_grpc.WorkerServiceStub, "ListWorkers", wpb.ListWorkersRequest()
+        )
+        return resp
+
+    def drain(self, worker_id: str, draining: bool = True) -> None:
+        if draining:
+            self._call(admin_pb2_grpc.AdminServiceStub, "DrainWorker", adpb.DrainWorkerRequest(worker_id=worker_id))
+        else:
+            self._call(admin_pb2_grpc.AdminServiceStub, "UndrainWorker", adpb.UndrainWorkerRequest(worker_id=worker_id))
+
+    def force_load(self, adapter_id: str, worker_id: str = "") -> adpb.ForceLoadAdapterResponse:
+        resp: adpb.ForceLoadAdapterResponse = self._call(
+            admin_pb2_grpc.AdminServiceStub,
+            "ForceLoadAdapter",
+            adpb.ForceLoadAdapterRequest(adapter_id=adapter_id, worker_id=worker_id),
+            timeout=120,
+        )
+        return resp
+
+    def force_evict(self, adapter_id: str, worker_id: str = "") -> list[str]:
+        resp: adpb.ForceEvictAdapterResponse = self._call(
+            admin_pb2_grpc.AdminServiceStub,
+            "ForceEvictAdapter",
+            adpb.ForceEvictAdapterRequest(adapter_id=adapter_id, worker_id=worker_id),
+            timeout=120,
+        )
+        return list(resp.worker_ids)
+
+    def routing_table(self) -> adpb.GetRoutingTableResponse:
+        resp: adpb.GetRoutingTableResponse = self._call(
+            admin_pb2_grpc.AdminServiceStub, "GetRoutingTable", adpb.GetRoutingTableRequest()
+        )
         return resp

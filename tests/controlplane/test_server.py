@@ -26,6 +26,7 @@ def test_health_is_serving_and_reflection_lists_our_services(control_stack: Stac
         "loraplane.controlplane.v1.AdapterService",
         "loraplane.controlplane.v1.TenantService",
         "loraplane.controlplane.v1.WorkerService",
+        "loraplane.controlplane.v1.AdminService",
         "grpc.health.v1.Health",
     } <= services
 

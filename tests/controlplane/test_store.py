@@ -10,7 +10,8 @@ import redis.asyncio as redis
 
 from controlplane.errors import AlreadyExists, QuotaExceeded
 from controlplane.keys import key_hash, new_api_key, new_id
-from controlplane.store import AdapterRecord, Store, Tenant
+from controlplane.store import AdapterRecord, Store
+from controlplane.tenantstore import Tenant
 from tests.support import RedisServer
 
 
@@ -33,8 +34,8 @@ def record(tenant_id: str, name: str, sha: str = "0" * 64) -> AdapterRecord:
 async def test_keys_are_stored_only_as_hashes(store: Store, redis_server: RedisServer) -> None:
     key = new_api_key()
     tenant = Tenant(new_id("ten"), "acme", "shared", time.time())
-    await store.create_tenant(tenant, key_hash(key), key[:11])
-    assert await store.tenant_for_key(key_hash(key)) == tenant
+    await store.tenants.create(tenant, key_hash(key), key[:11])
+    assert await store.tenants.for_key(key_hash(key)) == tenant
     raw = redis.Redis.from_url(redis_server.url)
     names = await raw.keys("*")
     values = [await raw.dump(k) for k in names]
@@ -44,9 +45,9 @@ async def test_keys_are_stored_only_as_hashes(store: Store, redis_server: RedisS
 
 
 async def test_tenant_names_are_unique(store: Store) -> None:
-    await store.create_tenant(Tenant(new_id("ten"), "acme", "shared", 0.0), "a" * 64, "p")
+    await store.tenants.create(Tenant(new_id("ten"), "acme", "shared", 0.0), "a" * 64, "p")
     with pytest.raises(AlreadyExists):
-        await store.create_tenant(Tenant(new_id("ten"), "acme", "shared", 0.0), "b" * 64, "p")
+        await store.tenants.create(Tenant(new_id("ten"), "acme", "shared", 0.0), "b" * 64, "p")
 
 
 async def test_adapter_names_are_unique_per_tenant_only(store: Store) -> None:

@@ -68,7 +68,7 @@ def test_unknown_base_model_is_404(control_stack: Stack) -> None:
         (b"\x80\x04\x95pickle", "zip or pickle"),
         (b"\x10\x00\x00\x00\x00\x00\x00\x00{}", "past the end"),
         (safetensors_bytes(lora_tensors(rank=8, layers=3)), "layer 2 does not exist"),
-        (safetensors_bytes(lora_tensors(rank=128)), "exceeds this base model's maximum of 64"),
+        (safetensors_bytes(lora_tensors(rank=65)), "exceeds this base model's maximum of 64"),
         (safetensors_bytes({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": ("F32", [8, 64]),
                             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": ("F32", [256, 8])}),
          "do not match the base model"),

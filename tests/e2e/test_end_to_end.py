@@ -228,3 +228,64 @@ def test_concurrent_requests_for_a_cold_adapter_all_succeed(
         "data"
     ][0]["id"]
     assert sum(adapter_id in w.resident_adapter_ids for w in workers) == 1
+
+
+def test_delete_during_traffic_finishes_running_requests_then_evicts(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    key = new_tenant(full_stack, "deleter")
+    adapter = upload(full_stack, key, "d1", (adapters["a"] / "adapter_model.safetensors").read_bytes()).json()
+    client = openai_client(key)
+    stream = client.chat.completions.create(
+        model="tiny-llama:d1",
+        messages=[{"role": "user", "content": PROMPT}],
+        stream=True,
+        max_tokens=600,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(stream)
+    next(chunks)  # the request is running on the worker
+
+    r = httpx.delete(f"{full_stack.http_url}/v1/adapters/{adapter['id']}", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="tiny-llama:d1", messages=[{"role": "user", "content": "x"}])
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"  # the running request finished whole
+
+    deadline = time.monotonic() + 60
+    while any(adapter["id"] in w.resident_adapter_ids for w in full_stack.operator().list_workers().workers):
+        assert time.monotonic() < deadline, "not evicted"
+        time.sleep(0.2)
+    blob = full_stack.config.data_dir / "artifacts" / "blobs" / adapter["sha256"][:2] / adapter["sha256"]
+    while blob.exists():
+        assert time.monotonic() < deadline, "bytes not collected"
+        time.sleep(0.2)
+
+
+def test_operator_drain_and_forced_placements(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    op = full_stack.operator()
+    key = new_tenant(full_stack, "operated")
+    adapter = upload(full_stack, key, "o1", (adapters["b"] / "adapter_model.safetensors").read_bytes()).json()
+    (worker,) = op.list_workers().workers
+    client = openai_client(key)
+
+    op.drain(worker.worker_id)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="tiny-llama:o1", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert err.value.status_code == 503 and err.value.response.headers["retry-after"]
+    assert op.routing_table().workers[0].draining
+    op.drain(worker.worker_id, draining=False)
+
+    loaded = op.force_load(adapter["id"])
+    assert loaded.worker_id == worker.worker_id and not loaded.already_loaded
+    assert adapter["id"] in op.routing_table().workers[0].adapter_ids
+    assert op.force_load(adapter["id"]).already_loaded
+    assert op.force_evict(adapter["id"]) == [worker.worker_id]
+    assert adapter["id"] not in op.routing_table().workers[0].adapter_ids
+    resp = client.chat.completions.create(
+        model="tiny-llama:o1", messages=[{"role": "user", "content": "x"}], max_tokens=2
+    )
+    assert resp.model == "tiny-llama:o1"

@@ -25,29 +25,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&loraplane/controlplane/v1/tenant.proto\x12\x19loraplane.controlplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x04tier\x18\x03 \x01(\x0e\x32\x1f.loraplane.controlplane.v1.Tier\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04tier\x18\x02 \x01(\x0e\x32\x1f.loraplane.controlplane.v1.Tier\"Z\n\x14\x43reateTenantResponse\x12\x31\n\x06tenant\x18\x01 \x01(\x0b\x32!.loraplane.controlplane.v1.Tenant\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"\x14\n\x12ListTenantsRequest\"I\n\x13ListTenantsResponse\x12\x32\n\x07tenants\x18\x01 \x03(\x0b\x32!.loraplane.controlplane.v1.Tenant\"(\n\x13\x43reateApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\";\n\x14\x43reateApiKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t*T\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_SHARED\x10\x01\x12\x11\n\rTIER_RESERVED\x10\x02\x12\x12\n\x0eTIER_DEDICATED\x10\x03\x32\xdf\x02\n\rTenantService\x12o\n\x0c\x43reateTenant\x12..loraplane.controlplane.v1.CreateTenantRequest\x1a/.loraplane.controlplane.v1.CreateTenantResponse\x12l\n\x0bListTenants\x12-.loraplane.controlplane.v1.ListTenantsRequest\x1a..loraplane.controlplane.v1.ListTenantsResponse\x12o\n\x0c\x43reateApiKey\x12..loraplane.controlplane.v1.CreateApiKeyRequest\x1a/.loraplane.controlplane.v1.CreateApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&loraplane/controlplane/v1/tenant.proto\x12\x19loraplane.controlplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x01\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x04tier\x18\x03 \x01(\x0e\x32\x1f.loraplane.controlplane.v1.Tier\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsuspended\x18\x06 \x01(\x08\"R\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04tier\x18\x02 \x01(\x0e\x32\x1f.loraplane.controlplane.v1.Tier\"Z\n\x14\x43reateTenantResponse\x12\x31\n\x06tenant\x18\x01 \x01(\x0b\x32!.loraplane.controlplane.v1.Tenant\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"\x14\n\x12ListTenantsRequest\"I\n\x13ListTenantsResponse\x12\x32\n\x07tenants\x18\x01 \x03(\x0b\x32!.loraplane.controlplane.v1.Tenant\"(\n\x13\x43reateApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\";\n\x14\x43reateApiKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\"X\n\x14SetTenantTierRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12-\n\x04tier\x18\x02 \x01(\x0e\x32\x1f.loraplane.controlplane.v1.Tier\"J\n\x15SetTenantTierResponse\x12\x31\n\x06tenant\x18\x01 \x01(\x0b\x32!.loraplane.controlplane.v1.Tenant\")\n\x14SuspendTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"J\n\x15SuspendTenantResponse\x12\x31\n\x06tenant\x18\x01 \x01(\x0b\x32!.loraplane.controlplane.v1.Tenant\"+\n\x16UnsuspendTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"L\n\x17UnsuspendTenantResponse\x12\x31\n\x06tenant\x18\x01 \x01(\x0b\x32!.loraplane.controlplane.v1.Tenant\"\'\n\x12ListApiKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"_\n\x06\x41piKey\x12\x12\n\nkey_prefix\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x13ListApiKeysResponse\x12/\n\x04keys\x18\x01 \x03(\x0b\x32!.loraplane.controlplane.v1.ApiKey\")\n\x13RevokeApiKeyRequest\x12\x12\n\nkey_prefix\x18\x01 \x01(\t\"*\n\x14RevokeApiKeyResponse\x12\x12\n\nkey_prefix\x18\x01 \x01(\t*T\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_SHARED\x10\x01\x12\x11\n\rTIER_RESERVED\x10\x02\x12\x12\n\x0eTIER_DEDICATED\x10\x03\x32\xa0\x07\n\rTenantService\x12o\n\x0c\x43reateTenant\x12..loraplane.controlplane.v1.CreateTenantRequest\x1a/.loraplane.controlplane.v1.CreateTenantResponse\x12l\n\x0bListTenants\x12-.loraplane.controlplane.v1.ListTenantsRequest\x1a..loraplane.controlplane.v1.ListTenantsResponse\x12r\n\rSetTenantTier\x12/.loraplane.controlplane.v1.SetTenantTierRequest\x1a\x30.loraplane.controlplane.v1.SetTenantTierResponse\x12r\n\rSuspendTenant\x12/.loraplane.controlplane.v1.SuspendTenantRequest\x1a\x30.loraplane.controlplane.v1.SuspendTenantResponse\x12x\n\x0fUnsuspendTenant\x12\x31.loraplane.controlplane.v1.UnsuspendTenantRequest\x1a\x32.loraplane.controlplane.v1.UnsuspendTenantResponse\x12o\n\x0c\x43reateApiKey\x12..loraplane.controlplane.v1.CreateApiKeyRequest\x1a/.loraplane.controlplane.v1.CreateApiKeyResponse\x12l\n\x0bListApiKeys\x12-.loraplane.controlplane.v1.ListApiKeysRequest\x1a..loraplane.controlplane.v1.ListApiKeysResponse\x12o\n\x0cRevokeApiKey\x12..loraplane.controlplane.v1.RevokeApiKeyRequest\x1a/.loraplane.controlplane.v1.RevokeApiKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplane.controlplane.v1.tenant_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=632
-  _globals['_TIER']._serialized_end=716
+  _globals['_TIER']._serialized_start=1356
+  _globals['_TIER']._serialized_end=1440
   _globals['_TENANT']._serialized_start=103
-  _globals['_TENANT']._serialized_end=254
-  _globals['_CREATETENANTREQUEST']._serialized_start=256
-  _globals['_CREATETENANTREQUEST']._serialized_end=338
-  _globals['_CREATETENANTRESPONSE']._serialized_start=340
-  _globals['_CREATETENANTRESPONSE']._serialized_end=430
-  _globals['_LISTTENANTSREQUEST']._serialized_start=432
-  _globals['_LISTTENANTSREQUEST']._serialized_end=452
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=454
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=527
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=529
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=569
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=571
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=630
-  _globals['_TENANTSERVICE']._serialized_start=719
-  _globals['_TENANTSERVICE']._serialized_end=1070
+  _globals['_TENANT']._serialized_end=273
+  _globals['_CREATETENANTREQUEST']._serialized_start=275
+  _globals['_CREATETENANTREQUEST']._serialized_end=357
+  _globals['_CREATETENANTRESPONSE']._serialized_start=359
+  _globals['_CREATETENANTRESPONSE']._serialized_end=449
+  _globals['_LISTTENANTSREQUEST']._serialized_start=451
+  _globals['_LISTTENANTSREQUEST']._serialized_end=471
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=473
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=546
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=548
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=588
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=590
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=649
+  _globals['_SETTENANTTIERREQUEST']._serialized_start=651
+  _globals['_SETTENANTTIERREQUEST']._serialized_end=739
+  _globals['_SETTENANTTIERRESPONSE']._serialized_start=741
+  _globals['_SETTENANTTIERRESPONSE']._serialized_end=815
+  _globals['_SUSPENDTENANTREQUEST']._serialized_start=817
+  _globals['_SUSPENDTENANTREQUEST']._serialized_end=858
+  _globals['_SUSPENDTENANTRESPONSE']._serialized_start=860
+  _globals['_SUSPENDTENANTRESPONSE']._serialized_end=934
+  _globals['_UNSUSPENDTENANTREQUEST']._serialized_start=936
+  _globals['_UNSUSPENDTENANTREQUEST']._serialized_end=979
+  _globals['_UNSUSPENDTENANTRESPONSE']._serialized_start=981
+  _globals['_UNSUSPENDTENANTRESPONSE']._serialized_end=1057
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1059
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1098
+  _globals['_APIKEY']._serialized_start=1100
+  _globals['_APIKEY']._serialized_end=1195
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1197
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1267
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1269
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1310
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1312
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1354
+  _globals['_TENANTSERVICE']._serialized_start=1443
+  _globals['_TENANTSERVICE']._serialized_end=2371
 # @@protoc_insertion_point(module_scope)

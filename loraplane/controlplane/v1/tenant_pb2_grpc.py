@@ -45,10 +45,35 @@ class TenantServiceStub:
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListTenantsRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListTenantsResponse.FromString,
                 _registered_method=True)
+        self.SetTenantTier = channel.unary_unary(
+                '/loraplane.controlplane.v1.TenantService/SetTenantTier',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantTierRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantTierResponse.FromString,
+                _registered_method=True)
+        self.SuspendTenant = channel.unary_unary(
+                '/loraplane.controlplane.v1.TenantService/SuspendTenant',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SuspendTenantRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SuspendTenantResponse.FromString,
+                _registered_method=True)
+        self.UnsuspendTenant = channel.unary_unary(
+                '/loraplane.controlplane.v1.TenantService/UnsuspendTenant',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.UnsuspendTenantRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.UnsuspendTenantResponse.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/loraplane.controlplane.v1.TenantService/CreateApiKey',
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.CreateApiKeyRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/loraplane.controlplane.v1.TenantService/ListApiKeys',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/loraplane.controlplane.v1.TenantService/RevokeApiKey',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
 
 
@@ -70,8 +95,43 @@ class TenantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTenantTier(self, request, context):
+        """Changes a tenant's tier (and so its quotas) from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SuspendTenant(self, request, context):
+        """Suspends a tenant: its keys stop working everywhere within seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnsuspendTenant(self, request, context):
+        """Lifts a suspension.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiKey(self, request, context):
         """Issues another API key for a tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Lists a tenant's API keys by their public prefixes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes an API key, named by its prefix; data planes stop accepting it within seconds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,10 +150,35 @@ def add_TenantServiceServicer_to_server(servicer, server):
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListTenantsRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListTenantsResponse.SerializeToString,
             ),
+            'SetTenantTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantTier,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantTierRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantTierResponse.SerializeToString,
+            ),
+            'SuspendTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendTenant,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SuspendTenantRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SuspendTenantResponse.SerializeToString,
+            ),
+            'UnsuspendTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnsuspendTenant,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.UnsuspendTenantRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.UnsuspendTenantResponse.SerializeToString,
+            ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.CreateApiKeyRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -162,6 +247,87 @@ class TenantService:
             _registered_method=True)
 
     @staticmethod
+    def SetTenantTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.TenantService/SetTenantTier',
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantTierRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantTierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.TenantService/SuspendTenant',
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SuspendTenantRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SuspendTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnsuspendTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.TenantService/UnsuspendTenant',
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.UnsuspendTenantRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.UnsuspendTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateApiKey(request,
             target,
             options=(),
@@ -178,6 +344,60 @@ class TenantService:
             '/loraplane.controlplane.v1.TenantService/CreateApiKey',
             loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.CreateApiKeyRequest.SerializeToString,
             loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.TenantService/ListApiKeys',
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListApiKeysRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.TenantService/RevokeApiKey',
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,100 @@
+"""The operator surface: gRPC verbs and the `loraplane` CLI, against a real control plane."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import pytest
+
+from loraplane.controlplane.v1 import tenant_pb2
+from loraplane.stack import Stack
+from tests.conftest import new_tenant, upload
+from tests.support import lora_tensors, safetensors_bytes
+
+ADAPTER = safetensors_bytes(lora_tensors(rank=2))
+
+
+def cli(stack: Stack, *args: str) -> str:
+    env = dict(
+        os.environ,
+        LORAPLANE_CONTROLPLANE_ADDR=stack.grpc_addr,
+        LORAPLANE_OPERATOR_TOKEN=stack.secrets["operator_token"],
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "loraplane.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def status(stack: Stack, key: str) -> int:
+    return httpx.get(f"{stack.http_url}/v1/adapters", headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+def wait_for_status(stack: Stack, key: str, expected: int, within_s: float = 5.0) -> float:
+    started = time.monotonic()
+    while status(stack, key) != expected:
+        assert time.monotonic() - started < within_s, f"not {expected} within {within_s}s"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_tenants_through_the_cli(control_stack: Stack) -> None:
+    created = cli(control_stack, "tenant", "create", "cli-tenant", "--tier", "shared")
+    key = created.split("api key ")[1].split()[0]
+    tenant_id = created.split("(")[1].split(")")[0]
+    assert status(control_stack, key) == 200
+    assert f"{tenant_id}  cli-tenant  shared" in cli(control_stack, "tenant", "list")
+    assert '"max_adapters": 200' in cli(control_stack, "tenant", "set-tier", tenant_id, "reserved")
+    assert f"{tenant_id}  cli-tenant  reserved" in cli(control_stack, "tenant", "list")
+
+    cli(control_stack, "tenant", "suspend", tenant_id)
+    wait_for_status(control_stack, key, 403)
+    assert f"{tenant_id}  cli-tenant  reserved  suspended" in cli(control_stack, "tenant", "list")
+    cli(control_stack, "tenant", "unsuspend", tenant_id)
+    wait_for_status(control_stack, key, 200)
+
+
+def test_a_revoked_key_stops_working_within_seconds(control_stack: Stack) -> None:
+    first = new_tenant(control_stack, "key-owner")
+    tenant_id = next(t.id for t in control_stack.operator().list_tenants().tenants if t.name == "key-owner")
+    second = cli(control_stack, "key", "create", tenant_id).split("api key ")[1].split()[0]
+    assert status(control_stack, first) == 200 and status(control_stack, second) == 200  # both now cached
+    listed = cli(control_stack, "key", "list", tenant_id)
+    assert first[:11] in listed and second[:11] in listed and first not in listed
+
+    cli(control_stack, "key", "revoke", second[:11])
+    took = wait_for_status(control_stack, second, 401)
+    print(f"\nrevoked key refused after {took * 1000:.0f} ms")
+    assert status(control_stack, first) == 200
+    assert second[:11] not in cli(control_stack, "key", "list", tenant_id)
+
+
+def test_suspended_tenants_cannot_use_the_control_plane_either(control_stack: Stack) -> None:
+    key = new_tenant(control_stack, "suspended-grpc")
+    tenant_id = next(t.id for t in control_stack.operator().list_tenants().tenants if t.name == "suspended-grpc")
+    control_stack.operator().suspend(tenant_id)
+    assert upload(control_stack, key, "x", ADAPTER).status_code == 403
+    control_stack.operator().suspend(tenant_id, suspended=False)
+    assert upload(control_stack, key, "x", ADAPTER).status_code == 201
+
+
+def test_worker_verbs_name_unknown_workers(control_stack: Stack) -> None:
+    for verb in ("drain", "undrain"):
+        with pytest.raises(grpc.RpcError) as err:
+            control_stack.operator().drain("no-such-worker", draining=verb == "drain")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert '"version"' in cli(control_stack, "routing") or cli(control_stack, "routing").strip() == "{}"
+
+
+def test_tier_changes_apply_to_quotas(control_stack: Stack) -> None:
+    key = new_tenant(control_stack, "tier-change")
+    tenant_id = next(t.id for t in control_stack.operator().list_tenants().tenants if t.name == "tier-change")
+    control_stack.operator().set_tier(tenant_id, tenant_pb2.TIER_RESERVED)
+    for i in range(21):  # one more than the shared tier allows
+        assert upload(control_stack, key, f"n{i}", safetensors_bytes(lora_tensors(rank=1 + i % 8))).status_code == 201
