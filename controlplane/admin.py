@@ -8,6 +8,7 @@ import time
 from controlplane.errors import BadRequest, Context, NotFound, grpc_errors
 from controlplane.fleet import Fleet
 from controlplane.keys import key_hash, key_prefix, new_api_key, new_id
+from controlplane.peers import forwarded
 from controlplane.service import NAME, Auth, timestamp
 from controlplane.settings import Settings
 from controlplane.store import Store
@@ -138,7 +139,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         rec = await self._store.get_adapter(request.adapter_id)
         if rec is None or rec.status != "ready":
             raise NotFound(f"no ready adapter {request.adapter_id!r}")
-        worker_id, already, _ = await self._fleet.place(rec, worker_id=request.worker_id or None)
+        worker_id, already, _ = await self._fleet.place(
+            rec, worker_id=request.worker_id or None, forwarded=forwarded(context.invocation_metadata())
+        )
         return adpb.ForceLoadAdapterResponse(worker_id=worker_id, already_loaded=already)
 
     @grpc_errors
@@ -146,7 +149,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self, request: adpb.ForceEvictAdapterRequest, context: Context
     ) -> adpb.ForceEvictAdapterResponse:
         self._auth.operator(context)
-        evicted = await self._fleet.evict_everywhere(request.adapter_id, worker_id=request.worker_id or None)
+        evicted = await self._fleet.evict_everywhere(
+            request.adapter_id, worker_id=request.worker_id or None, forwarded=forwarded(context.invocation_metadata())
+        )
         return adpb.ForceEvictAdapterResponse(worker_ids=evicted)
 
     @grpc_errors

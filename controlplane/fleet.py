@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from controlplane.errors import NoCapacity, NotFound
+from controlplane.peers import Peers
 from controlplane.placement import WorkerView, decide
 from controlplane.store import AdapterRecord, Store, WorkerRecord
 from loraplane.controlplane.v1 import worker_pb2 as pb
@@ -28,7 +29,7 @@ class AgentSession:
     pending: dict[str, asyncio.Future[pb.CommandResult]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
 
-    def view(self) -> WorkerView:
+    def view(self, draining: bool) -> WorkerView:
         r = self.record
         return WorkerView(
             id=r.id,
@@ -37,7 +38,7 @@ class AgentSession:
             max_adapters=r.max_adapters,
             resident=frozenset(r.resident),
             loading=frozenset(self.loading),
-            draining=r.draining,
+            draining=draining,
         )
 
     async def command(self, msg: pb.ConnectResponse, command_id: str, timeout: float) -> pb.CommandResult:
@@ -65,9 +66,14 @@ class AgentSession:
 
 
 class Fleet:
-    def __init__(self, store: Store, load_timeout_s: float) -> None:
+    """This replica's agent sessions, and placement across the whole fleet: a decision about
+    a worker whose agent is connected to another replica is carried out there."""
+
+    def __init__(self, store: Store, load_timeout_s: float, self_addr: str, peers: Peers) -> None:
         self._store = store
         self._load_timeout = load_timeout_s
+        self._self_addr = self_addr
+        self._peers = peers
         self.sessions: dict[str, AgentSession] = {}
         self._last_used: dict[str, float] = {}
         self._placing: dict[tuple[str, str | None], asyncio.Task[tuple[str, bool, int]]] = {}
@@ -85,7 +91,7 @@ class Fleet:
             resident=sorted(reg.resident),
             healthy=True,
             updated_at=time.time(),
-            draining=await self._store.is_draining(reg.worker_id),
+            owner=self._self_addr,
         )
         session = AgentSession(record)
         self.sessions[reg.worker_id] = session
@@ -93,33 +99,39 @@ class Fleet:
         log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))
         return session
 
-    async def evict_everywhere(self, adapter_id: str, worker_id: str | None = None) -> list[str]:
-        """Evict from every connected worker that holds it, or from the one named (the agent
-        lets requests in flight finish first). Returns the workers it was evicted from."""
-        holders = [
-            s for s in self.sessions.values() if adapter_id in s.record.resident and worker_id in (None, s.record.id)
-        ]
-        results = await asyncio.gather(*(self._evict(s, adapter_id) for s in holders), return_exceptions=True)
-        evicted = []
-        for session, result in zip(holders, results, strict=True):
-            if isinstance(result, Exception):
-                log.warning("evicting %s from %s failed: %s", adapter_id, session.record.id, result)
+    async def evict_everywhere(
+        self, adapter_id: str, worker_id: str | None = None, forwarded: bool = False
+    ) -> list[str]:
+        """Evict from every worker that holds it, or from the one named (the agent lets
+        requests in flight finish first). Returns the workers it was evicted from."""
+        views, owners = await self._views()
+        holders = [v.id for v in views if adapter_id in v.resident and worker_id in (None, v.id)]
+        if forwarded:
+            holders = [h for h in holders if h in self.sessions]
+
+        async def evict(wid: str) -> list[str]:
+            if wid in self.sessions:
+                await self._evict(self.sessions[wid], adapter_id)
+                return [wid]
+            return await self._peers.evict(owners[wid], adapter_id, wid)
+
+        results = await asyncio.gather(*(evict(h) for h in holders), return_exceptions=True)
+        evicted: list[str] = []
+        for wid, result in zip(holders, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("evicting %s from %s failed: %s", adapter_id, wid, result)
             else:
-                evicted.append(session.record.id)
+                evicted += result
         if worker_id is None:
             self._last_used.pop(adapter_id, None)
         return evicted
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
-        record = self.sessions[worker_id].record if worker_id in self.sessions else None
-        record = record or await self._store.get_worker(worker_id)
+        record = await self._store.get_worker(worker_id)
         if record is None:
             raise NotFound(f"worker {worker_id!r} does not exist")
         await self._store.set_draining(worker_id, draining)
-        updated = replace(record, draining=draining, updated_at=time.time())
-        if worker_id in self.sessions:
-            self.sessions[worker_id].record = updated
-        await self._store.put_worker(updated)
+        await self._store.put_worker(replace(record, updated_at=time.time()))  # a new routing version
         log.info("worker %s %s", worker_id, "draining" if draining else "undrained")
 
     async def sweep(self, session: AgentSession) -> None:
@@ -136,8 +148,9 @@ class Fleet:
         session.fail_all("worker disconnected")
         if self.sessions.get(session.record.id) is session:
             del self.sessions[session.record.id]
-            session.record = replace(session.record, healthy=False, updated_at=time.time())
-            await self._store.put_worker(session.record)
+            current = await self._store.get_worker(session.record.id)
+            if current is None or current.owner == self._self_addr:  # not already taken over elsewhere
+                await self._store.put_worker(replace(session.record, healthy=False, owner="", updated_at=time.time()))
             log.info("worker %s disconnected", session.record.id)
 
     async def report(self, session: AgentSession, resident: list[str], healthy: bool) -> None:
@@ -148,33 +161,51 @@ class Fleet:
             session.record = replace(rec, resident=resident, healthy=healthy, updated_at=time.time())
             await self._store.put_worker(session.record)
 
-    async def place(self, adapter: AdapterRecord, worker_id: str | None = None) -> tuple[str, bool, int]:
-        """(worker id, already loaded, load ms). One placement per adapter at a time:
-        callers that arrive while one runs share its outcome. An operator may name the
-        worker (a forced load, which ignores draining)."""
+    async def place(
+        self, adapter: AdapterRecord, worker_id: str | None = None, forwarded: bool = False
+    ) -> tuple[str, bool, int]:
+        """(worker id, already loaded, load ms). One placement per adapter at a time in this
+        replica: callers that arrive while one runs share its outcome. An operator may name
+        the worker (a forced load, which ignores draining)."""
         self._last_used[adapter.id] = time.monotonic()
         flight = (adapter.id, worker_id)
         task = self._placing.get(flight)
         if task is None:
-            task = asyncio.create_task(self._place(adapter, worker_id))
+            task = asyncio.create_task(self._place(adapter, worker_id, forwarded))
             self._placing[flight] = task
             task.add_done_callback(lambda _: self._placing.pop(flight, None))
         return await asyncio.shield(task)
 
-    async def _place(self, adapter: AdapterRecord, worker_id: str | None) -> tuple[str, bool, int]:
+    async def _views(self) -> tuple[list[WorkerView], dict[str, str]]:
+        """Every live worker: this replica's sessions as they are now, the others' from Redis."""
+        views, owners = [], {}
+        for w in await self._store.list_workers():
+            session = self.sessions.get(w.id)
+            if session is not None:
+                views.append(session.view(w.draining))
+            elif w.owner and w.owner != self._self_addr:
+                views.append(WorkerView(w.id, w.base_model, w.healthy, w.max_adapters, frozenset(w.resident),
+                                        draining=w.draining))  # fmt: skip
+                owners[w.id] = w.owner
+        return views, owners
+
+    async def _place(self, adapter: AdapterRecord, worker_id: str | None, forwarded: bool) -> tuple[str, bool, int]:
         async with self._decide:
-            views = [s.view() for s in self.sessions.values()]
+            views, owners = await self._views()
             if worker_id is not None:
                 views = [replace(v, draining=False) for v in views if v.id == worker_id]
-                if not views:
+                if not views or (forwarded and worker_id in owners):
                     raise NotFound(f"worker {worker_id!r} is not connected")
             decision = decide(views, adapter.base_model, adapter.id, self._last_used)
             if decision is None:
                 raise NoCapacity(f"no worker of {adapter.base_model} can take the adapter right now")
-            session = self.sessions[decision.worker_id]
             if decision.already_loaded:
                 return decision.worker_id, True, 0
-            session.loading.add(adapter.id)
+            session = self.sessions.get(decision.worker_id)
+            if session is not None:
+                session.loading.add(adapter.id)
+        if session is None:
+            return await self._peers.load(owners[decision.worker_id], adapter.id, decision.worker_id)
         try:
             if decision.evict:
                 await self._evict(session, decision.evict)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from controlplane.admin import AdminService, TenantService
 from controlplane.artifacts import ArtifactStore
 from controlplane.fleet import Fleet
+from controlplane.peers import Peers
 from controlplane.registry import Registry
 from controlplane.service import AdapterService, Auth, WorkerService
 from controlplane.settings import Settings
@@ -51,12 +52,14 @@ class ControlPlane:
     port: int
     registry: Registry
     maintenance: asyncio.Task[None]
+    peers: Peers
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.maintenance.cancel()
         await self.registry.close()
+        await self.peers.close()
         await self.redis.aclose()
 
 
@@ -67,7 +70,8 @@ async def start(settings: Settings) -> ControlPlane:
     artifacts = ArtifactStore(settings.artifact_dir)
     artifacts.clean_temp()
     catalog = Catalog.load(settings.catalog_path)
-    fleet = Fleet(store, settings.load_timeout_s)
+    peers = Peers(settings.operator_token, settings.load_timeout_s * 2)
+    fleet = Fleet(store, settings.load_timeout_s, settings.advertise_addr, peers)
     auth = Auth(store, settings)
     registry = Registry(settings, store, artifacts, catalog, fleet)
 
@@ -97,7 +101,7 @@ async def start(settings: Settings) -> ControlPlane:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s", settings.grpc_addr)
     maintenance = asyncio.create_task(registry.maintain())
-    return ControlPlane(server, health_servicer, client, port, registry, maintenance)
+    return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers)
 
 
 async def serve(settings: Settings) -> None:

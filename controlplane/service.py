@@ -245,7 +245,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     endpoint=w.endpoint,
                     max_adapters=w.max_adapters,
                     resident_adapter_ids=w.resident,
-                    healthy=w.healthy and w.id in self._fleet.sessions,
+                    healthy=w.healthy and bool(w.owner),
                 )
                 for w in await self._store.list_workers()
             ]

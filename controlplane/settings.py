@@ -10,6 +10,7 @@ TIER_LIMITS = {"shared": 20, "reserved": 200, "dedicated": 200}
 @dataclass(frozen=True)
 class Settings:
     grpc_addr: str
+    advertise_addr: str  # where the other replicas reach this one
     redis_url: str
     artifact_dir: Path
     catalog_path: Path
@@ -34,6 +35,7 @@ class Settings:
             sizes[tier] = int(env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_BYTES", max_bytes))
         return cls(
             grpc_addr=env.get("LORAPLANE_GRPC_ADDR", "127.0.0.1:50051"),
+            advertise_addr=env.get("LORAPLANE_ADVERTISE_ADDR") or env.get("LORAPLANE_GRPC_ADDR", "127.0.0.1:50051"),
             redis_url=env.get("LORAPLANE_REDIS_URL", "redis://127.0.0.1:6379/0"),
             artifact_dir=Path(env.get("LORAPLANE_ARTIFACT_DIR", ".loraplane/artifacts")),
             catalog_path=Path(env.get("LORAPLANE_CATALOG", ".loraplane/catalog.json")),

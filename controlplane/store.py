@@ -84,7 +84,8 @@ class WorkerRecord:
     resident: list[str] = field(default_factory=list)
     healthy: bool = True
     updated_at: float = 0.0
-    draining: bool = False
+    draining: bool = False  # read from the `draining` set, never from the record
+    owner: str = ""  # address of the control plane replica holding the agent's stream
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -222,15 +223,11 @@ class Store:
         return await read_workers(self.r)
 
     async def get_worker(self, worker_id: str) -> WorkerRecord | None:
-        raw = await self.r.get(f"{P}worker:{worker_id}")
-        return WorkerRecord.from_json(raw) if raw else None
+        return next((w for w in await self.list_workers() if w.id == worker_id), None)
 
     async def routing_table(self) -> tuple[int, list[WorkerRecord]]:
         version = int(await self.r.get(P + "routing:version") or 0)
         return version, await self.list_workers()
-
-    async def is_draining(self, worker_id: str) -> bool:
-        return bool(await self.r.sismember(P + "draining", worker_id))
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
         if draining:
@@ -240,8 +237,12 @@ class Store:
 
 
 async def read_workers(client: redis.Redis) -> list[WorkerRecord]:
-    ids = sorted(str(i) for i in await client.smembers(P + "workers"))
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.smembers(P + "workers")
+        pipe.smembers(P + "draining")
+        ids, draining = await pipe.execute()
     if not ids:
         return []
-    raws = await client.mget([f"{P}worker:{i}" for i in ids])
-    return [WorkerRecord.from_json(r) for r in raws if r]
+    raws = await client.mget([P + "worker:" + str(i) for i in sorted(ids)])
+    records = [WorkerRecord.from_json(r) for r in raws if r]
+    return [replace(w, draining=w.id in draining) for w in records]

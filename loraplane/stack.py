@@ -40,6 +40,7 @@ class StackConfig:
     redis_url: str = ""  # empty: start a private redis-server with AOF under data_dir
     log_dir: Path | None = None
     with_worker: bool = True
+    second_grpc_port: int = 0  # > 0: run a second control plane replica there
     extra_env: tuple[tuple[str, str], ...] = ()
 
 
@@ -83,9 +84,17 @@ class Stack:
         env = self.env()
         self._spawn("controlplane", [sys.executable, "-m", "controlplane.server"], env)
         _wait(lambda: _port_open(self.config.grpc_port), 60, "control plane", self.procs["controlplane"])
+        dataplane_env = env
+        if self.config.second_grpc_port:  # a second replica: the data plane uses it, the agent the first
+            second = f"127.0.0.1:{self.config.second_grpc_port}"
+            self._spawn(
+                "controlplane-2", [sys.executable, "-m", "controlplane.server"], env | {"LORAPLANE_GRPC_ADDR": second}
+            )
+            _wait(lambda: _port_open(self.config.second_grpc_port), 60, "control plane 2", self.procs["controlplane-2"])
+            dataplane_env = env | {"LORAPLANE_CONTROLPLANE_ADDR": second}
         if self.config.with_worker:
             self._spawn("agent", [sys.executable, "-m", "workeragent.agent"], env)
-        self._spawn("dataplane", [sys.executable, "-m", "dataplane.app"], env)
+        self._spawn("dataplane", [sys.executable, "-m", "dataplane.app"], dataplane_env)
         _wait(lambda: _http_ok(self.http_url + "/healthz"), 60, "data plane", self.procs["dataplane"])
         if self.config.with_worker:
             _wait(self._worker_ready, timeout, "the vLLM worker", self.procs["agent"])
@@ -151,7 +160,7 @@ class Stack:
             )
 
     def stop(self) -> None:
-        for name in ["dataplane", "agent", "controlplane", "redis"]:
+        for name in ["dataplane", "agent", "controlplane-2", "controlplane", "redis"]:
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue

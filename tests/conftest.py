@@ -5,9 +5,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc
 from loraplane.stack import Stack, StackConfig
 from tests.hubserver import HubServer
 from tests.support import RedisServer, free_port
@@ -27,7 +29,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.build(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def _stack(tmp: Path, with_worker: bool, env: tuple[tuple[str, str], ...] = ()) -> Iterator[Stack]:
+def _stack(tmp: Path, with_worker: bool, env: tuple[tuple[str, str], ...] = (), replicas: int = 1) -> Iterator[Stack]:
     config = StackConfig(
         data_dir=tmp / "data",
         http_port=free_port(),
@@ -36,6 +38,7 @@ def _stack(tmp: Path, with_worker: bool, env: tuple[tuple[str, str], ...] = ()) 
         log_dir=tmp / "logs",
         with_worker=with_worker,
         extra_env=env,
+        second_grpc_port=free_port() if replicas == 2 else 0,
     )
     stack = Stack(config)
     try:
@@ -65,8 +68,9 @@ def control_stack(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> I
 
 @pytest.fixture(scope="session")
 def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The whole embedded stack, with a real vLLM worker."""
-    yield from _stack(tmp_path_factory.mktemp("full-stack"), with_worker=True)
+    """The whole embedded stack, with a real vLLM worker, and two control plane replicas:
+    the agent is connected to the first, the data plane calls the second."""
+    yield from _stack(tmp_path_factory.mktemp("full-stack"), with_worker=True, replicas=2)
 
 
 def new_tenant(stack: Stack, name: str) -> str:
@@ -97,4 +101,23 @@ def curl_upload(stack: Stack, key: str, directory: Path) -> dict[str, object]:
         cwd=directory, capture_output=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     adapter: dict[str, object] = json.loads(out)
+    return adapter
+
+
+def grpc_upload(addr: str, key: str, name: str, data: bytes, send_metadata: bool = True) -> adapter_pb2.Adapter:
+    """AdapterService/UploadAdapter as a gRPC caller uses it: bytes, then the metadata."""
+
+    def messages() -> Iterator[adapter_pb2.UploadAdapterRequest]:
+        for i in range(0, len(data), 4096):
+            yield adapter_pb2.UploadAdapterRequest(chunk=data[i : i + 4096])
+        if send_metadata:
+            yield adapter_pb2.UploadAdapterRequest(
+                metadata=adapter_pb2.UploadAdapterMetadata(name=name, base_model="tiny-llama")
+            )
+
+    with grpc.insecure_channel(addr) as ch:
+        resp = adapter_pb2_grpc.AdapterServiceStub(ch).UploadAdapter(
+            messages(), metadata=(("authorization", f"Bearer {key}"),), timeout=30
+        )
+    adapter: adapter_pb2.Adapter = resp.adapter
     return adapter

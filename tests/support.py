@@ -37,6 +37,15 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int]]], fill: bytes = b
     return struct.pack("<Q", len(raw)) + raw + fill * offset
 
 
+def with_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
+    """The same tensors with other `__metadata__`: other bytes, same weights."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
 def lora_tensors(
     rank: int = 8, modules: tuple[str, ...] = ("q_proj", "v_proj"), layers: int = 2, arch: Architecture = TINY
 ) -> dict[str, tuple[str, list[int]]]:

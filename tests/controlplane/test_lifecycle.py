@@ -10,7 +10,7 @@ import httpx
 
 from loraplane.stack import Stack
 from tests.conftest import CONTROL_STACK_MAX_BYTES, new_tenant, upload
-from tests.support import lora_tensors, safetensors_bytes
+from tests.support import lora_tensors, safetensors_bytes, with_metadata
 
 ADAPTER = safetensors_bytes(lora_tensors(rank=8))
 
@@ -28,7 +28,7 @@ def wait_gone(path: Path) -> None:
 def test_delete_is_immediate_and_the_bytes_are_collected(control_stack: Stack) -> None:
     key = new_tenant(control_stack, "deleter")
     auth = {"Authorization": f"Bearer {key}"}
-    data = safetensors_bytes(lora_tensors(rank=3))
+    data = with_metadata(safetensors_bytes(lora_tensors(rank=3)), {"test": "delete"})  # bytes no one else has
     adapter = upload(control_stack, key, "v3", data).json()
     assert blob(control_stack, adapter["sha256"]).exists()
 
@@ -49,7 +49,7 @@ def test_delete_is_immediate_and_the_bytes_are_collected(control_stack: Stack) -
 
 def test_bytes_shared_by_two_adapters_outlive_one_delete(control_stack: Stack) -> None:
     alice, bob = new_tenant(control_stack, "share-a"), new_tenant(control_stack, "share-b")
-    data = safetensors_bytes(lora_tensors(rank=6))
+    data = with_metadata(safetensors_bytes(lora_tensors(rank=6)), {"test": "shared"})
     a, b = upload(control_stack, alice, "same", data).json(), upload(control_stack, bob, "same", data).json()
     assert a["sha256"] == b["sha256"] and a["id"] != b["id"]
     httpx.delete(f"{control_stack.http_url}/v1/adapters/{a['id']}", headers={"Authorization": f"Bearer {alice}"})

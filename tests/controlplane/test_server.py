@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc, tenant_pb2, tenant_pb2_grpc
+from loraplane.controlplane.v1 import adapter_pb2, tenant_pb2, tenant_pb2_grpc
 from loraplane.stack import Stack
-from tests.conftest import new_tenant
+from tests.conftest import grpc_upload, new_tenant
 from tests.support import lora_tensors, safetensors_bytes
 
 
@@ -48,26 +46,9 @@ def test_a_tenant_key_is_not_an_operator_token(control_stack: Stack) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def _upload(stack: Stack, key: str, name: str, data: bytes, send_metadata: bool = True) -> adapter_pb2.Adapter:
-    def messages() -> Iterator[adapter_pb2.UploadAdapterRequest]:
-        for i in range(0, len(data), 4096):
-            yield adapter_pb2.UploadAdapterRequest(chunk=data[i : i + 4096])
-        if send_metadata:
-            yield adapter_pb2.UploadAdapterRequest(
-                metadata=adapter_pb2.UploadAdapterMetadata(name=name, base_model="tiny-llama")
-            )
-
-    with grpc.insecure_channel(stack.grpc_addr) as ch:
-        resp = adapter_pb2_grpc.AdapterServiceStub(ch).UploadAdapter(
-            messages(), metadata=(("authorization", f"Bearer {key}"),), timeout=30
-        )
-    adapter: adapter_pb2.Adapter = resp.adapter
-    return adapter
-
-
 def test_upload_over_grpc_stores_a_ready_adapter(control_stack: Stack) -> None:
     key = new_tenant(control_stack, "grpc-uploader")
-    adapter = _upload(control_stack, key, "g1", safetensors_bytes(lora_tensors(rank=4)))
+    adapter = grpc_upload(control_stack.grpc_addr, key, "g1", safetensors_bytes(lora_tensors(rank=4)))
     assert adapter.status == adapter_pb2.ADAPTER_STATUS_READY
     assert adapter.id.startswith("adp_") and adapter.model == "tiny-llama:g1" and adapter.rank == 4
 
@@ -77,7 +58,7 @@ def test_a_stream_without_metadata_stores_nothing(control_stack: Stack) -> None:
     blobs = control_stack.config.data_dir / "artifacts" / "blobs"
     before = sorted(blobs.rglob("*"))
     with pytest.raises(grpc.RpcError) as err:
-        _upload(control_stack, key, "g1", safetensors_bytes(lora_tensors(rank=5)), send_metadata=False)
+        grpc_upload(control_stack.grpc_addr, key, "g1", safetensors_bytes(lora_tensors(rank=5)), send_metadata=False)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sorted(blobs.rglob("*")) == before
     assert [p for p in (control_stack.config.data_dir / "artifacts" / "tmp").rglob("*") if p.is_file()] == []

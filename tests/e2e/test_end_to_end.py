@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import psutil
@@ -17,7 +18,8 @@ import pytest
 
 from loraplane import devadapter
 from loraplane.stack import Stack
-from tests.conftest import curl_upload, new_tenant, upload
+from tests.conftest import curl_upload, grpc_upload, new_tenant, upload
+from tests.support import lora_tensors, safetensors_bytes, with_metadata
 
 PROMPT = "hello"
 MAX_TOKENS = 16
@@ -234,7 +236,9 @@ def test_delete_during_traffic_finishes_running_requests_then_evicts(
     full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
 ) -> None:
     key = new_tenant(full_stack, "deleter")
-    adapter = upload(full_stack, key, "d1", (adapters["a"] / "adapter_model.safetensors").read_bytes()).json()
+    # Bytes no other adapter shares, so that deleting this one collects them.
+    data = with_metadata((adapters["a"] / "adapter_model.safetensors").read_bytes(), {"copy": "d1"})
+    adapter = upload(full_stack, key, "d1", data).json()
     client = openai_client(key)
     stream = client.chat.completions.create(
         model="tiny-llama:d1",
@@ -289,3 +293,24 @@ def test_operator_drain_and_forced_placements(
         model="tiny-llama:o1", messages=[{"role": "user", "content": "x"}], max_tokens=2
     )
     assert resp.model == "tiny-llama:o1"
+
+
+def test_two_control_plane_replicas_share_one_quota(full_stack: Stack) -> None:
+    """The data plane and agent already use different replicas in every test here; this races
+    uploads for a tenant's last quota slot across both replicas."""
+    key = new_tenant(full_stack, "two-replicas")
+    replicas = [full_stack.grpc_addr, f"127.0.0.1:{full_stack.config.second_grpc_port}"]
+    for i in range(19):
+        grpc_upload(replicas[i % 2], key, f"r{i}", safetensors_bytes(lora_tensors(rank=1 + i % 8)))
+
+    def attempt(i: int) -> bool:
+        try:
+            grpc_upload(replicas[i % 2], key, f"race{i}", safetensors_bytes(lora_tensors(rank=2)))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        admitted = list(pool.map(attempt, range(8)))
+    assert sum(admitted) == 1

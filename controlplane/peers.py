@@ -1,0 +1,54 @@
+"""Calls to the other control plane replicas. A worker's commands go through the replica
+that holds its agent's stream (its `owner`); the others forward placements there."""
+
+from __future__ import annotations
+
+import grpc
+
+from controlplane.errors import NoCapacity
+from loraplane.controlplane.v1 import admin_pb2 as adpb
+from loraplane.controlplane.v1 import admin_pb2_grpc
+
+FORWARDED = "lp-forwarded"
+
+
+class Peers:
+    def __init__(self, operator_token: str, timeout_s: float) -> None:
+        self._metadata = (("authorization", f"Bearer {operator_token}"), (FORWARDED, "1"))
+        self._timeout = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, addr: str) -> admin_pb2_grpc.AdminServiceStub:
+        if addr not in self._channels:
+            self._channels[addr] = grpc.aio.insecure_channel(addr)
+        return admin_pb2_grpc.AdminServiceStub(self._channels[addr])
+
+    async def load(self, addr: str, adapter_id: str, worker_id: str) -> tuple[str, bool, int]:
+        try:
+            resp: adpb.ForceLoadAdapterResponse = await self._stub(addr).ForceLoadAdapter(
+                adpb.ForceLoadAdapterRequest(adapter_id=adapter_id, worker_id=worker_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise NoCapacity(f"placing on worker {worker_id} failed: {err.details()}") from None
+        return resp.worker_id, resp.already_loaded, 0
+
+    async def evict(self, addr: str, adapter_id: str, worker_id: str) -> list[str]:
+        try:
+            resp: adpb.ForceEvictAdapterResponse = await self._stub(addr).ForceEvictAdapter(
+                adpb.ForceEvictAdapterRequest(adapter_id=adapter_id, worker_id=worker_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise NoCapacity(f"evicting from worker {worker_id} failed: {err.details()}") from None
+        return list(resp.worker_ids)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
+def forwarded(metadata: object) -> bool:
+    return any(k == FORWARDED for k, _ in metadata or ())  # type: ignore[attr-defined]
