@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,3 +169,30 @@ def test_a_body_arriving_in_tiny_pieces_is_parsed_whole(control_stack: Stack) ->
     )
     assert r.status_code == 201, r.text
     assert r.json()["name"] == "trickled" and r.json()["size_bytes"] == len(ADAPTER)
+
+
+def test_an_upload_cut_off_midway_leaves_nothing(control_stack: Stack) -> None:
+    import socket
+
+    key = new_tenant(control_stack, "cut-off")
+    boundary = "cut-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\ncut\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="base_model"\r\n\r\ntiny-llama\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+    ).encode() + ADAPTER[: len(ADAPTER) // 2]
+    request = (
+        f"POST /v1/adapters/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(head) * 2}\r\n\r\n"
+    ).encode() + head
+    before = blobs(control_stack)
+    with socket.create_connection(("127.0.0.1", control_stack.config.http_port)) as s:
+        s.sendall(request)
+        time.sleep(0.5)  # the half file is streaming to the control plane; then the client goes away
+    time.sleep(1.0)
+    tmp = control_stack.config.data_dir / "artifacts" / "tmp"
+    assert [p for p in tmp.rglob("*") if p.is_file()] == []
+    assert blobs(control_stack) == before
+    listed = httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()
+    assert listed["data"] == []
+    assert upload(control_stack, key, "cut", ADAPTER).status_code == 201  # the name was never taken
