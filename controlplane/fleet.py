@@ -16,6 +16,7 @@ from loraplane.controlplane.v1 import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 64
+MAX_RELOAD_FAILURES = 3
 
 
 class CommandFailed(Exception):
@@ -28,6 +29,10 @@ class AgentSession:
     outbox: asyncio.Queue[pb.ConnectResponse] = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
     pending: dict[str, asyncio.Future[pb.CommandResult]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
+    busy: frozenset[str] = frozenset()  # adapters with requests in flight, as vLLM reports them
+    last_seen: float = field(default_factory=time.monotonic)
+    reconciling: asyncio.Task[None] | None = None
+    failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
 
     def view(self, draining: bool) -> WorkerView:
         r = self.record
@@ -134,15 +139,48 @@ class Fleet:
         await self._store.put_worker(replace(record, updated_at=time.time()))  # a new routing version
         log.info("worker %s %s", worker_id, "draining" if draining else "undrained")
 
-    async def sweep(self, session: AgentSession) -> None:
-        """Evict what a worker holds that is no longer a ready adapter (deleted while it was away)."""
-        for adapter_id in session.record.resident:
+    def converge(self, session: AgentSession) -> None:
+        """Start a reconcile of the worker unless one is running (level-triggered: called on
+        register and on every heartbeat that differs from the desired state)."""
+        if session.reconciling is None or session.reconciling.done():
+            session.reconciling = asyncio.create_task(self._reconcile(session))
+
+    async def _reconcile(self, session: AgentSession) -> None:
+        """Load what the worker should hold and does not (a restarted vLLM); evict what it holds
+        and should not (deleted while it was away). An adapter with no record is left alone:
+        Redis may have lost it, and LRU eviction reclaims the slot when it is needed."""
+        wid = session.record.id
+        desired = await self._store.desired(wid)
+        resident = set(session.record.resident)
+        for adapter_id in sorted(desired - resident - session.loading):
             rec = await self._store.get_adapter(adapter_id)
             if rec is None or rec.status != "ready":
-                try:
-                    await self._evict(session, adapter_id)
-                except NoCapacity as err:
-                    log.warning("evicting stale %s from %s failed: %s", adapter_id, session.record.id, err)
+                await self._store.desire(wid, adapter_id, wanted=False)
+                continue
+            try:
+                await self._load(session, rec, keep_intent=True)
+                session.failures.pop(adapter_id, None)
+            except NoCapacity as err:
+                session.failures[adapter_id] = failures = session.failures.get(adapter_id, 0) + 1
+                log.warning("reloading %s on %s failed (%d): %s", adapter_id, wid, failures, err)
+                if failures >= MAX_RELOAD_FAILURES:
+                    await self._store.desire(wid, adapter_id, wanted=False)
+        for adapter_id in sorted(resident - desired - session.loading - session.busy):
+            if await self._store.get_adapter(adapter_id) is None:
+                continue
+            try:
+                await self._evict(session, adapter_id)
+            except NoCapacity as err:
+                log.warning("evicting stale %s from %s failed: %s", adapter_id, wid, err)
+
+    async def watch(self, timeout_s: float, every_s: float = 1.0) -> None:
+        """A worker whose agent stops sending heartbeats leaves the routing table within seconds."""
+        while True:
+            await asyncio.sleep(every_s)
+            for session in list(self.sessions.values()):
+                if session.record.healthy and time.monotonic() - session.last_seen > timeout_s:
+                    log.warning("worker %s sent no heartbeat for %.0fs", session.record.id, timeout_s)
+                    await self.report(session, session.record.resident, healthy=False, seen=False)
 
     async def detach(self, session: AgentSession) -> None:
         session.fail_all("worker disconnected")
@@ -153,13 +191,29 @@ class Fleet:
                 await self._store.put_worker(replace(session.record, healthy=False, owner="", updated_at=time.time()))
             log.info("worker %s disconnected", session.record.id)
 
-    async def report(self, session: AgentSession, resident: list[str], healthy: bool) -> None:
+    async def report(
+        self,
+        session: AgentSession,
+        resident: list[str],
+        healthy: bool,
+        busy: frozenset[str] | None = None,
+        seen: bool = True,
+    ) -> None:
         """Record what vLLM really holds; writes Redis only when that changed."""
+        if seen:
+            session.last_seen = time.monotonic()
+        if busy is not None:
+            session.busy = busy
         rec = session.record
         resident = sorted(resident)
         if resident != rec.resident or healthy != rec.healthy:
             session.record = replace(rec, resident=resident, healthy=healthy, updated_at=time.time())
             await self._store.put_worker(session.record)
+
+    async def heartbeat(self, session: AgentSession, resident: list[str], healthy: bool, busy: list[str]) -> None:
+        await self.report(session, resident, healthy, frozenset(busy))
+        if healthy and set(resident) != await self._store.desired(session.record.id):
+            self.converge(session)
 
     async def place(
         self, adapter: AdapterRecord, worker_id: str | None = None, forwarded: bool = False
@@ -196,10 +250,12 @@ class Fleet:
                 views = [replace(v, draining=False) for v in views if v.id == worker_id]
                 if not views or (forwarded and worker_id in owners):
                     raise NotFound(f"worker {worker_id!r} is not connected")
-            decision = decide(views, adapter.base_model, adapter.id, self._last_used)
+            busy = frozenset().union(*(s.busy for s in self.sessions.values()))
+            decision = decide(views, adapter.base_model, adapter.id, self._last_used, busy)
             if decision is None:
                 raise NoCapacity(f"no worker of {adapter.base_model} can take the adapter right now")
             if decision.already_loaded:
+                await self._store.desire(decision.worker_id, adapter.id)
                 return decision.worker_id, True, 0
             session = self.sessions.get(decision.worker_id)
             if session is not None:
@@ -214,7 +270,18 @@ class Fleet:
             session.loading.discard(adapter.id)
         return decision.worker_id, result.already_done, result.duration_ms
 
-    async def _load(self, session: AgentSession, adapter: AdapterRecord) -> pb.CommandResult:
+    async def _load(self, session: AgentSession, adapter: AdapterRecord, keep_intent: bool = False) -> pb.CommandResult:
+        """Record the intent, then load. A failed placement drops the intent; a failed reload
+        (`keep_intent`) keeps it, to be tried again on a later heartbeat."""
+        await self._store.desire(session.record.id, adapter.id)
+        try:
+            return await self._send_load(session, adapter)
+        except NoCapacity:
+            if not keep_intent:
+                await self._store.desire(session.record.id, adapter.id, wanted=False)
+            raise
+
+    async def _send_load(self, session: AgentSession, adapter: AdapterRecord) -> pb.CommandResult:
         cid = uuid.uuid4().hex
         msg = pb.ConnectResponse(
             load=pb.LoadAdapter(
@@ -238,6 +305,7 @@ class Fleet:
         return result
 
     async def _evict(self, session: AgentSession, adapter_id: str) -> None:
+        await self._store.desire(session.record.id, adapter_id, wanted=False)
         cid = uuid.uuid4().hex
         msg = pb.ConnectResponse(evict=pb.EvictAdapter(command_id=cid, vllm_name=adapter_id))
         try:

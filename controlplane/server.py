@@ -51,7 +51,7 @@ class ControlPlane:
     redis: redis.Redis
     port: int
     registry: Registry
-    maintenance: asyncio.Task[None]
+    maintenance: asyncio.Future[tuple[None, None]]
     peers: Peers
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -100,7 +100,7 @@ async def start(settings: Settings) -> ControlPlane:
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s", settings.grpc_addr)
-    maintenance = asyncio.create_task(registry.maintain())
+    maintenance = asyncio.gather(registry.maintain(), fleet.watch(settings.heartbeat_timeout_s))
     return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers)
 
 

@@ -198,7 +198,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             raise BadRequest("bad worker id")
         session = await self._fleet.attach(first.register)
         reader = asyncio.create_task(self._read(session, it))
-        sweeper = asyncio.create_task(self._fleet.sweep(session))
+        self._fleet.converge(session)
         try:
             while True:
                 get = asyncio.create_task(session.outbox.get())
@@ -209,13 +209,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 yield get.result()
         finally:
             reader.cancel()
-            sweeper.cancel()
+            if session.reconciling:
+                session.reconciling.cancel()
             await self._fleet.detach(session)
 
     async def _read(self, session: AgentSession, it: AsyncIterator[wpb.ConnectRequest]) -> None:
         async for msg in it:
             if msg.HasField("heartbeat"):
-                await self._fleet.report(session, list(msg.heartbeat.resident), msg.heartbeat.healthy)
+                hb = msg.heartbeat
+                await self._fleet.heartbeat(session, list(hb.resident), hb.healthy, list(hb.busy))
             elif msg.HasField("result"):
                 session.resolve(msg.result)
 

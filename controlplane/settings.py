@@ -20,6 +20,7 @@ class Settings:
     tier_limits: Mapping[str, int] = field(default_factory=lambda: dict(TIER_LIMITS))
     tier_max_bytes: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(TIER_LIMITS, 500 * 1000 * 1000))
     load_timeout_s: float = 60.0
+    heartbeat_timeout_s: float = 6.0
     upload_idle_timeout_s: float = 60.0
     hf_endpoint: str = "https://huggingface.co"
     hub_timeout_s: float = 30.0
@@ -48,6 +49,7 @@ class Settings:
             hub_timeout_s=float(env.get("LORAPLANE_HUB_TIMEOUT_S", 30)),
             hub_total_timeout_s=float(env.get("LORAPLANE_HUB_TOTAL_TIMEOUT_S", 900)),
             load_timeout_s=float(env.get("LORAPLANE_LOAD_TIMEOUT_S", 60)),
+            heartbeat_timeout_s=float(env.get("LORAPLANE_HEARTBEAT_TIMEOUT_S", 6)),
         )
 
 

@@ -10,6 +10,7 @@ Keys (prefix `lp:`; tenants and keys: see `controlplane/tenantstore.py`):
     worker:<wid>            string JSON record (endpoint, base model, resident adapter ids)
     workers                 set    worker ids
     draining                set    ids of workers that take no new placements
+    desired:<wid>           set    adapter ids the worker should hold; its owner converges it to that
     routing:version         int    bumped on every routing change; published on `lp:routing`
 """
 
@@ -228,6 +229,15 @@ class Store:
     async def routing_table(self) -> tuple[int, list[WorkerRecord]]:
         version = int(await self.r.get(P + "routing:version") or 0)
         return version, await self.list_workers()
+
+    async def desire(self, worker_id: str, adapter_id: str, wanted: bool = True) -> None:
+        if wanted:
+            await self.r.sadd(f"{P}desired:{worker_id}", adapter_id)
+        else:
+            await self.r.srem(f"{P}desired:{worker_id}", adapter_id)
+
+    async def desired(self, worker_id: str) -> set[str]:
+        return {str(a) for a in await self.r.smembers(f"{P}desired:{worker_id}")}
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
         if draining:

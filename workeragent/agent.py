@@ -43,6 +43,7 @@ class Agent:
                 max_loras=model.max_adapters_per_worker,
                 max_rank=model.max_rank,
                 extra_args=settings.vllm_args,
+                pidfile=settings.cache_dir / "vllm.pid",
             )
         self.local_url = settings.vllm_url or f"http://{settings.vllm_host}:{settings.vllm_port}"
         self.endpoint = settings.advertise_url or self.local_url
@@ -51,10 +52,11 @@ class Agent:
         async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(self._s.controlplane_addr) as channel:
             self._vllm = VllmClient(self.local_url, self._s.vllm_api_key, http)
             self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            self._cache = ArtifactCache(self._s.cache_dir, self._fetch)
+            self._cache = ArtifactCache(self._s.cache_dir, self._fetch, self._s.cache_max_bytes)
             tasks = [asyncio.create_task(self._connect_forever())]
             if self.process:
-                await self.process.start()
+                if not (self.process.adopt() and await self._vllm.healthy()):
+                    await self.process.start()
                 tasks.append(asyncio.create_task(self._supervise()))
             try:
                 await stop.wait()
@@ -70,9 +72,8 @@ class Agent:
         assert self.process is not None
         delay = 1.0
         while True:
-            assert self.process.proc is not None
             started = time.monotonic()
-            code = await self.process.proc.wait()
+            code = await self.process.wait()
             log.error("vLLM exited with %s; restarting in %.0fs", code, delay)
             await asyncio.sleep(delay)
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, BACKOFF_CAP_S)
@@ -141,7 +142,9 @@ class Agent:
             await asyncio.sleep(self._s.heartbeat_s)
             healthy = await self._vllm.healthy()
             resident = await self._vllm.resident() if healthy else []
-            await outbox.put(pb.ConnectRequest(heartbeat=pb.Heartbeat(resident=resident, healthy=healthy)))
+            busy = sorted(await self._vllm.busy()) if healthy else []
+            beat = pb.Heartbeat(resident=resident, healthy=healthy, busy=busy)
+            await outbox.put(pb.ConnectRequest(heartbeat=beat))
 
     async def _execute(self, msg: pb.ConnectResponse, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
         started = time.monotonic()

@@ -19,9 +19,13 @@ Fetch = Callable[[str], AsyncIterator[bytes]]
 
 
 class ArtifactCache:
-    def __init__(self, root: Path, fetch: Fetch) -> None:
+    """Blobs under `blobs/<sha256>`, hard-linked into `adapters/<name>/` while loaded. Past
+    `max_bytes`, the least recently used blobs that no loaded adapter links are deleted."""
+
+    def __init__(self, root: Path, fetch: Fetch, max_bytes: int = 20 << 30) -> None:
         self.root = Path(root)
         self._fetch = fetch
+        self._max_bytes = max_bytes
         self._blobs = self.root / "blobs"
         self._adapters = self.root / "adapters"
         self._tmp = self.root / "tmp"
@@ -47,6 +51,7 @@ class ArtifactCache:
         """The blob's path, fetching it once however many callers want it."""
         path = self._blobs / sha256
         if path.exists():
+            os.utime(path)  # recently used
             return path
         fut = self._inflight.get(sha256)
         if fut is None:
@@ -72,9 +77,20 @@ class ArtifactCache:
             if h.hexdigest() != sha256 or n != size:
                 raise IntegrityError(f"artifact {sha256} failed verification")
             os.replace(name, path)
+            self._trim(keep=path)
             return path
         finally:
             Path(name).unlink(missing_ok=True)
+
+    def _trim(self, keep: Path) -> None:
+        blobs = [(p.stat(), p) for p in self._blobs.iterdir()]
+        total = sum(st.st_size for st, _ in blobs)
+        for st, p in sorted(blobs, key=lambda b: b[0].st_mtime):
+            if total <= self._max_bytes:
+                break
+            if p != keep and st.st_nlink == 1:  # no loaded adapter links it
+                p.unlink(missing_ok=True)
+                total -= st.st_size
 
     def forget(self, name: str) -> None:
         shutil.rmtree(self._adapters / name, ignore_errors=True)

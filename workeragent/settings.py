@@ -23,6 +23,7 @@ class Settings:
     vllm_args: tuple[str, ...]
     heartbeat_s: float = 2.0
     drain_timeout_s: float = 30.0
+    cache_max_bytes: int = 20 << 30
     startup_timeout_s: float = 300.0
 
     @classmethod
@@ -46,5 +47,6 @@ class Settings:
             vllm_args=tuple(shlex.split(env.get("LORAPLANE_VLLM_ARGS", ""))),
             heartbeat_s=float(env.get("LORAPLANE_HEARTBEAT_S", "2")),
             drain_timeout_s=float(env.get("LORAPLANE_DRAIN_TIMEOUT_S", "30")),
+            cache_max_bytes=int(env.get("LORAPLANE_CACHE_MAX_BYTES", 20 << 30)),
             startup_timeout_s=float(env.get("LORAPLANE_VLLM_STARTUP_TIMEOUT_S", "300")),
         )

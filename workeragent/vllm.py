@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import aiohttp
 
@@ -101,6 +102,7 @@ class VllmProcess:
         max_loras: int,
         max_rank: int,
         extra_args: Sequence[str],
+        pidfile: Path,
     ) -> None:
         self.args = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -115,7 +117,9 @@ class VllmProcess:
             *extra_args,
         ]  # fmt: skip
         self._api_key = api_key
+        self._pidfile = pidfile
         self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
 
     async def start(self) -> None:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
@@ -123,17 +127,51 @@ class VllmProcess:
             env["VLLM_API_KEY"] = self._api_key
         log.info("starting vLLM: %s", " ".join(self.args))
         self.proc = await asyncio.create_subprocess_exec(*self.args, env=env, start_new_session=True)
+        self.pid = self.proc.pid
+        self._pidfile.write_text(str(self.pid))
+
+    def adopt(self) -> bool:
+        """Take over the vLLM a previous agent started (the agent died, vLLM did not)."""
+        try:
+            pid = int(self._pidfile.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        self.proc, self.pid = None, pid
+        log.info("adopted the running vLLM (pid %d)", pid)
+        return True
+
+    async def wait(self) -> int | None:
+        """Until vLLM exits: its exit code, or None for an adopted process (not our child)."""
+        if self.proc is not None:
+            return await self.proc.wait()
+        while self.pid is not None and _alive(self.pid):
+            await asyncio.sleep(0.5)
+        return None
 
     async def stop(self, grace: float = 10.0) -> None:
-        if self.proc is None or self.proc.returncode is not None:
+        if self.pid is None or not _alive(self.pid):
             return
         # vLLM runs its engine in child processes: signal the whole process group.
-        _killpg(self.proc.pid, signal.SIGTERM)
+        _killpg(self.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.proc.wait(), grace)
+            await asyncio.wait_for(self.wait(), grace)
         except TimeoutError:
-            _killpg(self.proc.pid, signal.SIGKILL)
-            await self.proc.wait()
+            _killpg(self.pid, signal.SIGKILL)
+            await self.wait()
+        self._pidfile.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child (exited, not yet reaped) counts as gone.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+            return False
+    return True
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -59,3 +59,22 @@ async def test_bytes_that_do_not_verify_are_never_used(tmp_path: Path, served: b
     assert list((tmp_path / "blobs").iterdir()) == []
     assert list((tmp_path / "tmp").iterdir()) == []
     assert list((tmp_path / "adapters").iterdir()) == []
+
+
+async def test_past_its_budget_the_cache_drops_the_least_recently_used_unloaded_blobs(tmp_path: Path) -> None:
+    blobs = {i: bytes([i]) * 1000 for i in range(4)}
+    shas = {i: hashlib.sha256(b).hexdigest() for i, b in blobs.items()}
+    by_sha = {shas[i]: blobs[i] for i in blobs}
+
+    async def fetch(sha256: str) -> AsyncIterator[bytes]:
+        yield by_sha[sha256]
+
+    cache = ArtifactCache(tmp_path, fetch, max_bytes=3500)
+    await cache.adapter_dir("loaded", shas[0], 1000, b"{}")  # linked by a loaded adapter: never dropped
+    for i in (1, 2):
+        await asyncio.sleep(0.02)
+        await cache.blob(shas[i], 1000)
+    await asyncio.sleep(0.02)
+    await cache.blob(shas[1], 1000)  # used again: now 2 is the least recently used
+    await cache.blob(shas[3], 1000)  # 4,000 bytes > 3,500
+    assert {p.name for p in (tmp_path / "blobs").iterdir()} == {shas[0], shas[1], shas[3]}
