@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -58,6 +59,8 @@ class ControlPlane:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.maintenance
         await self.registry.close()
         await self.peers.close()
         await self.redis.aclose()

@@ -50,6 +50,7 @@ class Stack:
     secrets: dict[str, str] = field(default_factory=dict)
     redis_url: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _specs: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     @property
     def http_url(self) -> str:
@@ -149,7 +150,13 @@ class Stack:
         _wait(sock.exists, 30, "redis-server", self.procs["redis"])
         return f"unix://{sock}"
 
+    def restart(self, name: str) -> None:
+        """Start a component again, as it was started (after a test killed it)."""
+        args, env = self._specs[name]
+        self._spawn(name, args, env)
+
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self._specs[name] = (args, env)
         if self.config.log_dir is None:
             self.procs[name] = subprocess.Popen(args, env=env, start_new_session=True)
             return

@@ -22,6 +22,7 @@ from workeragent.vllm import VllmClient, VllmError, VllmProcess
 
 log = logging.getLogger(__name__)
 BACKOFF_CAP_S = 10.0
+REGISTER_TIMEOUT_S = 10.0
 
 
 class Agent:
@@ -49,7 +50,17 @@ class Agent:
         self.endpoint = settings.advertise_url or self.local_url
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(self._s.controlplane_addr) as channel:
+        channel_options = [
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", int(BACKOFF_CAP_S * 1000)),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        async with (
+            aiohttp.ClientSession() as http,
+            grpc.aio.insecure_channel(self._s.controlplane_addr, options=channel_options) as channel,
+        ):
             self._vllm = VllmClient(self.local_url, self._s.vllm_api_key, http)
             self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
             self._cache = ArtifactCache(self._s.cache_dir, self._fetch, self._s.cache_max_bytes)
@@ -110,7 +121,7 @@ class Agent:
             max_adapters=self._model.max_adapters_per_worker,
             resident=await self._vllm.resident(),
         )
-        await call.write(pb.ConnectRequest(register=register))
+        await asyncio.wait_for(call.write(pb.ConnectRequest(register=register)), REGISTER_TIMEOUT_S)
         log.info("registered %s with the control plane", self._s.worker_id)
         tasks = {
             asyncio.create_task(self._writer(call, outbox)),
