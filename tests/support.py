@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import struct
@@ -18,9 +19,17 @@ DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range (32768+ here), so that no
+    outgoing connection takes it between now and when a server (vLLM binds late) listens."""
+    for _ in range(100):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 def safetensors_bytes(tensors: dict[str, tuple[str, list[int]]], fill: bytes = b"\0") -> bytes:

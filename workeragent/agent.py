@@ -108,6 +108,8 @@ class Agent:
                 raise
             except (grpc.aio.AioRpcError, aiohttp.ClientError, TimeoutError, OSError) as err:
                 log.warning("control plane session ended: %s; reconnecting in %.1fs", err, delay)
+            except Exception:  # this loop keeps the worker connected: it must outlive any one failure
+                log.exception("control plane session failed; reconnecting in %.1fs", delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, BACKOFF_CAP_S)
 
