@@ -10,13 +10,14 @@ from dataclasses import dataclass, field, replace
 
 from controlplane.errors import NoCapacity, NotFound
 from controlplane.peers import Peers
-from controlplane.placement import WorkerView, decide
+from controlplane.placement import LoadBudget, WorkerView, decide
 from controlplane.store import AdapterRecord, Store, WorkerRecord
 from loraplane.controlplane.v1 import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 64
 MAX_RELOAD_FAILURES = 3
+MAX_LOADS_PER_SECOND = 10
 
 
 class CommandFailed(Exception):
@@ -33,6 +34,7 @@ class AgentSession:
     last_seen: float = field(default_factory=time.monotonic)
     reconciling: asyncio.Task[None] | None = None
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
+    budget: LoadBudget = field(default_factory=lambda: LoadBudget(MAX_LOADS_PER_SECOND))
 
     def view(self, draining: bool) -> WorkerView:
         r = self.record
@@ -282,6 +284,9 @@ class Fleet:
             raise
 
     async def _send_load(self, session: AgentSession, adapter: AdapterRecord) -> pb.CommandResult:
+        while (wait := session.budget.delay(time.monotonic())) > 0:
+            await asyncio.sleep(wait)
+        session.budget.spend(time.monotonic())
         cid = uuid.uuid4().hex
         msg = pb.ConnectResponse(
             load=pb.LoadAdapter(

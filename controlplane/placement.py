@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,25 @@ class WorkerView:
     @property
     def used(self) -> int:
         return len(self.resident | self.loading)
+
+
+class LoadBudget:
+    """At most `per_second` loads on one worker in any second, so that thrash (more hot
+    adapters than slots) cannot starve serving: `delay` says how long the next load must wait."""
+
+    def __init__(self, per_second: int) -> None:
+        self._per_second = per_second
+        self._recent: deque[float] = deque()
+
+    def delay(self, now: float) -> float:
+        while self._recent and now - self._recent[0] >= 1.0:
+            self._recent.popleft()
+        if len(self._recent) < self._per_second:
+            return 0.0
+        return 1.0 - (now - self._recent[0])
+
+    def spend(self, now: float) -> None:
+        self._recent.append(now)
 
 
 @dataclass(frozen=True)

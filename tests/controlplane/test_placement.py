@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.placement import Decision, WorkerView, decide
+from controlplane.placement import Decision, LoadBudget, WorkerView, decide
 
 
 def w(wid: str, resident: set[str], max_adapters: int = 2, healthy: bool = True, base: str = "m") -> WorkerView:
@@ -41,3 +41,14 @@ def test_decide(
     expected: Decision | None,
 ) -> None:
     assert decide(workers, "m", "x", last_used, frozenset(busy)) == expected, intent
+
+
+def test_the_load_budget_allows_n_loads_in_any_second() -> None:
+    budget = LoadBudget(per_second=3)
+    for t in (0.0, 0.1, 0.2):
+        assert budget.delay(t) == 0.0
+        budget.spend(t)
+    assert budget.delay(0.5) == pytest.approx(0.5)  # the 4th waits until the 1st is a second old
+    assert budget.delay(1.0) == 0.0
+    budget.spend(1.0)
+    assert budget.delay(1.05) == pytest.approx(0.05)

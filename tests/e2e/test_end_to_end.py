@@ -38,6 +38,19 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, full_stack: Stack) -> dic
     }
 
 
+@pytest.fixture(autouse=True)
+def healthy_worker(full_stack: Stack) -> None:
+    """Each test starts with every component up and the worker serving, even if an earlier
+    test that kills components failed half-way."""
+    for name in ("controlplane", "controlplane-2", "agent", "dataplane"):
+        if full_stack.procs[name].poll() is not None:
+            full_stack.restart(name)
+    deadline = time.monotonic() + 120
+    while not any(w.healthy for w in full_stack.operator().list_workers().workers):
+        assert time.monotonic() < deadline, "no healthy worker"
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def openai_client(full_stack: Stack) -> Iterator[Callable[[str], openai.OpenAI]]:
     """Makes real OpenAI clients for the stack's data plane; closes them afterwards."""
@@ -247,10 +260,8 @@ def test_a_killed_agent_comes_back_without_reloading(
 
     full_stack.procs["agent"].kill()  # the agent alone: vLLM lives on
     full_stack.procs["agent"].wait()
-    resp = client.chat.completions.create(
-        model="tiny-llama:g1", messages=[{"role": "user", "content": "x"}], max_tokens=2
-    )
-    assert resp.model == "tiny-llama:g1"  # vLLM still serves while its agent is away
+    assert _vllm_holds(full_stack) >= {adapter["id"]}  # vLLM lives on with what it holds
+    # (the worker leaves the routing table while its agent is away: nothing could load or evict there)
     full_stack.restart("agent")
     deadline = time.monotonic() + 60
     while not any(w.healthy for w in full_stack.operator().list_workers().workers):
