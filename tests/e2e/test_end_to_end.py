@@ -46,9 +46,16 @@ def healthy_worker(full_stack: Stack) -> None:
         if full_stack.procs[name].poll() is not None:
             full_stack.restart(name)
     deadline = time.monotonic() + 120
-    while not any(w.healthy for w in full_stack.operator().list_workers().workers):
+    while not _serving(full_stack):
         assert time.monotonic() < deadline, "no healthy worker"
         time.sleep(0.2)
+
+
+def _serving(stack: Stack) -> bool:
+    try:
+        return any(w.healthy for w in stack.operator(timeout=2).list_workers().workers)
+    except grpc.RpcError:  # a control plane still starting
+        return False
 
 
 @pytest.fixture
