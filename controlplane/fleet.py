@@ -17,7 +17,6 @@ from loraplane.controlplane.v1 import worker_pb2 as pb
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 64
 MAX_RELOAD_FAILURES = 3
-MAX_LOADS_PER_SECOND = 10
 
 
 class CommandFailed(Exception):
@@ -34,7 +33,7 @@ class AgentSession:
     last_seen: float = field(default_factory=time.monotonic)
     reconciling: asyncio.Task[None] | None = None
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
-    budget: LoadBudget = field(default_factory=lambda: LoadBudget(MAX_LOADS_PER_SECOND))
+    budget: LoadBudget = field(default_factory=lambda: LoadBudget(10))
 
     def view(self, draining: bool) -> WorkerView:
         r = self.record
@@ -76,8 +75,11 @@ class Fleet:
     """This replica's agent sessions, and placement across the whole fleet: a decision about
     a worker whose agent is connected to another replica is carried out there."""
 
-    def __init__(self, store: Store, load_timeout_s: float, self_addr: str, peers: Peers) -> None:
+    def __init__(
+        self, store: Store, load_timeout_s: float, self_addr: str, peers: Peers, max_loads_per_s: int = 10
+    ) -> None:
         self._store = store
+        self._max_loads_per_s = max_loads_per_s
         self._load_timeout = load_timeout_s
         self._self_addr = self_addr
         self._peers = peers
@@ -100,7 +102,7 @@ class Fleet:
             updated_at=time.time(),
             owner=self._self_addr,
         )
-        session = AgentSession(record)
+        session = AgentSession(record, budget=LoadBudget(self._max_loads_per_s))
         self.sessions[reg.worker_id] = session
         await self._store.put_worker(record)
         log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))

@@ -74,7 +74,7 @@ async def start(settings: Settings) -> ControlPlane:
     artifacts.clean_temp()
     catalog = Catalog.load(settings.catalog_path)
     peers = Peers(settings.operator_token, settings.load_timeout_s * 2)
-    fleet = Fleet(store, settings.load_timeout_s, settings.advertise_addr, peers)
+    fleet = Fleet(store, settings.load_timeout_s, settings.advertise_addr, peers, settings.max_loads_per_s)
     auth = Auth(store, settings)
     registry = Registry(settings, store, artifacts, catalog, fleet)
 

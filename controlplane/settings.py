@@ -21,6 +21,7 @@ class Settings:
     tier_max_bytes: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(TIER_LIMITS, 500 * 1000 * 1000))
     load_timeout_s: float = 60.0
     heartbeat_timeout_s: float = 6.0
+    max_loads_per_s: int = 10
     upload_idle_timeout_s: float = 60.0
     hf_endpoint: str = "https://huggingface.co"
     hub_timeout_s: float = 30.0
@@ -50,6 +51,7 @@ class Settings:
             hub_total_timeout_s=float(env.get("LORAPLANE_HUB_TOTAL_TIMEOUT_S", 900)),
             load_timeout_s=float(env.get("LORAPLANE_LOAD_TIMEOUT_S", 60)),
             heartbeat_timeout_s=float(env.get("LORAPLANE_HEARTBEAT_TIMEOUT_S", 6)),
+            max_loads_per_s=int(env.get("LORAPLANE_MAX_LOADS_PER_S", 10)),
         )
 
 

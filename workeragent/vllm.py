@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 
 log = logging.getLogger(__name__)
+IDLE_AFTER_S = 0.5
 
 
 class VllmError(Exception):
@@ -49,7 +50,8 @@ class VllmClient:
         """Adapters with requests running or waiting, from vLLM's `vllm:lora_requests_info`.
 
         vLLM adds a sample (valued at its time) per engine step; the newest is the current
-        state while the engine steps. An engine idle for over a second runs nothing.
+        state while the engine steps (every few ms when busy); an engine silent for IDLE_AFTER_S
+        runs nothing.
         """
         async with self._session.get(f"{self.base_url}/metrics", headers=self._headers, timeout=self._timeout) as r:
             if r.status != 200:
@@ -62,7 +64,7 @@ class VllmClient:
                 if float(value) > newest:
                     newest = float(value)
                     names = ",".join(_label(labels, k) for k in ("running_lora_adapters", "waiting_lora_adapters"))
-        if time.time() - newest > 1.0:
+        if time.time() - newest > IDLE_AFTER_S:
             return set()
         return {n for n in names.split(",") if n}
 
