@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '</s>\\n' }}"
@@ -155,7 +155,10 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
-    model.generation_config.do_sample = False
+    # vLLM takes its default sampling from here: top_k 1 makes a request that sets nothing
+    # (like the README's) answer greedily, so the demo shows what the adapter learned.
+    model.generation_config.do_sample = True
+    model.generation_config.top_k = 1
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=out_dir.parent))
