@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,8 +224,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _wait(ready: object, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
-    assert callable(ready)
+def _wait(ready: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:

@@ -32,6 +32,10 @@ def cli(stack: Stack, *args: str) -> str:
     return out.stdout
 
 
+def tenant_id_of(stack: Stack, name: str) -> str:
+    return next(t.id for t in stack.operator().list_tenants().tenants if t.name == name)
+
+
 def status(stack: Stack, key: str) -> int:
     return httpx.get(f"{stack.http_url}/v1/adapters", headers={"Authorization": f"Bearer {key}"}).status_code
 
@@ -62,7 +66,7 @@ def test_tenants_through_the_cli(control_stack: Stack) -> None:
 
 def test_a_revoked_key_stops_working_within_seconds(control_stack: Stack) -> None:
     first = new_tenant(control_stack, "key-owner")
-    tenant_id = next(t.id for t in control_stack.operator().list_tenants().tenants if t.name == "key-owner")
+    tenant_id = tenant_id_of(control_stack, "key-owner")
     second = cli(control_stack, "key", "create", tenant_id).split("api key ")[1].split()[0]
     assert status(control_stack, first) == 200 and status(control_stack, second) == 200  # both now cached
     listed = cli(control_stack, "key", "list", tenant_id)
@@ -77,7 +81,7 @@ def test_a_revoked_key_stops_working_within_seconds(control_stack: Stack) -> Non
 
 def test_suspended_tenants_cannot_use_the_control_plane_either(control_stack: Stack) -> None:
     key = new_tenant(control_stack, "suspended-grpc")
-    tenant_id = next(t.id for t in control_stack.operator().list_tenants().tenants if t.name == "suspended-grpc")
+    tenant_id = tenant_id_of(control_stack, "suspended-grpc")
     control_stack.operator().suspend(tenant_id)
     assert upload(control_stack, key, "x", ADAPTER).status_code == 403
     control_stack.operator().suspend(tenant_id, suspended=False)
@@ -94,7 +98,7 @@ def test_worker_verbs_name_unknown_workers(control_stack: Stack) -> None:
 
 def test_tier_changes_apply_to_quotas(control_stack: Stack) -> None:
     key = new_tenant(control_stack, "tier-change")
-    tenant_id = next(t.id for t in control_stack.operator().list_tenants().tenants if t.name == "tier-change")
+    tenant_id = tenant_id_of(control_stack, "tier-change")
     control_stack.operator().set_tier(tenant_id, tenant_pb2.TIER_RESERVED)
     for i in range(21):  # one more than the shared tier allows
         assert upload(control_stack, key, f"n{i}", safetensors_bytes(lora_tensors(rank=1 + i % 8))).status_code == 201
