@@ -70,6 +70,13 @@ class NoCapacity(ControlPlaneError):
     http_status = 503
 
 
+class LoadFailed(ControlPlaneError):
+    """Every worker tried failed to load the adapter (not retried by callers' gRPC retries)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 503
+
+
 async def abort(context: Context, err: ControlPlaneError) -> None:
     context.set_trailing_metadata(((HTTP_STATUS_KEY, str(err.http_status)),))
     await context.abort(err.code, str(err))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 
-from controlplane.errors import NoCapacity, NotFound
+from controlplane.errors import LoadFailed, NoCapacity, NotFound
 from controlplane.peers import Peers
 from controlplane.placement import LoadBudget, WorkerView, decide
 from controlplane.store import AdapterRecord, Store, WorkerRecord
@@ -17,10 +18,25 @@ from loraplane.controlplane.v1 import worker_pb2 as pb
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 64
 MAX_RELOAD_FAILURES = 3
+MAX_LOAD_ATTEMPTS = 3  # workers tried before a placement is marked failed
+RETRY_BACKOFF_S = (0.2, 1.0)  # first wait between attempts, cap (doubling)
 
 
 class CommandFailed(Exception):
     pass
+
+
+def _redact(error: str) -> str:
+    """A worker's error as tenants may read it: no file system paths, bounded."""
+    return re.sub(r"(?<![\w.])/[^\s'\",:]+", "<path>", error)[:300] or "unknown error"
+
+
+class WorkerLoadFailed(NoCapacity):
+    """One worker failed to load the adapter; another may succeed."""
+
+    def __init__(self, worker_id: str, reason: str) -> None:
+        super().__init__(f"{worker_id}: {reason}")
+        self.worker_id = worker_id
 
 
 @dataclass
@@ -30,6 +46,8 @@ class AgentSession:
     pending: dict[str, asyncio.Future[pb.CommandResult]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
     busy: frozenset[str] = frozenset()  # adapters with requests in flight, as vLLM reports them
+    in_flight: int = 0  # requests running or waiting in vLLM
+    activity_shared: bool = False  # busy and in_flight written to Redis at least once
     last_seen: float = field(default_factory=time.monotonic)
     reconciling: asyncio.Task[None] | None = None
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
@@ -45,6 +63,8 @@ class AgentSession:
             resident=frozenset(r.resident),
             loading=frozenset(self.loading),
             draining=draining,
+            in_flight=self.in_flight,
+            busy=self.busy,
         )
 
     async def command(self, msg: pb.ConnectResponse, command_id: str, timeout: float) -> pb.CommandResult:
@@ -76,16 +96,22 @@ class Fleet:
     a worker whose agent is connected to another replica is carried out there."""
 
     def __init__(
-        self, store: Store, load_timeout_s: float, self_addr: str, peers: Peers, max_loads_per_s: int = 10
+        self,
+        store: Store,
+        load_timeout_s: float,
+        self_addr: str,
+        peers: Peers,
+        max_loads_per_s: int = 10,
+        failed_hold_s: float = 30.0,
     ) -> None:
         self._store = store
         self._max_loads_per_s = max_loads_per_s
         self._load_timeout = load_timeout_s
         self._self_addr = self_addr
         self._peers = peers
+        self._failed_hold = failed_hold_s
         self.sessions: dict[str, AgentSession] = {}
-        self._last_used: dict[str, float] = {}
-        self._placing: dict[tuple[str, str | None], asyncio.Task[tuple[str, bool, int]]] = {}
+        self._placing: dict[tuple[object, ...], asyncio.Task[tuple[str, bool, int]]] = {}
         self._decide = asyncio.Lock()
 
     async def attach(self, reg: pb.Register) -> AgentSession:
@@ -131,8 +157,6 @@ class Fleet:
                 log.warning("evicting %s from %s failed: %s", adapter_id, wid, result)
             else:
                 evicted += result
-        if worker_id is None:
-            self._last_used.pop(adapter_id, None)
         return evicted
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
@@ -214,48 +238,109 @@ class Fleet:
             session.record = replace(rec, resident=resident, healthy=healthy, updated_at=time.time())
             await self._store.put_worker(session.record)
 
-    async def heartbeat(self, session: AgentSession, resident: list[str], healthy: bool, busy: list[str]) -> None:
+    async def heartbeat(
+        self, session: AgentSession, resident: list[str], healthy: bool, busy: list[str], in_flight: int = 0
+    ) -> None:
+        if (frozenset(busy), in_flight) != (session.busy, session.in_flight) or not session.activity_shared:
+            await self._store.put_activity(session.record.id, frozenset(busy), in_flight)  # for other replicas
+            session.activity_shared = True
+        session.in_flight = in_flight
         await self.report(session, resident, healthy, frozenset(busy))
         if healthy and set(resident) != await self._store.desired(session.record.id):
             self.converge(session)
 
     async def place(
-        self, adapter: AdapterRecord, worker_id: str | None = None, forwarded: bool = False
+        self,
+        adapter: AdapterRecord,
+        worker_id: str | None = None,
+        forwarded: bool = False,
+        replicate: bool = False,
+        avoid: frozenset[str] = frozenset(),
     ) -> tuple[str, bool, int]:
         """(worker id, already loaded, load ms). One placement per adapter at a time in this
         replica: callers that arrive while one runs share its outcome. An operator may name
-        the worker (a forced load, which ignores draining)."""
-        self._last_used[adapter.id] = time.monotonic()
-        flight = (adapter.id, worker_id)
+        the worker (a forced load, which ignores draining and is not retried elsewhere)."""
+        await self._store.touch(adapter.id, time.time())
+        flight = (adapter.id, worker_id, replicate, avoid)
         task = self._placing.get(flight)
         if task is None:
-            task = asyncio.create_task(self._place(adapter, worker_id, forwarded))
+            if worker_id is None:
+                task = asyncio.create_task(self._place_anywhere(adapter, replicate, avoid))
+            else:
+                task = asyncio.create_task(self._place(adapter, worker_id, forwarded))
             self._placing[flight] = task
             task.add_done_callback(lambda _: self._placing.pop(flight, None))
         return await asyncio.shield(task)
 
+    async def _place_anywhere(
+        self, adapter: AdapterRecord, replicate: bool, avoid: frozenset[str]
+    ) -> tuple[str, bool, int]:
+        """A load that fails is tried on another worker, waiting a little longer each time;
+        when no worker is left to try, the placement is marked failed with the reasons and
+        further requests fail at once for a while (`failed_hold_s`)."""
+        if adapter.placement_error and time.time() - adapter.placement_failed_at < self._failed_hold:
+            raise LoadFailed(f"the adapter could not be loaded: {adapter.placement_error}")
+        tried, reasons = set(avoid), []
+        wait, cap = RETRY_BACKOFF_S
+        for _ in range(MAX_LOAD_ATTEMPTS):
+            try:
+                placed = await self._place(adapter, None, False, replicate, frozenset(tried))
+            except WorkerLoadFailed as err:
+                tried.add(err.worker_id)
+                reasons.append(str(err))
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, cap)
+                continue
+            except NoCapacity:
+                if not reasons:
+                    raise
+                break
+            if adapter.placement_error:
+                await self._store.set_placement_error(adapter.id, "", 0.0)
+            return placed
+        reason = "; ".join(reasons)
+        if not replicate:
+            await self._store.set_placement_error(adapter.id, reason, time.time())
+        log.warning("placing %s failed on every worker tried: %s", adapter.id, reason)
+        raise LoadFailed(f"the adapter could not be loaded: {reason}")
+
     async def _views(self) -> tuple[list[WorkerView], dict[str, str]]:
         """Every live worker: this replica's sessions as they are now, the others' from Redis."""
         views, owners = [], {}
+        remote = []
         for w in await self._store.list_workers():
             session = self.sessions.get(w.id)
             if session is not None:
                 views.append(session.view(w.draining))
             elif w.owner and w.owner != self._self_addr:
-                views.append(WorkerView(w.id, w.base_model, w.healthy, w.max_adapters, frozenset(w.resident),
-                                        draining=w.draining))  # fmt: skip
+                remote.append(w)
                 owners[w.id] = w.owner
+        activity = await self._store.activity([w.id for w in remote])
+        for w in remote:
+            busy, in_flight = activity.get(w.id, (frozenset(), 0))
+            views.append(WorkerView(w.id, w.base_model, w.healthy, w.max_adapters, frozenset(w.resident),
+                                    draining=w.draining, in_flight=in_flight, busy=busy))  # fmt: skip
         return views, owners
 
-    async def _place(self, adapter: AdapterRecord, worker_id: str | None, forwarded: bool) -> tuple[str, bool, int]:
+    async def _place(
+        self,
+        adapter: AdapterRecord,
+        worker_id: str | None,
+        forwarded: bool,
+        replicate: bool = False,
+        avoid: frozenset[str] = frozenset(),
+    ) -> tuple[str, bool, int]:
         async with self._decide:
             views, owners = await self._views()
             if worker_id is not None:
                 views = [replace(v, draining=False) for v in views if v.id == worker_id]
                 if not views or (forwarded and worker_id in owners):
                     raise NotFound(f"worker {worker_id!r} is not connected")
-            busy = frozenset().union(*(s.busy for s in self.sessions.values()))
-            decision = decide(views, adapter.base_model, adapter.id, self._last_used, busy)
+            decision = decide(views, adapter.base_model, adapter.id, {}, avoid=avoid, replicate=replicate)
+            if decision is not None and decision.evict is not None:  # only now is recency needed
+                residents = sorted(set().union(*(v.resident for v in views)))
+                last_used = await self._store.last_used(residents)
+                decision = decide(views, adapter.base_model, adapter.id, last_used, avoid=avoid, replicate=replicate)
             if decision is None:
                 raise NoCapacity(f"no worker of {adapter.base_model} can take the adapter right now")
             if decision.already_loaded:
@@ -265,11 +350,18 @@ class Fleet:
             if session is not None:
                 session.loading.add(adapter.id)
         if session is None:
-            return await self._peers.load(owners[decision.worker_id], adapter.id, decision.worker_id)
+            try:
+                return await self._peers.load(owners[decision.worker_id], adapter.id, decision.worker_id)
+            except NoCapacity as err:  # the owner's WorkerLoadFailed, as text
+                raise WorkerLoadFailed(decision.worker_id, str(err).removeprefix(f"{decision.worker_id}: ")) from None
         try:
             if decision.evict:
                 await self._evict(session, decision.evict)
             result = await self._load(session, adapter)
+        except WorkerLoadFailed:
+            raise
+        except NoCapacity as err:
+            raise WorkerLoadFailed(decision.worker_id, str(err)) from None
         finally:
             session.loading.discard(adapter.id)
         return decision.worker_id, result.already_done, result.duration_ms
@@ -303,11 +395,11 @@ class Fleet:
         try:
             result = await session.command(msg, cid, self._load_timeout)
         except CommandFailed as err:
-            raise NoCapacity(f"loading the adapter failed: {err}") from None
-        await self.report(session, list(result.resident), session.record.healthy)
-        if not result.ok:
+            raise WorkerLoadFailed(session.record.id, str(err)) from None
+        if not result.ok:  # what it holds is not measured after a failure: the next heartbeat says
             log.warning("load of %s on %s failed: %s", adapter.id, session.record.id, result.error)
-            raise NoCapacity("the worker could not load the adapter")
+            raise WorkerLoadFailed(session.record.id, _redact(result.error))
+        await self.report(session, list(result.resident), session.record.healthy)
         log.info("loaded %s on %s in %d ms", adapter.id, session.record.id, result.duration_ms)
         return result
 
@@ -319,5 +411,7 @@ class Fleet:
             result = await session.command(msg, cid, self._load_timeout)
         except CommandFailed as err:
             raise NoCapacity(f"evicting to make room failed: {err}") from None
+        if not result.ok:
+            raise NoCapacity(f"evicting to make room failed: {_redact(result.error)}")
         await self.report(session, list(result.resident), session.record.healthy)
         log.info("evicted %s from %s", adapter_id, session.record.id)

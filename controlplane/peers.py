@@ -31,7 +31,7 @@ class Peers:
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as err:
-            raise NoCapacity(f"placing on worker {worker_id} failed: {err.details()}") from None
+            raise NoCapacity(err.details() or f"placing on worker {worker_id} failed") from None
         return resp.worker_id, resp.already_loaded, 0
 
     async def evict(self, addr: str, adapter_id: str, worker_id: str) -> list[str]:

@@ -16,6 +16,8 @@ class WorkerView:
     resident: frozenset[str]
     loading: frozenset[str] = frozenset()
     draining: bool = False
+    in_flight: int = 0  # requests running or waiting in its vLLM
+    busy: frozenset[str] = frozenset()  # its adapters with requests in flight
 
     @property
     def used(self) -> int:
@@ -54,29 +56,33 @@ def decide(
     adapter_id: str,
     last_used: Mapping[str, float],
     busy: frozenset[str] = frozenset(),
+    avoid: frozenset[str] = frozenset(),
+    replicate: bool = False,
 ) -> Decision | None:
-    """Where an adapter should be: resident > free slot > evict the least recently used idle one.
-    Draining workers keep serving what they hold but take nothing new.
+    """Where an adapter should be: resident > free slot on the least used worker > evict, on
+    the least loaded worker, its least recently used idle adapter. Draining workers keep serving
+    what they hold but take nothing new. None means no capacity right now.
 
-    `busy` holds adapters with requests in flight, which are never evicted.
-    None means no capacity right now.
+    `busy` holds adapters with requests in flight, which are never evicted; `avoid`, workers
+    not to use; `replicate` asks for a worker that does not hold the adapter yet.
     """
-    candidates = [w for w in workers if w.healthy and w.base_model == base_model]
-    for w in candidates:
-        if adapter_id in w.resident:
-            return Decision(w.id, already_loaded=True)
-    candidates = [w for w in candidates if not w.draining]
+    candidates = [w for w in workers if w.healthy and w.base_model == base_model and w.id not in avoid]
+    if not replicate:
+        for w in candidates:
+            if adapter_id in w.resident:
+                return Decision(w.id, already_loaded=True)
+    candidates = [w for w in candidates if not w.draining and adapter_id not in w.resident | w.loading]
     free = [w for w in candidates if w.used < w.max_adapters]
     if free:
-        best = min(free, key=lambda w: (w.used, w.id))
+        best = min(free, key=lambda w: (w.used, w.in_flight, w.id))
         return Decision(best.id, already_loaded=False)
     options = []
     for w in candidates:
-        idle = [a for a in w.resident - w.loading if a not in busy]
+        idle = [a for a in w.resident - w.loading - w.busy if a not in busy]
         if idle:
             victim = min(idle, key=lambda a: (last_used.get(a, 0.0), a))
-            options.append((last_used.get(victim, 0.0), w.id, victim))
+            options.append((w.in_flight, last_used.get(victim, 0.0), w.id, victim))
     if not options:
         return None
-    _, worker_id, victim = min(options)
+    *_, worker_id, victim = min(options)
     return Decision(worker_id, already_loaded=False, evict=victim)

@@ -74,7 +74,14 @@ async def start(settings: Settings) -> ControlPlane:
     artifacts.clean_temp()
     catalog = Catalog.load(settings.catalog_path)
     peers = Peers(settings.operator_token, settings.load_timeout_s * 2)
-    fleet = Fleet(store, settings.load_timeout_s, settings.advertise_addr, peers, settings.max_loads_per_s)
+    fleet = Fleet(
+        store,
+        settings.load_timeout_s,
+        settings.advertise_addr,
+        peers,
+        settings.max_loads_per_s,
+        settings.placement_failed_hold_s,
+    )
     auth = Auth(store, settings)
     registry = Registry(settings, store, artifacts, catalog, fleet)
 

@@ -84,6 +84,7 @@ def adapter_message(rec: AdapterRecord) -> apb.Adapter:
         size_bytes=rec.size_bytes,
         sha256=rec.sha256,
         created_at=timestamp(rec.created_at),
+        placement_error=rec.placement_error,
     )
 
 
@@ -174,7 +175,9 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
         rec = await self._own(tenant, request.adapter_id)
         if rec.status != "ready":
             raise InvalidAdapter(f"adapter is {rec.status}, not ready")
-        worker_id, already, load_ms = await self._fleet.place(rec)
+        worker_id, already, load_ms = await self._fleet.place(
+            rec, replicate=request.replicate, avoid=frozenset(request.avoid_worker_ids)
+        )
         return apb.PlaceAdapterResponse(worker_id=worker_id, already_loaded=already, load_ms=load_ms)
 
 
@@ -217,7 +220,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         async for msg in it:
             if msg.HasField("heartbeat"):
                 hb = msg.heartbeat
-                await self._fleet.heartbeat(session, list(hb.resident), hb.healthy, list(hb.busy))
+                await self._fleet.heartbeat(
+                    session, list(hb.resident), hb.healthy, list(hb.busy), hb.requests_in_flight
+                )
             elif msg.HasField("result"):
                 session.resolve(msg.result)
 

@@ -22,6 +22,7 @@ class Settings:
     load_timeout_s: float = 60.0
     heartbeat_timeout_s: float = 6.0
     max_loads_per_s: int = 10
+    placement_failed_hold_s: float = 30.0
     upload_idle_timeout_s: float = 60.0
     hf_endpoint: str = "https://huggingface.co"
     hub_timeout_s: float = 30.0
@@ -52,6 +53,7 @@ class Settings:
             load_timeout_s=float(env.get("LORAPLANE_LOAD_TIMEOUT_S", 60)),
             heartbeat_timeout_s=float(env.get("LORAPLANE_HEARTBEAT_TIMEOUT_S", 6)),
             max_loads_per_s=int(env.get("LORAPLANE_MAX_LOADS_PER_S", 10)),
+            placement_failed_hold_s=float(env.get("LORAPLANE_PLACEMENT_FAILED_HOLD_S", 30)),
         )
 
 

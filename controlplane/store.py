@@ -12,6 +12,8 @@ Keys (prefix `lp:`; tenants and keys: see `controlplane/tenantstore.py`):
     draining                set    ids of workers that take no new placements
     desired:<wid>           set    adapter ids the worker should hold; its owner converges it to that
     routing:version         int    bumped on every routing change; published on `lp:routing`
+    activity:<wid>          string JSON {busy, in_flight} from the worker's last heartbeats (expires)
+    used                    hash   aid -> when a request last used it (data planes write it each second)
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class AdapterRecord:
     sha256: str
     created_at: float
     adapter_config: str  # the clean adapter_config.json workers get
+    placement_error: str = ""  # why the last placement failed on every worker tried
+    placement_failed_at: float = 0.0
 
     @property
     def vllm_name(self) -> str:
@@ -166,6 +170,27 @@ class Store:
             pipe.hdel(f"{P}tenant:{rec.tenant_id}:adapters", rec.name)
             await pipe.execute()
 
+    async def set_placement_error(self, adapter_id: str, reason: str, at: float) -> None:
+        """Record (or, with reason "", clear) why the adapter could not be placed."""
+        key = f"{P}adapter:{adapter_id}"
+        async with self.r.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            raw = await pipe.get(key)
+            if not raw or (rec := AdapterRecord.from_json(raw)).status != "ready":
+                return
+            pipe.multi()
+            pipe.set(key, replace(rec, placement_error=reason, placement_failed_at=at if reason else 0.0).to_json())
+            await pipe.execute()
+
+    async def touch(self, adapter_id: str, at: float) -> None:
+        await self.r.hset(P + "used", adapter_id, at)
+
+    async def last_used(self, adapter_ids: list[str]) -> dict[str, float]:
+        if not adapter_ids:
+            return {}
+        values = await self.r.hmget(P + "used", adapter_ids)
+        return {a: float(v) for a, v in zip(adapter_ids, values, strict=True) if v}
+
     async def mark_deleting(self, rec: AdapterRecord) -> None:
         """The adapter is gone for its tenant at once (name, quota, lists); eviction and
         garbage collection follow. Idempotent."""
@@ -198,6 +223,7 @@ class Store:
         blob = f"{P}blob:{rec.sha256}"
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(f"{P}adapter:{rec.id}")
+            pipe.hdel(P + "used", rec.id)
             pipe.srem(P + "deleting", rec.id)
             pipe.srem(blob, rec.id)
             pipe.scard(blob)
@@ -238,6 +264,20 @@ class Store:
 
     async def desired(self, worker_id: str) -> set[str]:
         return {str(a) for a in await self.r.smembers(f"{P}desired:{worker_id}")}
+
+    async def put_activity(self, worker_id: str, busy: frozenset[str], in_flight: int, ttl_s: int = 30) -> None:
+        value = json.dumps({"busy": sorted(busy), "in_flight": in_flight})
+        await self.r.set(f"{P}activity:{worker_id}", value, ex=ttl_s)
+
+    async def activity(self, worker_ids: list[str]) -> dict[str, tuple[frozenset[str], int]]:
+        """What other replicas' workers are busy with: adapters with requests in flight, requests."""
+        raws = await self.r.mget([f"{P}activity:{w}" for w in worker_ids]) if worker_ids else []
+        out = {}
+        for wid, raw in zip(worker_ids, raws, strict=True):
+            if raw:
+                a = json.loads(raw)
+                out[wid] = (frozenset(a["busy"]), int(a["in_flight"]))
+        return out
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
         if draining:

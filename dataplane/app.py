@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,16 +22,18 @@ from starlette.routing import Route
 from dataplane import errors, events
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
-from dataplane.errors import ApiError, BadRequest, TooLarge, Unavailable
+from dataplane.errors import ApiError, BadRequest, TooLarge, Unavailable, Unreachable
 from dataplane.proxy import Proxy
 from dataplane.resolve import Resolver, Target
-from dataplane.routing import RoutingTable, Worker, candidates, least_loaded
+from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
 from dataplane.settings import Settings
 from dataplane.upload import UploadStream
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 
 log = logging.getLogger(__name__)
+USED_KEY = "lp:used"
+REPLICA_LINGER_S = 2.0
 STATUS = {apb.ADAPTER_STATUS_PENDING: "pending", apb.ADAPTER_STATUS_READY: "ready", apb.ADAPTER_STATUS_FAILED: "failed"}
 
 
@@ -42,7 +45,8 @@ class State:
     routing: RoutingTable
     cp: ControlPlaneClient
     proxy: Proxy
-    placing: dict[str, asyncio.Task[apb.PlaceAdapterResponse]]
+    placing: dict[tuple[str, bool, frozenset[str]], asyncio.Task[apb.PlaceAdapterResponse]]
+    used: dict[str, float]  # adapter id -> when last requested here, until flushed to Redis
 
 
 def _state(request: Request) -> State:
@@ -96,23 +100,26 @@ def adapter_json(a: apb.Adapter) -> dict[str, object]:
         "size_bytes": a.size_bytes,
         "sha256": a.sha256,
         "created_at": a.created_at.seconds,
+        "placement_error": a.placement_error or None,
     }
 
 
-async def _worker_for(st: State, target: Target, key: str) -> Worker:
+async def _worker_for(st: State, target: Target, key: str, avoid: frozenset[str] = frozenset()) -> Worker:
     """Adapter affinity first, then load; a cold adapter is placed once, whoever asks."""
-    pool = candidates(st.routing.workers, target.base.name, target.adapter_id)
+    usable = [w for w in st.routing.usable(st.routing.workers) if w.id not in avoid]
+    pool = candidates(usable, target.base.name, target.adapter_id)
     worker = least_loaded(pool, st.routing.in_flight)
-    if worker is not None:
-        return worker
     if target.adapter_id is None:
-        raise Unavailable(f"no worker serves {target.base.name} right now")
-    task = st.placing.get(target.adapter_id)
-    if task is None:
-        task = asyncio.create_task(st.cp.place(key, target.adapter_id, st.settings.place_timeout_s))
-        st.placing[target.adapter_id] = task
-        task.add_done_callback(lambda _: st.placing.pop(target.adapter_id or "", None))
-    placed = await asyncio.shield(task)
+        if worker is None:
+            raise Unavailable(f"no worker serves {target.base.name} right now")
+        return worker
+    st.used[target.adapter_id] = time.time()
+    if worker is not None:
+        hot = is_hot(st.routing.adapter_in_flight[target.adapter_id] + 1, len(pool), st.settings.replicate_at_in_flight)
+        if hot and len(candidates(usable, target.base.name, None)) > len(pool):
+            _single_flight(st, key, target.adapter_id, replicate=True)
+        return worker
+    placed = await asyncio.shield(_single_flight(st, key, target.adapter_id, avoid=avoid))
     worker = st.routing.get(placed.worker_id)
     if worker is None:
         await st.routing.refresh()
@@ -120,6 +127,45 @@ async def _worker_for(st: State, target: Target, key: str) -> Worker:
     if worker is None:
         raise Unavailable("the adapter's worker is not in the routing table yet")
     return worker
+
+
+def _single_flight(
+    st: State, key: str, adapter_id: str, replicate: bool = False, avoid: frozenset[str] = frozenset()
+) -> asyncio.Task[apb.PlaceAdapterResponse]:
+    """One placement per adapter (and kind) at a time, however many requests want it. A replica
+    is asked for in the background and its flight kept a moment longer, so that the routing
+    table shows the new copy before the adapter can look hot again."""
+    flight = (adapter_id, replicate, avoid)
+    task = st.placing.get(flight)
+    if task is None:
+        task = asyncio.create_task(
+            st.cp.place(key, adapter_id, st.settings.place_timeout_s, replicate=replicate, avoid=sorted(avoid))
+        )
+        st.placing[flight] = task
+        linger = REPLICA_LINGER_S if replicate else 0.0
+
+        def landed(t: asyncio.Task[apb.PlaceAdapterResponse]) -> None:
+            err = None if t.cancelled() else t.exception()  # retrieved even when nobody waits any more
+            if replicate and err is not None:
+                log.info("replicating %s: %s", adapter_id, err)
+            asyncio.get_running_loop().call_later(linger, st.placing.pop, flight, None)
+
+        task.add_done_callback(landed)
+    return task
+
+
+async def _forward(st: State, worker: Worker, path: str, body: dict[str, Any], target: Target, model: str) -> Response:
+    in_flight, adapter_in_flight = st.routing.in_flight, st.routing.adapter_in_flight
+    in_flight[worker.id] += 1
+    if target.adapter_id:
+        adapter_in_flight[target.adapter_id] += 1
+
+    def done() -> None:
+        in_flight[worker.id] -= 1
+        if target.adapter_id:
+            adapter_in_flight[target.adapter_id] -= 1
+
+    return await st.proxy.forward(worker.endpoint, path, body, target.upstream_model, model, done)
 
 
 def _completion(path: str) -> Any:
@@ -131,15 +177,29 @@ def _completion(path: str) -> Any:
         target = await st.resolver.resolve(tenant_id, client_model)
         assert isinstance(client_model, str)
         worker = await _worker_for(st, target, _key(request))
-        in_flight = st.routing.in_flight
-        in_flight[worker.id] += 1
-
-        def done() -> None:
-            in_flight[worker.id] -= 1
-
-        return await st.proxy.forward(worker.endpoint, path, body, target.upstream_model, client_model, done)
+        try:
+            return await _forward(st, worker, path, body, target, client_model)
+        except Unreachable:  # nothing was sent or answered: once more, elsewhere
+            st.routing.suspect(worker.id)
+            worker = await _worker_for(st, target, _key(request), avoid=frozenset({worker.id}))
+            return await _forward(st, worker, path, body, target, client_model)
 
     return endpoint
+
+
+async def flush_used(client: redis.Redis, used: dict[str, float], every_s: float = 1.0) -> None:
+    """When each adapter was last used, for the control plane's LRU eviction: written to Redis
+    once a second, not once per request."""
+    while True:
+        await asyncio.sleep(every_s)
+        if not used:
+            continue
+        batch = dict(used)
+        used.clear()
+        try:
+            await client.hset(USED_KEY, mapping=batch)  # type: ignore[arg-type]
+        except redis.RedisError as err:
+            log.debug("recording adapter use failed: %s", err)
 
 
 async def upload(request: Request) -> Response:
@@ -226,7 +286,11 @@ def create_app(settings: Settings) -> Starlette:
         routing = RoutingTable(client)
         keys = KeyCache(client, settings.key_cache_ttl_s)
         resolver = Resolver(client, catalog, settings.adapter_cache_ttl_s)
-        follower = asyncio.create_task(events.follow(client, routing, [keys, resolver], settings.routing_refresh_s))
+        used: dict[str, float] = {}
+        background = [
+            asyncio.create_task(events.follow(client, routing, [keys, resolver], settings.routing_refresh_s)),
+            asyncio.create_task(flush_used(client, used)),
+        ]
         cp = ControlPlaneClient(settings.controlplane_addr)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
@@ -238,12 +302,14 @@ def create_app(settings: Settings) -> Starlette:
                 cp=cp,
                 proxy=Proxy(http, settings.worker_api_key, settings.upstream_timeout_s),
                 placing={},
+                used=used,
             )
             try:
                 yield {"lp": state}
             finally:
-                follower.cancel()
-                await asyncio.gather(follower, return_exceptions=True)
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
                 await cp.close()
                 await client.aclose()
 

@@ -70,10 +70,13 @@ class ControlPlaneClient:
             raise from_grpc(err) from None
         return resp.adapter
 
-    async def place(self, key: str, adapter_id: str, timeout: float) -> apb.PlaceAdapterResponse:
+    async def place(
+        self, key: str, adapter_id: str, timeout: float, replicate: bool = False, avoid: list[str] | None = None
+    ) -> apb.PlaceAdapterResponse:
+        request = apb.PlaceAdapterRequest(adapter_id=adapter_id, replicate=replicate, avoid_worker_ids=avoid or [])
         try:
             resp: apb.PlaceAdapterResponse = await self.adapters.PlaceAdapter(
-                apb.PlaceAdapterRequest(adapter_id=adapter_id), metadata=self.auth(key), timeout=timeout
+                request, metadata=self.auth(key), timeout=timeout
             )
             return resp
         except grpc.aio.AioRpcError as err:

@@ -66,6 +66,10 @@ class Upstream(ApiError):
     status, type = 502, "server_error"
 
 
+class Unreachable(Upstream):
+    """The worker failed before answering anything: safe to try another one."""
+
+
 BY_HTTP_STATUS: dict[int, type[ApiError]] = {
     400: BadRequest,
     403: Forbidden,

@@ -9,7 +9,7 @@ import aiohttp
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from dataplane.errors import Upstream
+from dataplane.errors import Unreachable, Upstream
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 
@@ -41,8 +41,10 @@ class Proxy:
                     headers=self._headers,
                     timeout=self._timeout,
                 )
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as err:
+                raise Unreachable(f"the worker could not be reached: {type(err).__name__}") from None
             except (aiohttp.ClientError, TimeoutError) as err:
-                raise Upstream(f"the worker could not be reached: {type(err).__name__}") from None
+                raise Upstream(f"the worker did not answer: {type(err).__name__}") from None
             headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
             if upstream.content_type == "text/event-stream":
                 return StreamingResponse(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 
 log = logging.getLogger(__name__)
+SUSPECT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,28 @@ def least_loaded(workers: Sequence[Worker], in_flight: Counter[str]) -> Worker |
     return min(workers, key=lambda w: (in_flight[w.id], w.id), default=None)
 
 
+def is_hot(in_flight: int, holders: int, threshold: int) -> bool:
+    """An adapter whose requests in flight pass `threshold` per worker holding it wants one more."""
+    return holders > 0 and in_flight > threshold * holders
+
+
 class RoutingTable:
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
         self.version = -1
         self.workers: tuple[Worker, ...] = ()
-        self.in_flight: Counter[str] = Counter()
+        self.in_flight: Counter[str] = Counter()  # per worker, from this data plane
+        self.adapter_in_flight: Counter[str] = Counter()
+        self._suspects: dict[str, float] = {}  # worker id -> until when it is skipped
+
+    def suspect(self, worker_id: str, for_s: float = SUSPECT_S) -> None:
+        """Skip a worker that just failed to answer, for long enough that its agent's next
+        heartbeat can tell the table whether it is down."""
+        self._suspects[worker_id] = time.monotonic() + for_s
+
+    def usable(self, workers: Sequence[Worker]) -> list[Worker]:
+        now = time.monotonic()
+        return [w for w in workers if self._suspects.get(w.id, 0.0) < now]
 
     def get(self, worker_id: str) -> Worker | None:
         return next((w for w in self.workers if w.id == worker_id), None)

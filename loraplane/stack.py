@@ -33,6 +33,14 @@ BASE_MODEL = "tiny-llama"
 
 
 @dataclass(frozen=True)
+class WorkerSpec:
+    """One more worker (agent + vLLM) beside the first; `env` overrides its settings."""
+
+    vllm_port: int
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class StackConfig:
     data_dir: Path
     http_port: int = 8080
@@ -43,6 +51,7 @@ class StackConfig:
     with_worker: bool = True
     second_grpc_port: int = 0  # > 0: run a second control plane replica there
     extra_env: tuple[tuple[str, str], ...] = ()
+    extra_workers: tuple[WorkerSpec, ...] = ()  # connected to the second replica when there is one
 
 
 @dataclass
@@ -96,10 +105,12 @@ class Stack:
             dataplane_env = env | {"LORAPLANE_CONTROLPLANE_ADDR": second}
         if self.config.with_worker:
             self._spawn("agent", [sys.executable, "-m", "workeragent.agent"], env)
+            for i, spec in enumerate(self.config.extra_workers, start=2):
+                self._spawn(f"agent-{i}", [sys.executable, "-m", "workeragent.agent"], self.worker_env(i, spec))
         self._spawn("dataplane", [sys.executable, "-m", "dataplane.app"], dataplane_env)
         _wait(lambda: _http_ok(self.http_url + "/healthz"), 60, "data plane", self.procs["dataplane"])
         if self.config.with_worker:
-            _wait(self._worker_ready, timeout, "the vLLM worker", self.procs["agent"])
+            _wait(self._worker_ready, timeout, "the vLLM workers", self.procs["agent"])
 
     def env(self) -> dict[str, str]:
         d = self.config.data_dir.resolve()
@@ -125,13 +136,28 @@ class Stack:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         return env
 
+    def worker_env(self, i: int, spec: WorkerSpec) -> dict[str, str]:
+        d = self.config.data_dir.resolve()
+        env = self.env() | {
+            "LORAPLANE_VLLM_PORT": str(spec.vllm_port),
+            "LORAPLANE_CACHE_DIR": str(d / f"agent-cache-{i}"),
+            "LORAPLANE_WORKER_ID": f"embedded-{BASE_MODEL}-{i}",
+        }
+        if self.config.second_grpc_port:
+            env["LORAPLANE_CONTROLPLANE_ADDR"] = f"127.0.0.1:{self.config.second_grpc_port}"
+        return env | dict(spec.env)
+
+    @property
+    def agents(self) -> list[str]:
+        return ["agent"] + [f"agent-{i}" for i in range(2, len(self.config.extra_workers) + 2)]
+
     def _worker_ready(self) -> bool:
-        # The agent registers once vLLM is healthy.
+        # Each agent registers once its vLLM is healthy.
         try:
             workers = self.operator(timeout=2).list_workers().workers
         except grpc.RpcError:
             return False
-        return any(w.healthy for w in workers)
+        return sum(w.healthy for w in workers) == len(self.agents)
 
     def _start_redis(self, d: Path) -> str:
         binary = shutil.which("redis-server")
@@ -168,7 +194,7 @@ class Stack:
             )
 
     def stop(self) -> None:
-        for name in ["dataplane", "agent", "controlplane-2", "controlplane", "redis"]:
+        for name in ["dataplane", *self.agents, "controlplane-2", "controlplane", "redis"]:
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc
-from loraplane.stack import Stack, StackConfig
+from loraplane.stack import Stack, StackConfig, WorkerSpec, vllm_args
 from tests.hubserver import HubServer
 from tests.support import RedisServer, free_port
 
@@ -29,7 +29,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.build(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def _stack(tmp: Path, with_worker: bool, env: tuple[tuple[str, str], ...] = (), replicas: int = 1) -> Iterator[Stack]:
+def _stack(
+    tmp: Path,
+    with_worker: bool,
+    env: tuple[tuple[str, str], ...] = (),
+    replicas: int = 1,
+    extra_workers: tuple[WorkerSpec, ...] = (),
+) -> Iterator[Stack]:
     config = StackConfig(
         data_dir=tmp / "data",
         http_port=free_port(),
@@ -39,6 +45,7 @@ def _stack(tmp: Path, with_worker: bool, env: tuple[tuple[str, str], ...] = (), 
         with_worker=with_worker,
         extra_env=env,
         second_grpc_port=free_port() if replicas == 2 else 0,
+        extra_workers=extra_workers,
     )
     stack = Stack(config)
     try:
@@ -66,11 +73,26 @@ def control_stack(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> I
     yield from _stack(tmp_path_factory.mktemp("control-stack"), with_worker=False, env=env)
 
 
+# The second worker's vLLM takes LoRA ranks up to 32 only (the catalog allows 64): a worker
+# on which some adapters fail to load, as in a fleet whose nodes are configured unevenly.
+SECOND_WORKER_MAX_RANK = 32
+REPLICATE_AT_IN_FLIGHT = 4
+
+
 @pytest.fixture(scope="session")
 def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The whole embedded stack, with a real vLLM worker, and two control plane replicas:
-    the agent is connected to the first, the data plane calls the second."""
-    yield from _stack(tmp_path_factory.mktemp("full-stack"), with_worker=True, replicas=2)
+    """The whole embedded stack with two real vLLM workers and two control plane replicas:
+    the first agent is connected to the first replica; the second agent and the data plane
+    to the second. An adapter with more than REPLICATE_AT_IN_FLIGHT requests in flight per
+    worker holding it gets another copy."""
+    second = WorkerSpec(
+        free_port(),
+        env=(("LORAPLANE_VLLM_ARGS", " ".join([*vllm_args(), "--max-lora-rank", str(SECOND_WORKER_MAX_RANK)])),),
+    )
+    env = (("LORAPLANE_REPLICATE_AT_IN_FLIGHT", str(REPLICATE_AT_IN_FLIGHT)),)
+    yield from _stack(
+        tmp_path_factory.mktemp("full-stack"), with_worker=True, env=env, replicas=2, extra_workers=(second,)
+    )
 
 
 def new_tenant(stack: Stack, name: str) -> str:

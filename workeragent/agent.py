@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -34,13 +37,16 @@ class Agent:
         self._model = model
         self._metadata = (("authorization", f"Bearer {settings.agent_token}"),)
         self.process: VllmProcess | None = None
+        self._vllm_secret = settings.vllm_agent_secret
         if not settings.vllm_url:
+            self._vllm_secret = _local_secret(settings.cache_dir / "vllm.secret")
             self.process = VllmProcess(
                 model_path=model.path,
                 served_name=model.name,
                 host=settings.vllm_host,
                 port=settings.vllm_port,
                 api_key=settings.vllm_api_key,
+                agent_secret=self._vllm_secret,
                 max_loras=model.max_adapters_per_worker,
                 max_rank=model.max_rank,
                 extra_args=settings.vllm_args,
@@ -61,7 +67,7 @@ class Agent:
             aiohttp.ClientSession() as http,
             grpc.aio.insecure_channel(self._s.controlplane_addr, options=channel_options) as channel,
         ):
-            self._vllm = VllmClient(self.local_url, self._s.vllm_api_key, http)
+            self._vllm = VllmClient(self.local_url, self._s.vllm_api_key, self._vllm_secret, http)
             self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
             self._cache = ArtifactCache(self._s.cache_dir, self._fetch, self._s.cache_max_bytes)
             tasks = [asyncio.create_task(self._connect_forever())]
@@ -155,8 +161,8 @@ class Agent:
             await asyncio.sleep(self._s.heartbeat_s)
             healthy = await self._vllm.healthy()
             resident = await self._vllm.resident() if healthy else []
-            busy = sorted(await self._vllm.busy()) if healthy else []
-            beat = pb.Heartbeat(resident=resident, healthy=healthy, busy=busy)
+            busy, in_flight = await self._vllm.activity() if healthy else (set(), 0)
+            beat = pb.Heartbeat(resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight)
             await outbox.put(pb.ConnectRequest(heartbeat=beat))
 
     async def _execute(self, msg: pb.ConnectResponse, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
@@ -206,6 +212,20 @@ class Agent:
         call = self._stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256), metadata=self._metadata, timeout=600)
         async for msg in call:
             yield msg.chunk
+
+
+def _local_secret(path: Path) -> str:
+    """The secret of the vLLM this agent starts, kept beside its pid file (mode 0600) so that
+    an agent that restarts and adopts the running vLLM still holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if len(secret := path.read_text().strip()) >= 32:
+            return secret
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return secret
 
 
 async def serve(settings: Settings) -> None:

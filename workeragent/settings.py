@@ -18,6 +18,7 @@ class Settings:
     vllm_host: str
     vllm_port: int
     vllm_api_key: str
+    vllm_agent_secret: str  # the attached vLLM's guard secret; a vLLM we start gets a generated one
     vllm_url: str  # attach to this vLLM instead of starting one
     advertise_url: str  # where data planes reach this worker's vLLM
     vllm_args: tuple[str, ...]
@@ -42,6 +43,7 @@ class Settings:
             vllm_host=env.get("LORAPLANE_VLLM_HOST", "127.0.0.1"),
             vllm_port=int(env.get("LORAPLANE_VLLM_PORT", "8100")),
             vllm_api_key=env.get("LORAPLANE_WORKER_API_KEY", ""),
+            vllm_agent_secret=env.get("LORAPLANE_VLLM_AGENT_SECRET", ""),
             vllm_url=env.get("LORAPLANE_VLLM_URL", ""),
             advertise_url=env.get("LORAPLANE_ADVERTISE_URL", ""),
             vllm_args=tuple(shlex.split(env.get("LORAPLANE_VLLM_ARGS", ""))),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import aiohttp
 
+from workeragent import vllmguard
+
 log = logging.getLogger(__name__)
 IDLE_AFTER_S = 0.5
 
@@ -25,10 +27,12 @@ class VllmError(Exception):
 class VllmClient:
     """The few vLLM calls the agent makes: health, resident adapters, load, unload."""
 
-    def __init__(self, base_url: str, api_key: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, base_url: str, api_key: str, agent_secret: str, session: aiohttp.ClientSession) -> None:
         self.base_url = base_url.rstrip("/")
         self._session = session
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if agent_secret:
+            self._headers[vllmguard.SECRET_HEADER] = agent_secret
         self._timeout = aiohttp.ClientTimeout(total=30)
 
     async def healthy(self) -> bool:
@@ -47,26 +51,32 @@ class VllmClient:
         return sorted(m["id"] for m in body.get("data", []) if m.get("parent"))
 
     async def busy(self) -> set[str]:
-        """Adapters with requests running or waiting, from vLLM's `vllm:lora_requests_info`.
+        return (await self.activity())[0]
 
-        vLLM adds a sample (valued at its time) per engine step; the newest is the current
-        state while the engine steps (every few ms when busy); an engine silent for IDLE_AFTER_S
-        runs nothing.
+    async def activity(self) -> tuple[set[str], int]:
+        """Adapters with requests running or waiting, from vLLM's `vllm:lora_requests_info`, and
+        how many requests are running or waiting in all (`vllm:num_requests_running|waiting`).
+
+        vLLM adds a lora_requests_info sample (valued at its time) per engine step; the newest
+        is the current state while the engine steps (every few ms when busy); an engine silent
+        for IDLE_AFTER_S runs nothing.
         """
         async with self._session.get(f"{self.base_url}/metrics", headers=self._headers, timeout=self._timeout) as r:
             if r.status != 200:
                 raise VllmError(f"GET /metrics answered {r.status}")
             text = await r.text()
-        newest, names = 0.0, ""
+        newest, names, in_flight = 0.0, "", 0.0
         for line in text.splitlines():
             if line.startswith("vllm:lora_requests_info{"):
                 labels, _, value = line.rpartition("} ")
                 if float(value) > newest:
                     newest = float(value)
                     names = ",".join(_label(labels, k) for k in ("running_lora_adapters", "waiting_lora_adapters"))
+            elif line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")):
+                in_flight += float(line.rpartition(" ")[2])
         if time.time() - newest > IDLE_AFTER_S:
-            return set()
-        return {n for n in names.split(",") if n}
+            return set(), int(in_flight)
+        return {n for n in names.split(",") if n}, int(in_flight)
 
     async def load(self, name: str, path: str) -> None:
         await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
@@ -92,7 +102,8 @@ def _label(labels: str, key: str) -> str:
 
 
 class VllmProcess:
-    """Starts vLLM's OpenAI server for one model with runtime LoRA updating on."""
+    """Starts vLLM's OpenAI server for one model with runtime LoRA updating on, its LoRA
+    loading and every other non-serving path reserved to the holder of `agent_secret`."""
 
     def __init__(
         self,
@@ -101,6 +112,7 @@ class VllmProcess:
         host: str,
         port: int,
         api_key: str,
+        agent_secret: str,
         max_loras: int,
         max_rank: int,
         extra_args: Sequence[str],
@@ -116,15 +128,18 @@ class VllmProcess:
             "--max-loras", str(max_loras),
             "--max-lora-rank", str(max_rank),
             "--disable-uvicorn-access-log",
+            "--middleware", f"{vllmguard.__name__}.{vllmguard.AgentOnly.__name__}",
             *extra_args,
         ]  # fmt: skip
         self._api_key = api_key
+        self._agent_secret = agent_secret
         self._pidfile = pidfile
         self.proc: asyncio.subprocess.Process | None = None
         self.pid: int | None = None
 
     async def start(self) -> None:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        env[vllmguard.SECRET_ENV] = self._agent_secret
         if self._api_key:
             env["VLLM_API_KEY"] = self._api_key
         log.info("starting vLLM: %s", " ".join(self.args))

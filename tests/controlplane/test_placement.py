@@ -5,8 +5,10 @@ import pytest
 from controlplane.placement import Decision, LoadBudget, WorkerView, decide
 
 
-def w(wid: str, resident: set[str], max_adapters: int = 2, healthy: bool = True, base: str = "m") -> WorkerView:
-    return WorkerView(wid, base, healthy, max_adapters, frozenset(resident))
+def w(
+    wid: str, resident: set[str], max_adapters: int = 2, healthy: bool = True, base: str = "m", in_flight: int = 0
+) -> WorkerView:
+    return WorkerView(wid, base, healthy, max_adapters, frozenset(resident), in_flight=in_flight)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +33,20 @@ def w(wid: str, resident: set[str], max_adapters: int = 2, healthy: bool = True,
             Decision("a", False, evict="p"),
         ),
         ("everything busy: no capacity", [w("a", {"p", "q"})], {}, {"p", "q"}, None),
+        (
+            "evict on the least loaded worker, even if another holds an older adapter",
+            [w("a", {"p", "q"}, in_flight=5), w("b", {"r", "s"}, in_flight=1)],
+            {"p": 1.0, "q": 2.0, "r": 3.0, "s": 4.0},
+            set(),
+            Decision("b", False, evict="r"),
+        ),
+        (
+            "equally loaded: the oldest idle adapter anywhere",
+            [w("a", {"p", "q"}, in_flight=1), w("b", {"r", "s"}, in_flight=1)],
+            {"p": 3.0, "q": 4.0, "r": 2.0, "s": 1.0},
+            {"s"},
+            Decision("b", False, evict="r"),
+        ),
     ],
 )
 def test_decide(
@@ -41,6 +57,18 @@ def test_decide(
     expected: Decision | None,
 ) -> None:
     assert decide(workers, "m", "x", last_used, frozenset(busy)) == expected, intent
+
+
+def test_avoided_workers_are_not_used_even_when_they_hold_the_adapter() -> None:
+    workers = [w("a", {"x"}), w("b", {"p"})]
+    assert decide(workers, "m", "x", {}, avoid=frozenset({"a"})) == Decision("b", False)
+    assert decide(workers, "m", "x", {}, avoid=frozenset({"a", "b"})) is None
+
+
+def test_a_replica_goes_to_a_worker_that_does_not_hold_the_adapter() -> None:
+    workers = [w("a", {"x"}), w("b", {"p", "q"}), w("c", {"r"})]
+    assert decide(workers, "m", "x", {}, replicate=True) == Decision("c", False)
+    assert decide([w("a", {"x"})], "m", "x", {}, replicate=True) is None
 
 
 def test_the_load_budget_allows_n_loads_in_any_second() -> None:

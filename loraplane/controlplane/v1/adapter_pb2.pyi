@@ -34,7 +34,7 @@ class AdapterSource(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., repo: _Optional[str] = ..., revision: _Optional[str] = ..., commit_sha: _Optional[str] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("id", "name", "base_model", "model", "status", "status_reason", "source", "rank", "target_modules", "lora_alpha", "size_bytes", "sha256", "created_at")
+    __slots__ = ("id", "name", "base_model", "model", "status", "status_reason", "source", "rank", "target_modules", "lora_alpha", "size_bytes", "sha256", "created_at", "placement_error")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class Adapter(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_ERROR_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     base_model: str
@@ -61,7 +62,8 @@ class Adapter(_message.Message):
     size_bytes: int
     sha256: str
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., base_model: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., status_reason: _Optional[str] = ..., source: _Optional[_Union[AdapterSource, _Mapping]] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., lora_alpha: _Optional[float] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    placement_error: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., base_model: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., status_reason: _Optional[str] = ..., source: _Optional[_Union[AdapterSource, _Mapping]] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., lora_alpha: _Optional[float] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., placement_error: _Optional[str] = ...) -> None: ...
 
 class UploadAdapterMetadata(_message.Message):
     __slots__ = ("name", "base_model", "lora_alpha", "adapter_config")
@@ -146,10 +148,14 @@ class GetAdapterResponse(_message.Message):
     def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
 
 class PlaceAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id",)
+    __slots__ = ("adapter_id", "replicate", "avoid_worker_ids")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICATE_FIELD_NUMBER: _ClassVar[int]
+    AVOID_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
-    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+    replicate: bool
+    avoid_worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., replicate: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PlaceAdapterResponse(_message.Message):
     __slots__ = ("worker_id", "already_loaded", "load_ms")
