@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,14 +17,16 @@ import aiohttp
 import redis.asyncio as redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dataplane import errors, events
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
 from dataplane.errors import ApiError, BadRequest, TooLarge, Unavailable, Unreachable
+from dataplane.metrics import Metrics, MetricsMiddleware
 from dataplane.proxy import Proxy
 from dataplane.resolve import Resolver, Target
 from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
@@ -47,6 +51,7 @@ class State:
     proxy: Proxy
     placing: dict[tuple[str, bool, frozenset[str]], asyncio.Task[apb.PlaceAdapterResponse]]
     used: dict[str, float]  # adapter id -> when last requested here, until flushed to Redis
+    metrics: Metrics
 
 
 def _state(request: Request) -> State:
@@ -168,23 +173,67 @@ async def _forward(st: State, worker: Worker, path: str, body: dict[str, Any], t
     return await st.proxy.forward(worker.endpoint, path, body, target.upstream_model, model, done)
 
 
+def _limit(body: dict[str, Any], settings: Settings) -> None:
+    """Request limits, each a clear 400 naming the parameter."""
+    for name, most in (("max_tokens", settings.max_tokens), ("max_completion_tokens", settings.max_tokens),
+                       ("n", settings.max_n), ("best_of", settings.max_n)):  # fmt: skip
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+            raise BadRequest(f"{name!r} must be an integer from 1 to {most}", param=name)
+
+
+def cache_salt(secret: str, tenant_id: str) -> str:
+    """The same per tenant on every data plane; a tenant's prompts can share vLLM's prefix cache
+    with each other, never with another tenant's (whatever `cache_salt` the client sent)."""
+    return hmac.new(secret.encode(), f"cache-salt:{tenant_id}".encode(), hashlib.sha256).hexdigest()
+
+
 def _completion(path: str) -> Any:
     async def endpoint(request: Request) -> Response:
         st = _state(request)
         tenant_id = await st.keys.tenant_id(request)
         body = await _json_body(request, st.settings.max_body_bytes)
+        _limit(body, st.settings)
+        body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant_id)
         client_model = body.get("model")
         target = await st.resolver.resolve(tenant_id, client_model)
         assert isinstance(client_model, str)
-        worker = await _worker_for(st, target, _key(request))
-        try:
-            return await _forward(st, worker, path, body, target, client_model)
-        except Unreachable:  # nothing was sent or answered: once more, elsewhere
-            st.routing.suspect(worker.id)
-            worker = await _worker_for(st, target, _key(request), avoid=frozenset({worker.id}))
-            return await _forward(st, worker, path, body, target, client_model)
+
+        async def answer() -> Response:
+            worker = await _worker_for(st, target, _key(request))
+            try:
+                return await _forward(st, worker, path, body, target, client_model)
+            except Unreachable:  # nothing was sent or answered: once more, elsewhere
+                st.routing.suspect(worker.id)
+                worker = await _worker_for(st, target, _key(request), avoid=frozenset({worker.id}))
+                return await _forward(st, worker, path, body, target, client_model)
+
+        return await _unless_disconnected(request, answer())
 
     return endpoint
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Until the answer starts, a client that goes away cancels the work (and so the upstream
+    request); once it streams, Starlette's StreamingResponse does the same."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done():  # the client left: nobody reads an answer
+            return Response(status_code=499)
+        raise
+    finally:
+        watcher.cancel()
 
 
 async def flush_used(client: redis.Redis, used: dict[str, float], every_s: float = 1.0) -> None:
@@ -273,10 +322,33 @@ async def list_models(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """The process answers."""
     return JSONResponse({"status": "ok", "routing_version": _state(request).routing.version})
 
 
+async def readyz(request: Request) -> Response:
+    """Ready once a routing table has been read: from then on it serves what that table can,
+    Redis or control plane down or not."""
+    st = _state(request)
+    ready = st.routing.version >= 0
+    body = {"status": "ready" if ready else "starting", "routing_version": st.routing.version,
+            "workers": sum(w.healthy for w in st.routing.workers)}  # fmt: skip
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    st = _state(request)
+    gauges = {
+        "loraplane_dataplane_routing_version": float(st.routing.version),
+        "loraplane_dataplane_healthy_workers": float(sum(w.healthy for w in st.routing.workers)),
+        "loraplane_dataplane_placements_waiting": float(len(st.placing)),
+    }
+    return PlainTextResponse(st.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+
 def create_app(settings: Settings) -> Starlette:
+    metrics = Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, State]]:
         client = redis.Redis.from_url(
@@ -303,6 +375,7 @@ def create_app(settings: Settings) -> Starlette:
                 proxy=Proxy(http, settings.worker_api_key, settings.upstream_timeout_s),
                 placing={},
                 used=used,
+                metrics=metrics,
             )
             try:
                 yield {"lp": state}
@@ -315,6 +388,8 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/chat/completions", _completion("/v1/chat/completions"), methods=["POST"]),
         Route("/v1/completions", _completion("/v1/completions"), methods=["POST"]),
@@ -325,7 +400,12 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/adapters/{adapter_id}", delete_adapter, methods=["DELETE"]),
     ]
     handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=handlers,
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+    )
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ class Settings:
     key_cache_ttl_s: float = 30.0
     adapter_cache_ttl_s: float = 5.0
     routing_refresh_s: float = 5.0
+    max_tokens: int = 4096  # per request (max_tokens, max_completion_tokens)
+    max_n: int = 8  # choices per request
     replicate_at_in_flight: int = 16  # requests in flight per holder that make an adapter hot
 
     @classmethod
@@ -34,5 +36,7 @@ class Settings:
             worker_api_key=env.get("LORAPLANE_WORKER_API_KEY", ""),
             max_adapter_bytes=int(env.get("LORAPLANE_MAX_ADAPTER_BYTES", 500 * 1000 * 1000)),
             max_body_bytes=int(env.get("LORAPLANE_MAX_BODY_BYTES", 1 << 20)),
+            max_tokens=int(env.get("LORAPLANE_MAX_TOKENS", 4096)),
+            max_n=int(env.get("LORAPLANE_MAX_N", 8)),
             replicate_at_in_flight=int(env.get("LORAPLANE_REPLICATE_AT_IN_FLIGHT", 16)),
         )

@@ -94,23 +94,25 @@ class Stack:
         self.redis_url = self.config.redis_url or self._start_redis(d / "redis")
         env = self.env()
         self._spawn("controlplane", [sys.executable, "-m", "controlplane.server"], env)
-        _wait(lambda: _port_open(self.config.grpc_port), 60, "control plane", self.procs["controlplane"])
+        wait_until(lambda: _port_open(self.config.grpc_port), 60, "control plane", self.procs["controlplane"])
         dataplane_env = env
         if self.config.second_grpc_port:  # a second replica: the data plane uses it, the agent the first
             second = f"127.0.0.1:{self.config.second_grpc_port}"
             self._spawn(
                 "controlplane-2", [sys.executable, "-m", "controlplane.server"], env | {"LORAPLANE_GRPC_ADDR": second}
             )
-            _wait(lambda: _port_open(self.config.second_grpc_port), 60, "control plane 2", self.procs["controlplane-2"])
+            wait_until(
+                lambda: _port_open(self.config.second_grpc_port), 60, "control plane 2", self.procs["controlplane-2"]
+            )
             dataplane_env = env | {"LORAPLANE_CONTROLPLANE_ADDR": second}
         if self.config.with_worker:
             self._spawn("agent", [sys.executable, "-m", "workeragent.agent"], env)
             for i, spec in enumerate(self.config.extra_workers, start=2):
                 self._spawn(f"agent-{i}", [sys.executable, "-m", "workeragent.agent"], self.worker_env(i, spec))
         self._spawn("dataplane", [sys.executable, "-m", "dataplane.app"], dataplane_env)
-        _wait(lambda: _http_ok(self.http_url + "/healthz"), 60, "data plane", self.procs["dataplane"])
+        wait_until(lambda: http_ok(self.http_url + "/healthz"), 60, "data plane", self.procs["dataplane"])
         if self.config.with_worker:
-            _wait(self._worker_ready, timeout, "the vLLM workers", self.procs["agent"])
+            wait_until(self._worker_ready, timeout, "the vLLM workers", self.procs["agent"])
 
     def env(self) -> dict[str, str]:
         d = self.config.data_dir.resolve()
@@ -134,6 +136,8 @@ class Stack:
         env.setdefault("LORAPLANE_VLLM_ARGS", " ".join(vllm_args()))
         if _vllm_cpu():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            if self.config.extra_workers:
+                env.update(_cpu_share())
         return env
 
     def worker_env(self, i: int, spec: WorkerSpec) -> dict[str, str]:
@@ -145,6 +149,8 @@ class Stack:
         }
         if self.config.second_grpc_port:
             env["LORAPLANE_CONTROLPLANE_ADDR"] = f"127.0.0.1:{self.config.second_grpc_port}"
+        if _vllm_cpu():
+            env.update(_cpu_share())
         return env | dict(spec.env)
 
     @property
@@ -174,7 +180,7 @@ class Stack:
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
             dict(os.environ),
         )  # fmt: skip
-        _wait(sock.exists, 30, "redis-server", self.procs["redis"])
+        wait_until(sock.exists, 30, "redis-server", self.procs["redis"])
         return f"unix://{sock}"
 
     def restart(self, name: str) -> None:
@@ -213,6 +219,13 @@ def vllm_args() -> list[str]:
     return args
 
 
+def _cpu_share() -> dict[str, str]:
+    """Several vLLMs (CPU build) on one machine: vLLM binds each engine to the same first core,
+    and on a busy core a restarting vLLM was seen stalled for minutes in sched_setaffinity. So no
+    binding, and one OpenMP thread each: the scheduler shares the cores."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+
+
 def _vllm_cpu() -> bool:
     try:
         importlib.metadata.distribution("vllm-cpu")
@@ -242,7 +255,7 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
             return bool(r.status == 200)
@@ -250,7 +263,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _wait(ready: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
+def wait_until(ready: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:

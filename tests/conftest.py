@@ -2,15 +2,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import pytest
 
 from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc
-from loraplane.stack import Stack, StackConfig, WorkerSpec, vllm_args
+from loraplane.stack import Stack, StackConfig, WorkerSpec, http_ok, vllm_args, wait_until
 from tests.hubserver import HubServer
 from tests.support import RedisServer, free_port
 
@@ -93,6 +96,33 @@ def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield from _stack(
         tmp_path_factory.mktemp("full-stack"), with_worker=True, env=env, replicas=2, extra_workers=(second,)
     )
+
+
+@dataclass
+class SimStack:
+    stack: Stack
+    sim_url: str
+
+    def state(self) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(self.sim_url + "/sim/state", timeout=5).json()
+        return body
+
+
+@pytest.fixture(scope="session")
+def sim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimStack]:
+    """The whole stack, with the agent attached to the vLLM simulator instead of a vLLM: for
+    the data plane's own behaviour (cancellation, limits, retries), fast and deterministic."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sim = subprocess.Popen([sys.executable, "-m", "loraplane.vllmsim", "--port", str(port)])
+    try:
+        wait_until(lambda: http_ok(url + "/health"), 30, "the simulator", sim)
+        tmp = tmp_path_factory.mktemp("sim-stack")
+        for stack in _stack(tmp, with_worker=True, env=(("LORAPLANE_VLLM_URL", url),)):
+            yield SimStack(stack, url)
+    finally:
+        sim.terminate()
+        sim.wait(10)
 
 
 def new_tenant(stack: Stack, name: str) -> str:

@@ -10,16 +10,24 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from loraplane import devadapter
 from loraplane.stack import Stack
-from tests.conftest import curl_upload, grpc_upload, new_tenant, upload
+from tests.conftest import (
+    REPLICATE_AT_IN_FLIGHT,
+    SECOND_WORKER_MAX_RANK,
+    curl_upload,
+    grpc_upload,
+    new_tenant,
+    upload,
+)
 from tests.support import lora_tensors, safetensors_bytes, with_metadata
 
 PROMPT = "hello"
@@ -42,7 +50,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, full_stack: Stack) -> dic
 def healthy_worker(full_stack: Stack) -> None:
     """Each test starts with every component up and the worker serving, even if an earlier
     test that kills components failed half-way."""
-    for name in ("controlplane", "controlplane-2", "agent", "dataplane"):
+    for name in ("controlplane", "controlplane-2", *full_stack.agents, "dataplane"):
         if full_stack.procs[name].poll() is not None:
             full_stack.restart(name)
     deadline = time.monotonic() + 120
@@ -53,9 +61,24 @@ def healthy_worker(full_stack: Stack) -> None:
 
 def _serving(stack: Stack) -> bool:
     try:
-        return any(w.healthy for w in stack.operator(timeout=2).list_workers().workers)
+        workers = stack.operator(timeout=2).list_workers().workers
     except grpc.RpcError:  # a control plane still starting
         return False
+    return sum(w.healthy for w in workers) == len(stack.agents)
+
+
+W1, W2 = "embedded-tiny-llama", "embedded-tiny-llama-2"  # agent (first replica), agent-2 (second)
+
+
+def _empty_workers(stack: Stack) -> None:
+    op = stack.operator()
+    for w in op.list_workers().workers:
+        for adapter_id in w.resident_adapter_ids:
+            op.force_evict(adapter_id)
+
+
+def _holders(stack: Stack, adapter_id: str) -> set[str]:
+    return {w.worker_id for w in stack.operator().list_workers().workers if adapter_id in w.resident_adapter_ids}
 
 
 @pytest.fixture
@@ -194,20 +217,12 @@ def test_streaming_and_text_completions_echo_the_model(
 
 
 def _vllm_pid(stack: Stack) -> int:
+    """The first worker's vLLM."""
     return int((stack.config.data_dir / "agent-cache" / "vllm.pid").read_text())
 
 
-def _wait_resident(stack: Stack, adapter_id: str, within_s: float) -> float:
-    """Seconds until a healthy worker reports holding the adapter."""
-    started = time.monotonic()
-    while not any(w.healthy and adapter_id in w.adapter_ids for w in stack.operator().routing_table().workers):
-        assert time.monotonic() - started < within_s, f"{adapter_id} not resident within {within_s}s"
-        time.sleep(0.2)
-    return time.monotonic() - started
-
-
 def _vllm_holds(stack: Stack) -> set[str]:
-    """What vLLM itself says it holds (asked directly, as only the agent and data planes can)."""
+    """What the first worker's vLLM itself says it holds (asked as data planes can)."""
     try:
         r = httpx.get(
             f"http://127.0.0.1:{stack.config.vllm_port}/v1/models",
@@ -219,17 +234,31 @@ def _vllm_holds(stack: Stack) -> set[str]:
     return {m["id"] for m in r.json()["data"] if m.get("parent")} if r.status_code == 200 else set()
 
 
-def _loads_logged(stack: Stack, adapter_id: str) -> int:
+def config_logs(stack: Stack) -> str:
+    """Both control plane replicas' logs."""
     assert stack.config.log_dir is not None
-    return sum(f"loaded {adapter_id} on" in p.read_text() for p in stack.config.log_dir.glob("controlplane*.log"))
+    return "".join(p.read_text() for p in sorted(stack.config.log_dir.glob("controlplane*.log")))
 
 
-def test_a_crashed_vllm_is_restarted_and_serves_adapters_again(
+def _loads_logged(stack: Stack, adapter_id: str) -> int:
+    return config_logs(stack).count(f"loaded {adapter_id} on")
+
+
+def op_adapter(stack: Stack, key: str, adapter_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{stack.http_url}/v1/adapters/{adapter_id}", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def test_a_crashed_vllm_is_restarted_and_no_request_fails_meanwhile(
     full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
 ) -> None:
     key = new_tenant(full_stack, "survivor")
     r = upload(full_stack, key, "k1", (adapters["a"] / "adapter_model.safetensors").read_bytes())
     assert r.status_code == 201
+    adapter_id = r.json()["id"]
+    full_stack.operator().force_load(adapter_id, W1)
     client = openai_client(key)
 
     def ask() -> str:
@@ -242,19 +271,26 @@ def test_a_crashed_vllm_is_restarted_and_serves_adapters_again(
         return resp.choices[0].message.content or ""
 
     assert ask() == "red apple river"
-    adapter_id = r.json()["id"]
     old = _vllm_pid(full_stack)
     os.killpg(old, signal.SIGKILL)  # vLLM and its engine processes die at once
     killed = time.monotonic()
-    # No request needed: the agent restarts vLLM and the control plane reloads what it should hold.
+    # Requests keep coming: the second worker takes them (the first request after the kill finds
+    # the dead worker and is retried there). Meanwhile the agent restarts vLLM and the control
+    # plane reloads what it should hold, with no request needed.
+    answers = []
     while adapter_id not in _vllm_holds(full_stack):
         assert time.monotonic() - killed < 240, "not reloaded within 240 s"
-        time.sleep(0.5)
+        answers.append(ask())
     took = time.monotonic() - killed
+    assert answers and set(answers) == {"red apple river"}  # every request served, none failed
     assert _vllm_pid(full_stack) != old
-    _wait_resident(full_stack, adapter_id, within_s=10)
+    assert W2 in _holders(full_stack, adapter_id)
+    deadline = time.monotonic() + 10
+    while W1 not in _holders(full_stack, adapter_id):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     assert ask() == "red apple river"
-    print(f"\nvLLM killed: restarted and its adapter reloaded after {took:.0f} s")
+    print(f"\nvLLM killed: {len(answers)} requests served meanwhile, none failed; reloaded after {took:.0f} s")
 
 
 def test_a_killed_agent_comes_back_without_reloading(
@@ -262,6 +298,7 @@ def test_a_killed_agent_comes_back_without_reloading(
 ) -> None:
     key = new_tenant(full_stack, "agent-crash")
     adapter = upload(full_stack, key, "g1", (adapters["b"] / "adapter_model.safetensors").read_bytes()).json()
+    full_stack.operator().force_load(adapter["id"], W1)
     client = openai_client(key)
     say(client, "tiny-llama:g1")
     loads, vllm = _loads_logged(full_stack, adapter["id"]), _vllm_pid(full_stack)
@@ -272,13 +309,13 @@ def test_a_killed_agent_comes_back_without_reloading(
     # (the worker leaves the routing table while its agent is away: nothing could load or evict there)
     full_stack.restart("agent")
     deadline = time.monotonic() + 60
-    while not any(w.healthy for w in full_stack.operator().list_workers().workers):
+    while not _serving(full_stack):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     time.sleep(3)  # a heartbeat or two: time for any (needless) reconcile to happen
     assert _vllm_pid(full_stack) == vllm
     assert _loads_logged(full_stack, adapter["id"]) == loads
-    _wait_resident(full_stack, adapter["id"], within_s=1)
+    assert W1 in _holders(full_stack, adapter["id"])
 
 
 def test_the_control_plane_killed_mid_placement_converges(
@@ -295,14 +332,23 @@ def test_the_control_plane_killed_mid_placement_converges(
         )
         return resp.choices[0].message.content or ""
 
-    with ThreadPoolExecutor(1) as pool:
-        during = pool.submit(ask)  # the data plane asks the second replica, which forwards to the first
-        time.sleep(0.01)
-        full_stack.procs["controlplane"].kill()  # the replica holding the agent's stream
-        full_stack.procs["controlplane"].wait()
-        with contextlib.suppress(openai.APIError):
-            during.result()
-    full_stack.restart("controlplane")
+    op = full_stack.operator()
+    op.drain(W2)  # the placement must go to the first worker, whose agent the first replica holds
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            during = pool.submit(ask)  # the data plane asks the second replica, which forwards to the first
+            time.sleep(0.01)
+            full_stack.procs["controlplane"].kill()  # the replica holding the first agent's stream
+            full_stack.procs["controlplane"].wait()
+            with contextlib.suppress(openai.APIError):
+                during.result()
+        full_stack.restart("controlplane")
+    finally:
+        while True:
+            with contextlib.suppress(grpc.RpcError):
+                full_stack.operator().drain(W2, draining=False)
+                break
+            time.sleep(0.5)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -315,37 +361,42 @@ def test_the_control_plane_killed_mid_placement_converges(
     assert len(holders) == 1
 
 
-def test_a_full_worker_evicts_the_least_recently_used_idle_adapter(
+def test_full_workers_evict_the_least_recently_used_idle_adapter(
     full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
 ) -> None:
-    op = full_stack.operator()
-    (worker,) = op.list_workers().workers
-    for adapter_id in worker.resident_adapter_ids:  # start from an empty worker
-        op.force_evict(adapter_id)
+    _empty_workers(full_stack)
     key = new_tenant(full_stack, "lru")
     client = openai_client(key)
     base = (adapters["a"] / "adapter_model.safetensors").read_bytes()
-    ids = []
-    for i in range(9):
-        ids.append(upload(full_stack, key, f"l{i}", with_metadata(base, {"lru": str(i)})).json()["id"])
-    for i in range(8):  # fill the 8 slots, l0 first: l0 is the least recently used
+    ids = [upload(full_stack, key, f"l{i}", with_metadata(base, {"lru": str(i)})).json()["id"] for i in range(17)]
+    for i in range(16):  # fill both workers' 8 slots, l0 first: l0 is the least recently used
         client.chat.completions.create(
             model=f"tiny-llama:l{i}", messages=[{"role": "user", "content": "x"}], max_tokens=1
         )
-    assert set(op.list_workers().workers[0].resident_adapter_ids) == set(ids[:8])
+    # A cold adapter takes a free slot on the least used worker: they fill in turn.
+    assert {w: _holders(full_stack, a) for w, a in enumerate(ids[:16])} == {
+        i: {W1 if i % 2 == 0 else W2} for i in range(16)
+    }
 
-    stream = client.chat.completions.create(
-        model="tiny-llama:l0", messages=[{"role": "user", "content": "x"}], stream=True, max_tokens=1000,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    chunks = iter(stream)
-    next(chunks)
-    time.sleep(2.5)  # a heartbeat reports l0 busy (and l0 is now also recently used... by the stream)
-    say(client, "tiny-llama:l8")
-    resident = set(op.list_workers().workers[0].resident_adapter_ids)
-    assert ids[8] in resident and ids[0] in resident  # l0 has a request in flight: never the victim
-    assert ids[1] not in resident  # the least recently used idle one went
-    assert list(chunks)[-1].choices[0].finish_reason == "length"
+    def long_stream(model: str) -> Iterator[ChatCompletionChunk]:
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], stream=True, max_tokens=1000,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        chunks = iter(stream)
+        next(chunks)
+        return chunks
+
+    # The two least recently used (one on each worker) get a request in flight.
+    running = [long_stream("tiny-llama:l0"), long_stream("tiny-llama:l1")]
+    time.sleep(2.5)  # heartbeats report them busy
+    say(client, "tiny-llama:l16")
+    assert _holders(full_stack, ids[16])
+    assert _holders(full_stack, ids[0]) == {W1} and _holders(full_stack, ids[1]) == {W2}  # never a busy one
+    assert not _holders(full_stack, ids[2])  # the least recently used idle one went
+    assert all(_holders(full_stack, a) for a in ids[3:16])
+    for chunks in running:
+        assert list(chunks)[-1].choices[0].finish_reason == "length"
 
 
 def test_concurrent_requests_for_a_cold_adapter_all_succeed(
@@ -364,14 +415,15 @@ def test_concurrent_requests_for_a_cold_adapter_all_succeed(
         )
         return resp.choices[0].message.content or ""
 
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(ask, range(8)))
+    # As many as make the adapter hot on one worker, but no more: one placement, no replica.
+    with ThreadPoolExecutor(REPLICATE_AT_IN_FLIGHT) as pool:
+        answers = list(pool.map(ask, range(REPLICATE_AT_IN_FLIGHT)))
     assert len(set(answers)) == 1 and answers[0]
-    workers = full_stack.operator().list_workers().workers
     adapter_id = httpx.get(f"{full_stack.http_url}/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()[
         "data"
     ][0]["id"]
-    assert sum(adapter_id in w.resident_adapter_ids for w in workers) == 1
+    assert len(_holders(full_stack, adapter_id)) == 1
+    assert _loads_logged(full_stack, adapter_id) == 1
 
 
 def test_delete_during_traffic_finishes_running_requests_then_evicts(
@@ -415,26 +467,112 @@ def test_operator_drain_and_forced_placements(
     op = full_stack.operator()
     key = new_tenant(full_stack, "operated")
     adapter = upload(full_stack, key, "o1", (adapters["b"] / "adapter_model.safetensors").read_bytes()).json()
-    (worker,) = op.list_workers().workers
     client = openai_client(key)
 
-    op.drain(worker.worker_id)
-    with pytest.raises(openai.APIStatusError) as err:
-        client.chat.completions.create(model="tiny-llama:o1", messages=[{"role": "user", "content": "x"}], max_tokens=2)
-    assert err.value.status_code == 503 and err.value.response.headers["retry-after"]
-    assert op.routing_table().workers[0].draining
-    op.drain(worker.worker_id, draining=False)
+    for w in (W1, W2):
+        op.drain(w)
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            say(client, "tiny-llama:o1")
+        assert err.value.status_code == 503 and err.value.response.headers["retry-after"]
+        assert all(w.draining for w in op.routing_table().workers)
+    finally:
+        for w in (W1, W2):
+            op.drain(w, draining=False)
 
-    loaded = op.force_load(adapter["id"])
-    assert loaded.worker_id == worker.worker_id and not loaded.already_loaded
-    assert adapter["id"] in op.routing_table().workers[0].adapter_ids
-    assert op.force_load(adapter["id"]).already_loaded
-    assert op.force_evict(adapter["id"]) == [worker.worker_id]
-    assert adapter["id"] not in op.routing_table().workers[0].adapter_ids
-    resp = client.chat.completions.create(
-        model="tiny-llama:o1", messages=[{"role": "user", "content": "x"}], max_tokens=2
-    )
-    assert resp.model == "tiny-llama:o1"
+    loaded = op.force_load(adapter["id"], W2)
+    assert loaded.worker_id == W2 and not loaded.already_loaded
+    assert _holders(full_stack, adapter["id"]) == {W2}
+    assert op.force_load(adapter["id"], W2).already_loaded
+    assert op.force_evict(adapter["id"]) == [W2]
+    assert not _holders(full_stack, adapter["id"])
+    assert say(client, "tiny-llama:o1").model == "tiny-llama:o1"
+
+
+def test_vllm_admin_paths_are_the_agents_alone(full_stack: Stack) -> None:
+    """Data planes hold the worker API key: it opens serving paths, never LoRA loading."""
+    auth = {"Authorization": f"Bearer {full_stack.secrets['worker_api_key']}"}
+    for port in (full_stack.config.vllm_port, full_stack.config.extra_workers[0].vllm_port):
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/v1/models", headers=auth).status_code == 200
+        for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/reset_prefix_cache"):
+            r = httpx.post(url + path, headers=auth, json={"lora_name": "x", "lora_path": "/tmp"})
+            assert r.status_code == 403, (path, r.text)
+
+
+def test_a_failed_load_is_retried_on_another_worker(
+    full_stack: Stack, openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    """The second worker's vLLM takes ranks up to 32; a rank-64 adapter fails there first."""
+    _empty_workers(full_stack)
+    op = full_stack.operator()
+    key = new_tenant(full_stack, "retry")
+    filler = grpc_upload(full_stack.grpc_addr, key, "filler", safetensors_bytes(lora_tensors(rank=2)))
+    op.force_load(filler.id, W1)  # the first worker is now the more used: the second is tried first
+    big = grpc_upload(full_stack.grpc_addr, key, "big", safetensors_bytes(lora_tensors(rank=64)))
+    assert big.rank > SECOND_WORKER_MAX_RANK
+    assert say(openai_client(key), "tiny-llama:big").model == "tiny-llama:big"
+    assert _holders(full_stack, big.id) == {W1}
+    assert config_logs(full_stack).count(f"load of {big.id} on {W2} failed") == 1
+    assert "max_lora_rank" in config_logs(full_stack)
+    assert op_adapter(full_stack, key, big.id)["placement_error"] is None
+    assert _holders(full_stack, filler.id) == {W1}  # the other adapter is unaffected
+
+
+def test_an_adapter_no_worker_can_load_is_marked_failed(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    key = new_tenant(full_stack, "broken")
+    client = openai_client(key)
+    good = upload(full_stack, key, "good", (adapters["a"] / "adapter_model.safetensors").read_bytes()).json()
+    say(client, "tiny-llama:good")
+    good_holders = _holders(full_stack, good["id"])
+    data = with_metadata((adapters["b"] / "adapter_model.safetensors").read_bytes(), {"copy": "rotten"})
+    bad = upload(full_stack, key, "bad", data).json()
+    blob = full_stack.config.data_dir / "artifacts" / "blobs" / bad["sha256"][:2] / bad["sha256"]
+    rotten = bytearray(blob.read_bytes())
+    rotten[-1] ^= 0xFF  # the stored bytes rot: every worker's fetch fails verification
+    blob.write_bytes(bytes(rotten))
+
+    with pytest.raises(openai.APIStatusError) as err:
+        say(client, "tiny-llama:bad")
+    assert err.value.status_code == 503 and "could not be loaded" in err.value.message
+    assert "failed verification" in err.value.message and str(full_stack.config.data_dir) not in err.value.message
+    reason = op_adapter(full_stack, key, bad["id"])["placement_error"]
+    assert W1 in reason and W2 in reason  # tried on both workers
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError):
+        say(client, "tiny-llama:bad")  # marked failed: refused at once, not tried again
+    assert time.monotonic() - started < 1.0
+    assert config_logs(full_stack).count(f"load of {bad['id']} on") == 2
+    assert _holders(full_stack, good["id"]) == good_holders  # other adapters unaffected
+    assert say(client, "tiny-llama:good").model == "tiny-llama:good"
+    assert not _holders(full_stack, bad["id"])
+
+
+def test_a_hot_adapter_gets_a_replica_on_another_worker(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    key = new_tenant(full_stack, "hot")
+    client = openai_client(key)
+    adapter = upload(full_stack, key, "h1", (adapters["a"] / "adapter_model.safetensors").read_bytes()).json()
+    full_stack.operator().force_load(adapter["id"], W1)
+    assert _holders(full_stack, adapter["id"]) == {W1}
+
+    def stream(_: int) -> str | None:
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny-llama:h1", messages=[{"role": "user", "content": "x"}], stream=True, max_tokens=150,
+                extra_body={"ignore_eos": True},
+            )
+        )  # fmt: skip
+        return chunks[-1].choices[0].finish_reason
+
+    with ThreadPoolExecutor(REPLICATE_AT_IN_FLIGHT + 2) as pool:
+        # More requests in flight than the threshold per worker holding it: a copy on the other.
+        finished = list(pool.map(stream, range(REPLICATE_AT_IN_FLIGHT + 2)))
+    assert finished == ["length"] * (REPLICATE_AT_IN_FLIGHT + 2)
+    assert _holders(full_stack, adapter["id"]) == {W1, W2}
 
 
 def test_two_control_plane_replicas_share_one_quota(full_stack: Stack) -> None:

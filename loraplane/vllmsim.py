@@ -1,0 +1,206 @@
+"""A vLLM simulator, for benchmarks and load tests only: it speaks the parts of vLLM's HTTP API
+loraplane uses (OpenAI completions and chat, streaming or not; runtime LoRA load and unload;
+`/v1/models`, `/health`, `/metrics`), holds at most `max_loras` adapters, streams tokens at a set
+rate and takes a load time proportional to the adapter's size. No model runs, so many simulated
+workers fit on one machine.
+
+    python -m loraplane.vllmsim --port 8100 --max-loras 8 --tokens-per-s 50 --load-ms-per-mb 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class SimConfig:
+    model: str = "tiny-llama"
+    max_loras: int = 8
+    tokens_per_s: float = 0.0  # 0: every token at once
+    load_ms_per_mb: float = 20.0
+    load_ms_base: float = 5.0
+    api_key: str = ""
+
+
+@dataclass
+class Sim:
+    config: SimConfig
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> path
+    running: Counter[str] = field(default_factory=Counter)  # model name -> requests in flight
+    loads: int = 0
+    seen: list[dict[str, Any]] = field(default_factory=list)  # the last requests' bodies, for tests
+
+    def error(self, status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status)
+
+    def authorized(self, request: Request) -> bool:
+        key = self.config.api_key
+        return not key or request.headers.get("authorization") == f"Bearer {key}"
+
+
+def create_app(config: SimConfig) -> Starlette:
+    sim = Sim(config)
+
+    async def health(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def models(request: Request) -> Response:
+        data = [{"id": config.model, "object": "model", "owned_by": "vllm", "root": config.model, "parent": None}]
+        data += [{"id": n, "object": "model", "owned_by": "vllm", "root": p, "parent": config.model}
+                 for n, p in sim.adapters.items()]  # fmt: skip
+        return JSONResponse({"object": "list", "data": data})
+
+    async def load(request: Request) -> Response:
+        body = await request.json()
+        name, path = body.get("lora_name", ""), body.get("lora_path", "")
+        if name in sim.adapters:
+            return sim.error(400, f"The lora adapter '{name}' has already been loaded.")
+        if len(sim.adapters) >= config.max_loras:
+            return sim.error(400, f"no free LoRA slot (max_loras={config.max_loras})")
+        weights = Path(path) / "adapter_model.safetensors"
+        size_mb = weights.stat().st_size / 1e6 if weights.exists() else 0.0
+        await asyncio.sleep((config.load_ms_base + config.load_ms_per_mb * size_mb) / 1000)
+        sim.adapters[name] = path
+        sim.loads += 1
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload(request: Request) -> Response:
+        name = (await request.json()).get("lora_name", "")
+        if sim.adapters.pop(name, None) is None:
+            return sim.error(404, f"The lora adapter '{name}' cannot be found.")
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def seen(request: Request) -> Response:
+        return JSONResponse({"requests": sim.seen, "running": sum(sim.running.values()), "loads": sim.loads})
+
+    async def metrics(request: Request) -> Response:
+        busy = ",".join(sorted(n for n, c in sim.running.items() if c and n != config.model))
+        total = sum(sim.running.values())
+        lines = [
+            f'vllm:lora_requests_info{{max_lora="{config.max_loras}",running_lora_adapters="{busy}",'
+            f'waiting_lora_adapters=""}} {time.time()}',
+            f'vllm:num_requests_running{{model_name="{config.model}"}} {float(total)}',
+            f'vllm:num_requests_waiting{{model_name="{config.model}"}} 0.0',
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    def completion(chat: bool) -> Any:
+        async def endpoint(request: Request) -> Response:
+            if not sim.authorized(request):
+                return JSONResponse({"error": "Unauthorized"}, 401)
+            body = await request.json()
+            sim.seen = [*sim.seen[-49:], body]
+            model = body.get("model")
+            if model != config.model and model not in sim.adapters:
+                return sim.error(404, f"The model `{model}` does not exist.")
+            tokens = int(body.get("max_tokens") or 16)
+            rate = float(body.get("sim_tokens_per_s", config.tokens_per_s))  # a benchmark's override
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            if body.get("stream"):
+                return StreamingResponse(_stream(sim, rid, model, tokens, chat, rate), media_type="text/event-stream")
+            sim.running[model] += 1
+            try:
+                if rate and await _client_left_within(request, tokens / rate):
+                    return Response(status_code=499)  # vLLM, too, aborts a request whose client left
+            finally:
+                sim.running[model] -= 1
+            text = " ".join(["tok"] * tokens)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
+            obj = "chat.completion" if chat else "text_completion"
+            return JSONResponse(
+                {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
+                 "usage": usage}
+            )  # fmt: skip
+
+        return endpoint
+
+    routes = [
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/metrics", metrics),
+        Route("/sim/state", seen),
+        Route("/v1/load_lora_adapter", load, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", unload, methods=["POST"]),
+        Route("/v1/chat/completions", completion(chat=True), methods=["POST"]),
+        Route("/v1/completions", completion(chat=False), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes)
+    app.state.sim = sim
+    return app
+
+
+async def _client_left_within(request: Request, seconds: float) -> bool:
+    async def left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.create_task(left())
+    try:
+        await asyncio.wait_for(asyncio.shield(watcher), seconds)
+    except TimeoutError:
+        return False
+    finally:
+        watcher.cancel()
+    return True
+
+
+async def _stream(sim: Sim, rid: str, model: str, tokens: int, chat: bool, rate: float) -> AsyncIterator[bytes]:
+    """Chunks carry `sim_t`, when they were sent, so a benchmark can measure what a proxy adds."""
+    sim.running[model] += 1
+    try:
+        created = int(time.time())
+        for i in range(tokens):
+            if rate:
+                await asyncio.sleep(1 / rate)
+            last = i == tokens - 1
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if last else None}
+            if chat:
+                choice["delta"] = {"content": "tok "}
+            else:
+                choice["text"] = "tok "
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+                     "sim_t": time.time()}  # fmt: skip
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    finally:
+        sim.running[model] -= 1
+
+
+def main() -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--tokens-per-s", type=float, default=0.0)
+    p.add_argument("--load-ms-per-mb", type=float, default=20.0)
+    p.add_argument("--api-key", default="")
+    a = p.parse_args()
+    config = SimConfig(a.model, a.max_loras, a.tokens_per_s, a.load_ms_per_mb, api_key=a.api_key)
+    uvicorn.run(create_app(config), host=a.host, port=a.port, log_level="warning", loop="uvloop", http="httptools")
+
+
+if __name__ == "__main__":
+    main()
