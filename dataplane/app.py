@@ -190,7 +190,9 @@ def cache_salt(secret: str, tenant_id: str) -> str:
     return hmac.new(secret.encode(), f"cache-salt:{tenant_id}".encode(), hashlib.sha256).hexdigest()
 
 
-def _completion(path: str) -> Any:
+def _inference(path: str, kind: str) -> Any:
+    """A completion, chat completion or embedding request, routed and proxied."""
+
     async def endpoint(request: Request) -> Response:
         st = _state(request)
         tenant_id = await st.keys.tenant_id(request)
@@ -200,6 +202,8 @@ def _completion(path: str) -> Any:
         client_model = body.get("model")
         target = await st.resolver.resolve(tenant_id, client_model)
         assert isinstance(client_model, str)
+        if target.base.kind != kind:
+            raise BadRequest(f"{target.base.name} is not a {kind} model; {path} serves {kind} models", param="model")
 
         async def answer() -> Response:
             worker = await _worker_for(st, target, _key(request))
@@ -391,8 +395,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/chat/completions", _completion("/v1/chat/completions"), methods=["POST"]),
-        Route("/v1/completions", _completion("/v1/completions"), methods=["POST"]),
+        Route("/v1/chat/completions", _inference("/v1/chat/completions", "chat"), methods=["POST"]),
+        Route("/v1/completions", _inference("/v1/completions", "chat"), methods=["POST"]),
+        Route("/v1/embeddings", _inference("/v1/embeddings", "embedding"), methods=["POST"]),
         Route("/v1/adapters/upload", upload, methods=["POST"]),
         Route("/v1/adapters", list_adapters, methods=["GET"]),
         Route("/v1/adapters", create_adapter, methods=["POST"]),

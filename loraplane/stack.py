@@ -52,6 +52,7 @@ class StackConfig:
     second_grpc_port: int = 0  # > 0: run a second control plane replica there
     extra_env: tuple[tuple[str, str], ...] = ()
     extra_workers: tuple[WorkerSpec, ...] = ()  # connected to the second replica when there is one
+    extra_models: tuple[tuple[str, str], ...] = ()  # (name, kind) served from the tiny model's files too
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Stack:
         d.mkdir(parents=True, exist_ok=True)
         self.secrets = _secrets(d / "secrets.json")
         model_dir = tinymodel.build(d / "models" / BASE_MODEL)
+        extra: list[dict[str, object]] = [
+            {"name": name, "kind": kind, "path": str(model_dir)} for name, kind in self.config.extra_models
+        ]
         Catalog.write(
             d / "catalog.json",
             [
@@ -88,7 +92,8 @@ class Stack:
                     "lora": True,
                     "max_rank": 64,
                     "max_adapters_per_worker": 8,
-                }
+                },
+                *extra,
             ],
         )
         self.redis_url = self.config.redis_url or self._start_redis(d / "redis")

@@ -133,6 +133,18 @@ def create_app(config: SimConfig) -> Starlette:
 
         return endpoint
 
+    async def embeddings(request: Request) -> Response:
+        body = await request.json()
+        sim.seen = [*sim.seen[-49:], body]
+        if body.get("model") != config.model:
+            return sim.error(404, f"The model `{body.get('model')}` does not exist.")
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"object": "embedding", "index": i, "embedding": [round(len(str(x)) / 100, 3)] * 8}
+                for i, x in enumerate(inputs)]  # fmt: skip
+        usage = {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}
+        return JSONResponse({"object": "list", "data": data, "model": config.model, "usage": usage})
+
     routes = [
         Route("/health", health),
         Route("/v1/models", models),
@@ -142,6 +154,7 @@ def create_app(config: SimConfig) -> Starlette:
         Route("/v1/unload_lora_adapter", unload, methods=["POST"]),
         Route("/v1/chat/completions", completion(chat=True), methods=["POST"]),
         Route("/v1/completions", completion(chat=False), methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     app.state.sim = sim

@@ -38,6 +38,7 @@ def _stack(
     env: tuple[tuple[str, str], ...] = (),
     replicas: int = 1,
     extra_workers: tuple[WorkerSpec, ...] = (),
+    extra_models: tuple[tuple[str, str], ...] = (),
 ) -> Iterator[Stack]:
     config = StackConfig(
         data_dir=tmp / "data",
@@ -49,6 +50,7 @@ def _stack(
         extra_env=env,
         second_grpc_port=free_port() if replicas == 2 else 0,
         extra_workers=extra_workers,
+        extra_models=extra_models,
     )
     stack = Stack(config)
     try:
@@ -101,28 +103,48 @@ def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @dataclass
 class SimStack:
     stack: Stack
-    sim_url: str
+    sim_url: str  # tiny-llama's simulated worker
+    embed_sim_url: str  # tiny-embed's (an embedding model)
 
-    def state(self) -> dict[str, Any]:
-        body: dict[str, Any] = httpx.get(self.sim_url + "/sim/state", timeout=5).json()
+    def state(self, url: str = "") -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get((url or self.sim_url) + "/sim/state", timeout=5).json()
         return body
+
+
+def _simulator(model: str) -> tuple[subprocess.Popen[bytes], str, int]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sim = subprocess.Popen([sys.executable, "-m", "loraplane.vllmsim", "--port", str(port), "--model", model])
+    wait_until(lambda: http_ok(url + "/health"), 30, "the simulator", sim)
+    return sim, url, port
 
 
 @pytest.fixture(scope="session")
 def sim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimStack]:
-    """The whole stack, with the agent attached to the vLLM simulator instead of a vLLM: for
-    the data plane's own behaviour (cancellation, limits, retries), fast and deterministic."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    sim = subprocess.Popen([sys.executable, "-m", "loraplane.vllmsim", "--port", str(port)])
+    """The whole stack with agents attached to vLLM simulators instead of vLLMs: one for
+    tiny-llama, one for tiny-embed (an embedding model). For the data plane's own behaviour
+    (cancellation, limits, retries, every endpoint), fast and deterministic."""
+    sims = []
     try:
-        wait_until(lambda: http_ok(url + "/health"), 30, "the simulator", sim)
-        tmp = tmp_path_factory.mktemp("sim-stack")
-        for stack in _stack(tmp, with_worker=True, env=(("LORAPLANE_VLLM_URL", url),)):
-            yield SimStack(stack, url)
+        sim, url, _ = _simulator("tiny-llama")
+        sims.append(sim)
+        embed_sim, embed_url, embed_port = _simulator("tiny-embed")
+        sims.append(embed_sim)
+        embed_worker = WorkerSpec(
+            embed_port, env=(("LORAPLANE_BASE_MODEL", "tiny-embed"), ("LORAPLANE_VLLM_URL", embed_url))
+        )
+        for stack in _stack(
+            tmp_path_factory.mktemp("sim-stack"),
+            with_worker=True,
+            env=(("LORAPLANE_VLLM_URL", url),),
+            extra_workers=(embed_worker,),
+            extra_models=(("tiny-embed", "embedding"),),
+        ):
+            yield SimStack(stack, url, embed_url)
     finally:
-        sim.terminate()
-        sim.wait(10)
+        for sim in sims:
+            sim.terminate()
+            sim.wait(10)
 
 
 def new_tenant(stack: Stack, name: str) -> str:

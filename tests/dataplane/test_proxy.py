@@ -77,3 +77,46 @@ def test_cache_salt_is_the_tenants_own(sim_stack: SimStack, tenant: dict[str, st
     mine, mine_again, theirs = (r["cache_salt"] for r in sim_stack.state()["requests"][-3:])
     assert re.fullmatch(r"[0-9a-f]{64}", mine)
     assert mine == mine_again != theirs
+
+
+def test_embeddings_go_to_an_embedding_models_worker(sim_stack: SimStack, tenant: dict[str, str]) -> None:
+    url = sim_stack.stack.http_url + "/v1/embeddings"
+    r = httpx.post(url, headers=tenant, json={"model": "tiny-embed", "input": ["a", "bb"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "tiny-embed" and [d["index"] for d in r.json()["data"]] == [0, 1]
+    assert sim_stack.state(sim_stack.embed_sim_url)["requests"][-1]["input"] == ["a", "bb"]
+
+    r = httpx.post(url, headers=tenant, json={"model": "tiny-embed:p1", "input": "a"})
+    assert r.status_code == 400 and "embedding models do not support LoRA" in r.json()["error"]["message"]
+    r = httpx.post(url, headers=tenant, json={"model": "tiny-llama", "input": "a"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = chat(sim_stack, tenant, model="tiny-embed")
+    assert r.status_code == 400 and "not a chat model" in r.json()["error"]["message"]
+
+
+def test_models_list_the_base_models_and_the_tenants_ready_adapters(
+    sim_stack: SimStack, tenant: dict[str, str]
+) -> None:
+    r = httpx.get(sim_stack.stack.http_url + "/v1/models", headers=tenant)
+    models = {m["id"]: m["parent"] for m in r.json()["data"]}
+    assert models == {"tiny-llama": None, "tiny-embed": None, "tiny-llama:p1": "tiny-llama"}
+
+
+def test_readyz_and_metrics(sim_stack: SimStack, tenant: dict[str, str]) -> None:
+    base = sim_stack.stack.http_url
+    ready = httpx.get(base + "/readyz")
+    assert ready.status_code == 200 and ready.json()["workers"] == 2
+
+    def requests_ok() -> float:
+        text = httpx.get(base + "/metrics").text
+        line = 'loraplane_dataplane_requests_total{path="/v1/chat/completions",status="200"} '
+        return float(next((ln[len(line) :] for ln in text.splitlines() if ln.startswith(line)), "0"))
+
+    before = requests_ok()
+    chat(sim_stack, tenant, max_tokens=1)
+    chat(sim_stack, tenant, max_tokens=1)
+    assert requests_ok() == before + 2
+    assert chat(sim_stack, tenant, n=0).status_code == 400
+    text = httpx.get(base + "/metrics").text
+    assert "loraplane_dataplane_healthy_workers 2" in text
+    assert 'loraplane_dataplane_requests_total{path="/v1/chat/completions",status="400"}' in text
