@@ -1,19 +1,15 @@
-"""The data plane's Starlette app: routes, and the collaborators they share."""
+"""The data plane's ASGI app: the inference hot path, the Starlette routes for the rest, and
+the collaborators they share."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import aiohttp
 import redis.asyncio as redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,36 +18,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from dataplane import errors, events
+from dataplane import errors, events, inference
 from dataplane.auth import KeyCache
+from dataplane.breaker import Breaker
 from dataplane.cpclient import ControlPlaneClient
-from dataplane.errors import ApiError, BadRequest, TooLarge, Unavailable, Unreachable
+from dataplane.errors import ApiError, BadRequest
+from dataplane.inference import State, bearer, read_json
 from dataplane.metrics import Metrics, MetricsMiddleware
-from dataplane.proxy import Proxy
-from dataplane.resolve import Resolver, Target
-from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
+from dataplane.resolve import Resolver
+from dataplane.routing import RoutingTable
 from dataplane.settings import Settings
 from dataplane.upload import UploadStream
+from dataplane.upstream import Pool
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 
 log = logging.getLogger(__name__)
 USED_KEY = "lp:used"
-REPLICA_LINGER_S = 2.0
 STATUS = {apb.ADAPTER_STATUS_PENDING: "pending", apb.ADAPTER_STATUS_READY: "ready", apb.ADAPTER_STATUS_FAILED: "failed"}
-
-
-@dataclass
-class State:
-    settings: Settings
-    keys: KeyCache
-    resolver: Resolver
-    routing: RoutingTable
-    cp: ControlPlaneClient
-    proxy: Proxy
-    placing: dict[tuple[str, bool, frozenset[str]], asyncio.Task[apb.PlaceAdapterResponse]]
-    used: dict[str, float]  # adapter id -> when last requested here, until flushed to Redis
-    metrics: Metrics
 
 
 def _state(request: Request) -> State:
@@ -59,25 +43,15 @@ def _state(request: Request) -> State:
 
 
 def _key(request: Request) -> str:
-    return request.headers["authorization"].partition(" ")[2].strip()
+    return bearer(request.headers.get("authorization", ""))
+
+
+async def _tenant(request: Request) -> str:
+    return await _state(request).keys.tenant_id(request.headers.get("authorization", ""))
 
 
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise TooLarge(f"request body is larger than {limit} bytes")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise TooLarge(f"request body is larger than {limit} bytes")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
+    return await read_json(request.receive, request.headers.get("content-length", "").encode(), limit)
 
 
 def adapter_json(a: apb.Adapter) -> dict[str, object]:
@@ -109,137 +83,6 @@ def adapter_json(a: apb.Adapter) -> dict[str, object]:
     }
 
 
-async def _worker_for(st: State, target: Target, key: str, avoid: frozenset[str] = frozenset()) -> Worker:
-    """Adapter affinity first, then load; a cold adapter is placed once, whoever asks."""
-    usable = [w for w in st.routing.usable(st.routing.workers) if w.id not in avoid]
-    pool = candidates(usable, target.base.name, target.adapter_id)
-    worker = least_loaded(pool, st.routing.in_flight)
-    if target.adapter_id is None:
-        if worker is None:
-            raise Unavailable(f"no worker serves {target.base.name} right now")
-        return worker
-    st.used[target.adapter_id] = time.time()
-    if worker is not None:
-        hot = is_hot(st.routing.adapter_in_flight[target.adapter_id] + 1, len(pool), st.settings.replicate_at_in_flight)
-        if hot and len(candidates(usable, target.base.name, None)) > len(pool):
-            _single_flight(st, key, target.adapter_id, replicate=True)
-        return worker
-    placed = await asyncio.shield(_single_flight(st, key, target.adapter_id, avoid=avoid))
-    worker = st.routing.get(placed.worker_id)
-    if worker is None:
-        await st.routing.refresh()
-        worker = st.routing.get(placed.worker_id)
-    if worker is None:
-        raise Unavailable("the adapter's worker is not in the routing table yet")
-    return worker
-
-
-def _single_flight(
-    st: State, key: str, adapter_id: str, replicate: bool = False, avoid: frozenset[str] = frozenset()
-) -> asyncio.Task[apb.PlaceAdapterResponse]:
-    """One placement per adapter (and kind) at a time, however many requests want it. A replica
-    is asked for in the background and its flight kept a moment longer, so that the routing
-    table shows the new copy before the adapter can look hot again."""
-    flight = (adapter_id, replicate, avoid)
-    task = st.placing.get(flight)
-    if task is None:
-        task = asyncio.create_task(
-            st.cp.place(key, adapter_id, st.settings.place_timeout_s, replicate=replicate, avoid=sorted(avoid))
-        )
-        st.placing[flight] = task
-        linger = REPLICA_LINGER_S if replicate else 0.0
-
-        def landed(t: asyncio.Task[apb.PlaceAdapterResponse]) -> None:
-            err = None if t.cancelled() else t.exception()  # retrieved even when nobody waits any more
-            if replicate and err is not None:
-                log.info("replicating %s: %s", adapter_id, err)
-            asyncio.get_running_loop().call_later(linger, st.placing.pop, flight, None)
-
-        task.add_done_callback(landed)
-    return task
-
-
-async def _forward(st: State, worker: Worker, path: str, body: dict[str, Any], target: Target, model: str) -> Response:
-    in_flight, adapter_in_flight = st.routing.in_flight, st.routing.adapter_in_flight
-    in_flight[worker.id] += 1
-    if target.adapter_id:
-        adapter_in_flight[target.adapter_id] += 1
-
-    def done() -> None:
-        in_flight[worker.id] -= 1
-        if target.adapter_id:
-            adapter_in_flight[target.adapter_id] -= 1
-
-    return await st.proxy.forward(worker.endpoint, path, body, target.upstream_model, model, done)
-
-
-def _limit(body: dict[str, Any], settings: Settings) -> None:
-    """Request limits, each a clear 400 naming the parameter."""
-    for name, most in (("max_tokens", settings.max_tokens), ("max_completion_tokens", settings.max_tokens),
-                       ("n", settings.max_n), ("best_of", settings.max_n)):  # fmt: skip
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-            raise BadRequest(f"{name!r} must be an integer from 1 to {most}", param=name)
-
-
-def cache_salt(secret: str, tenant_id: str) -> str:
-    """The same per tenant on every data plane; a tenant's prompts can share vLLM's prefix cache
-    with each other, never with another tenant's (whatever `cache_salt` the client sent)."""
-    return hmac.new(secret.encode(), f"cache-salt:{tenant_id}".encode(), hashlib.sha256).hexdigest()
-
-
-def _inference(path: str, kind: str) -> Any:
-    """A completion, chat completion or embedding request, routed and proxied."""
-
-    async def endpoint(request: Request) -> Response:
-        st = _state(request)
-        tenant_id = await st.keys.tenant_id(request)
-        body = await _json_body(request, st.settings.max_body_bytes)
-        _limit(body, st.settings)
-        body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant_id)
-        client_model = body.get("model")
-        target = await st.resolver.resolve(tenant_id, client_model)
-        assert isinstance(client_model, str)
-        if target.base.kind != kind:
-            raise BadRequest(f"{target.base.name} is not a {kind} model; {path} serves {kind} models", param="model")
-
-        async def answer() -> Response:
-            worker = await _worker_for(st, target, _key(request))
-            try:
-                return await _forward(st, worker, path, body, target, client_model)
-            except Unreachable:  # nothing was sent or answered: once more, elsewhere
-                st.routing.suspect(worker.id)
-                worker = await _worker_for(st, target, _key(request), avoid=frozenset({worker.id}))
-                return await _forward(st, worker, path, body, target, client_model)
-
-        return await _unless_disconnected(request, answer())
-
-    return endpoint
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """Until the answer starts, a client that goes away cancels the work (and so the upstream
-    request); once it streams, Starlette's StreamingResponse does the same."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        task.cancel()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if watcher.done():  # the client left: nobody reads an answer
-            return Response(status_code=499)
-        raise
-    finally:
-        watcher.cancel()
-
-
 async def flush_used(client: redis.Redis, used: dict[str, float], every_s: float = 1.0) -> None:
     """When each adapter was last used, for the control plane's LRU eviction: written to Redis
     once a second, not once per request."""
@@ -257,7 +100,7 @@ async def flush_used(client: redis.Redis, used: dict[str, float], every_s: float
 
 async def upload(request: Request) -> Response:
     st = _state(request)
-    await st.keys.tenant_id(request)
+    await _tenant(request)
     stream = UploadStream(request, st.resolver.catalog, st.settings.max_adapter_bytes)
     adapter = await stream.send(st.cp.adapters, _key(request), st.settings.upload_timeout_s)
     return JSONResponse(adapter_json(adapter), status_code=201)
@@ -266,7 +109,7 @@ async def upload(request: Request) -> Response:
 async def create_adapter(request: Request) -> Response:
     """Register an adapter from a Hugging Face repo; 202, status pending."""
     st = _state(request)
-    await st.keys.tenant_id(request)
+    await _tenant(request)
     body = await _json_body(request, 64 << 10)
     fields = {}
     for name in ("name", "base_model", "repo", "revision", "hf_token"):
@@ -283,7 +126,7 @@ async def create_adapter(request: Request) -> Response:
 
 async def delete_adapter(request: Request) -> Response:
     st = _state(request)
-    await st.keys.tenant_id(request)
+    await _tenant(request)
     adapter_id = request.path_params["adapter_id"]
     await st.cp.delete_adapter(_key(request), adapter_id)
     st.resolver.forget_id(adapter_id)  # at once here; other data planes hear it from Redis
@@ -292,21 +135,21 @@ async def delete_adapter(request: Request) -> Response:
 
 async def list_adapters(request: Request) -> Response:
     st = _state(request)
-    await st.keys.tenant_id(request)
+    await _tenant(request)
     adapters = await st.cp.list_adapters(_key(request))
     return JSONResponse({"object": "list", "data": [adapter_json(a) for a in adapters]})
 
 
 async def get_adapter(request: Request) -> Response:
     st = _state(request)
-    await st.keys.tenant_id(request)
+    await _tenant(request)
     adapter = await st.cp.get_adapter(_key(request), request.path_params["adapter_id"])
     return JSONResponse(adapter_json(adapter))
 
 
 async def list_models(request: Request) -> Response:
     st = _state(request)
-    await st.keys.tenant_id(request)
+    await _tenant(request)
     data: list[dict[str, object]] = [
         {"id": m.name, "object": "model", "created": 0, "owned_by": "loraplane", "parent": None}
         for m in st.resolver.catalog.models.values()
@@ -350,67 +193,89 @@ async def metrics_endpoint(request: Request) -> Response:
     return PlainTextResponse(st.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
 
-def create_app(settings: Settings) -> Starlette:
-    metrics = Metrics()
+class DataPlane:
+    """The ASGI app: inference requests go straight to `dataplane/inference.py`; the rest
+    (adapters, models, health, metrics) and the lifespan to Starlette."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, State]]:
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
-        )
-        catalog = Catalog.load(settings.catalog_path)
-        routing = RoutingTable(client)
-        keys = KeyCache(client, settings.key_cache_ttl_s)
-        resolver = Resolver(client, catalog, settings.adapter_cache_ttl_s)
-        used: dict[str, float] = {}
-        background = [
-            asyncio.create_task(events.follow(client, routing, [keys, resolver], settings.routing_refresh_s)),
-            asyncio.create_task(flush_used(client, used)),
+    def __init__(self, settings: Settings) -> None:
+        self.metrics = Metrics()
+        self.state: State | None = None
+        routes = [
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/adapters/upload", upload, methods=["POST"]),
+            Route("/v1/adapters", list_adapters, methods=["GET"]),
+            Route("/v1/adapters", create_adapter, methods=["POST"]),
+            Route("/v1/adapters/{adapter_id}", get_adapter, methods=["GET"]),
+            Route("/v1/adapters/{adapter_id}", delete_adapter, methods=["DELETE"]),
         ]
-        cp = ControlPlaneClient(settings.controlplane_addr)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
-            state = State(
+        handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
+        self.starlette = Starlette(
+            routes=routes,
+            lifespan=self._lifespan(settings),
+            exception_handlers=handlers,
+            middleware=[Middleware(MetricsMiddleware, metrics=self.metrics)],
+        )
+
+    async def __call__(self, scope: inference.Scope, receive: inference.Receive, send: inference.Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] in inference.PATHS
+            and scope["method"] == "POST"
+            and self.state is not None
+        ):
+            await inference.handle(self.state, scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+    def _lifespan(self, settings: Settings) -> Callable[[Starlette], AbstractAsyncContextManager[dict[str, State]]]:
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[dict[str, State]]:
+            client = redis.Redis.from_url(
+                settings.redis_url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
+            )
+            catalog = Catalog.load(settings.catalog_path)
+            routing = RoutingTable(client)
+            redis_down = Breaker()
+            keys = KeyCache(client, settings.key_cache_ttl_s, redis_down)
+            resolver = Resolver(client, catalog, settings.adapter_cache_ttl_s, redis_down)
+            used: dict[str, float] = {}
+            background = [
+                asyncio.create_task(events.follow(client, routing, [keys, resolver], settings.routing_refresh_s)),
+                asyncio.create_task(flush_used(client, used)),
+            ]
+            cp = ControlPlaneClient(settings.controlplane_addr)
+            headers = {"Authorization": f"Bearer {settings.worker_api_key}"} if settings.worker_api_key else {}
+            upstream = Pool(headers)
+            self.state = State(
                 settings=settings,
                 keys=keys,
                 resolver=resolver,
                 routing=routing,
                 cp=cp,
-                proxy=Proxy(http, settings.worker_api_key, settings.upstream_timeout_s),
+                upstream=upstream,
                 placing={},
                 used=used,
-                metrics=metrics,
+                metrics=self.metrics,
             )
             try:
-                yield {"lp": state}
+                yield {"lp": self.state}
             finally:
+                self.state = None
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
+                upstream.close()
                 await cp.close()
                 await client.aclose()
 
-    routes = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/chat/completions", _inference("/v1/chat/completions", "chat"), methods=["POST"]),
-        Route("/v1/completions", _inference("/v1/completions", "chat"), methods=["POST"]),
-        Route("/v1/embeddings", _inference("/v1/embeddings", "embedding"), methods=["POST"]),
-        Route("/v1/adapters/upload", upload, methods=["POST"]),
-        Route("/v1/adapters", list_adapters, methods=["GET"]),
-        Route("/v1/adapters", create_adapter, methods=["POST"]),
-        Route("/v1/adapters/{adapter_id}", get_adapter, methods=["GET"]),
-        Route("/v1/adapters/{adapter_id}", delete_adapter, methods=["DELETE"]),
-    ]
-    handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
-    return Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers=handlers,
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
-    )
+        return lifespan
+
+
+def create_app(settings: Settings) -> DataPlane:
+    return DataPlane(settings)
 
 
 def main() -> None:

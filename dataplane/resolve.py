@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 
+from dataplane.breaker import Breaker
 from dataplane.errors import BadRequest, NotFound, Unavailable
 from loraplane.catalog import BaseModel, Catalog
 
@@ -23,8 +24,9 @@ class Target:
 
 
 class Resolver:
-    def __init__(self, client: redis.Redis, catalog: Catalog, ttl_s: float) -> None:
+    def __init__(self, client: redis.Redis, catalog: Catalog, ttl_s: float, redis_down: Breaker) -> None:
         self._r = client
+        self.redis_down = redis_down
         self.catalog = catalog
         self._ttl = ttl_s
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}
@@ -64,12 +66,13 @@ class Resolver:
         key = (tenant_id, name)
         hit = self._cache.get(key)
         now = time.monotonic()
-        if hit and hit[1] > now:
+        if hit and (hit[1] > now or self.redis_down.open):
             return hit[0]
         try:
             aid = await self._r.hget(f"lp:tenant:{tenant_id}:adapters", name)
             raw = await self._r.get("lp:adapter:" + str(aid)) if aid else None
         except (redis.ConnectionError, redis.TimeoutError):
+            self.redis_down.trip()
             if hit:
                 return hit[0]
             raise Unavailable("the adapter registry is unavailable right now") from None

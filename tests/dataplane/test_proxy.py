@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 
 import httpx
@@ -120,3 +122,31 @@ def test_readyz_and_metrics(sim_stack: SimStack, tenant: dict[str, str]) -> None
     text = httpx.get(base + "/metrics").text
     assert "loraplane_dataplane_healthy_workers 2" in text
     assert 'loraplane_dataplane_requests_total{path="/v1/chat/completions",status="400"}' in text
+
+
+def test_with_redis_and_the_control_plane_frozen_the_last_snapshot_still_serves(
+    sim_stack: SimStack, tenant: dict[str, str]
+) -> None:
+    stack = sim_stack.stack
+    assert chat(sim_stack, tenant, max_tokens=1).status_code == 200  # key, adapter and routing known
+    frozen = [stack.procs["redis"], stack.procs["controlplane"]]
+    for proc in frozen:
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        took = []
+        for _ in range(20):
+            started = time.monotonic()
+            assert chat(sim_stack, tenant, max_tokens=1).status_code == 200
+            assert chat(sim_stack, tenant, model="tiny-llama", max_tokens=1).status_code == 200
+            took.append(time.monotonic() - started)
+            time.sleep(0.3)  # past the key and adapter caches' freshness
+        assert sorted(took)[len(took) // 2] < 0.5  # Redis's timeout holds up one probe, not every request
+        stranger = {"Authorization": "Bearer lp_" + "x" * 43}
+        assert chat(sim_stack, stranger, max_tokens=1).status_code in (401, 503)  # never served blind
+    finally:
+        for proc in frozen:
+            os.kill(proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while httpx.get(stack.http_url + "/readyz").json()["workers"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

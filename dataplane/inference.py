@@ -1,0 +1,277 @@
+"""The hot path: chat completions, completions and embeddings, as a plain ASGI handler (no
+framework in the way; `bench/hotpath.py` measured Starlette's request/response layers at a third
+of the data plane's CPU per request).
+
+Auth from the in-process key cache, the body read under its limit, request limits, the tenant's
+cache salt, `model` resolved, a worker picked from the routing table (placing a cold adapter once
+however many wait), the request forwarded and the answer passed on chunk by chunk with `model`
+rewritten to what the client sent. A client that leaves cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from dataplane.auth import KeyCache
+from dataplane.cpclient import ControlPlaneClient
+from dataplane.errors import ApiError, BadRequest, TooLarge, Unavailable, Unreachable, Upstream
+from dataplane.metrics import Metrics
+from dataplane.resolve import Resolver, Target
+from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
+from dataplane.settings import Settings
+from dataplane.upstream import Pool
+from dataplane.upstream import Response as UpstreamResponse
+from loraplane.controlplane.v1 import adapter_pb2 as apb
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/embeddings": "embedding"}
+REPLICA_LINGER_S = 2.0
+# Headers of the worker's answer that are the connection's, not the answer's.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"content-encoding", b"server", b"date",
+     b"te", b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-connection"}
+)  # fmt: skip
+
+
+@dataclass
+class State:
+    settings: Settings
+    keys: KeyCache
+    resolver: Resolver
+    routing: RoutingTable
+    cp: ControlPlaneClient
+    upstream: Pool
+    placing: dict[tuple[str, bool, frozenset[str]], asyncio.Task[apb.PlaceAdapterResponse]]
+    used: dict[str, float]  # adapter id -> when last requested here, until flushed to Redis
+    metrics: Metrics
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read."""
+
+
+def bearer(authorization: str) -> str:
+    return authorization.partition(" ")[2].strip()
+
+
+def cache_salt(secret: str, tenant_id: str) -> str:
+    """The same per tenant on every data plane; a tenant's prompts can share vLLM's prefix cache
+    with each other, never with another tenant's (whatever `cache_salt` the client sent)."""
+    return hmac.new(secret.encode(), f"cache-salt:{tenant_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def check_limits(body: dict[str, Any], settings: Settings) -> None:
+    """Request limits, each a clear 400 naming the parameter."""
+    for name, most in (("max_tokens", settings.max_tokens), ("max_completion_tokens", settings.max_tokens),
+                       ("n", settings.max_n), ("best_of", settings.max_n)):  # fmt: skip
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+            raise BadRequest(f"{name!r} must be an integer from 1 to {most}", param=name)
+
+
+async def read_json(receive: Receive, content_length: bytes | None, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object; a declared length over the limit is refused unread."""
+    if content_length and content_length.isdigit() and int(content_length) > limit:
+        raise TooLarge(f"request body is larger than {limit} bytes")
+    raw = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        raw += message.get("body", b"")
+        if len(raw) > limit:
+            raise TooLarge(f"request body is larger than {limit} bytes")
+        if not message.get("more_body"):
+            break
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+async def send_error(send: Send, err: ApiError) -> None:
+    body = orjson.dumps({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def handle(st: State, scope: Scope, receive: Receive, send: Send) -> None:
+    """One inference request, start to end; counted in the metrics."""
+    started = time.perf_counter()
+    path = scope["path"]
+    status = 499  # the client left before an answer started
+    st.metrics.in_flight += 1
+    try:
+        status = await _answer(st, scope, receive, send, path, PATHS[path])
+    except ApiError as err:
+        status = err.status
+        await send_error(send, err)
+    except ClientGone:
+        pass
+    finally:
+        st.metrics.in_flight -= 1
+        st.metrics.requests[path, status] += 1
+        st.metrics.seconds[path] += time.perf_counter() - started
+
+
+async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: str, kind: str) -> int:
+    headers = dict(scope["headers"])
+    authorization = headers.get(b"authorization", b"").decode("latin-1")
+    tenant_id = await st.keys.tenant_id(authorization)
+    body = await read_json(receive, headers.get(b"content-length"), st.settings.max_body_bytes)
+    check_limits(body, st.settings)
+    body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant_id)
+    client_model = body.get("model")
+    target = await st.resolver.resolve(tenant_id, client_model)
+    assert isinstance(client_model, str)
+    if target.base.kind != kind:
+        raise BadRequest(f"{target.base.name} is not a {kind} model; {path} serves {kind} models", param="model")
+    key = bearer(authorization)
+
+    # From here a client that leaves cancels this task, and so the upstream request.
+    task = asyncio.current_task()
+    assert task is not None
+    watcher = asyncio.create_task(_cancel_when_gone(receive, task))
+    try:
+        worker = await worker_for(st, target, key)
+        try:
+            return await _forward(st, worker, path, body, target, client_model, send)
+        except Unreachable:  # no byte was sent or answered: once more, elsewhere
+            st.routing.suspect(worker.id)
+            worker = await worker_for(st, target, key, avoid=frozenset({worker.id}))
+            return await _forward(st, worker, path, body, target, client_model, send)
+    except asyncio.CancelledError:
+        if watcher.done() and task.cancelling() <= 1:
+            task.uncancel()
+            return 499
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_when_gone(receive: Receive, task: asyncio.Task[Any]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
+
+
+async def _forward(
+    st: State, worker: Worker, path: str, body: dict[str, Any], target: Target, client_model: str, send: Send
+) -> int:
+    in_flight, adapter_in_flight = st.routing.in_flight, st.routing.adapter_in_flight
+    in_flight[worker.id] += 1
+    if target.adapter_id:
+        adapter_in_flight[target.adapter_id] += 1
+    try:
+        body["model"] = target.upstream_model
+        timeout = st.settings.upstream_timeout_s
+        upstream = await st.upstream.post(worker.endpoint, path, orjson.dumps(body), timeout)
+        try:
+            return await _relay(upstream, target.upstream_model, client_model, send, timeout)
+        finally:
+            upstream.release()
+    finally:
+        in_flight[worker.id] -= 1
+        if target.adapter_id:
+            adapter_in_flight[target.adapter_id] -= 1
+
+
+async def _relay(upstream: UpstreamResponse, upstream_model: str, client_model: str, send: Send, timeout: float) -> int:
+    """The worker's answer to the client, `model` rewritten; SSE line by line as it arrives."""
+    old, new = _model_field(upstream_model), _model_field(client_model)
+    headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP]
+    if not upstream.header(b"content-type").startswith(b"text/event-stream"):
+        content = (await upstream.read(timeout)).replace(old, new)
+        headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+        return upstream.status
+    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+    partial = b""
+    try:
+        while chunks := await upstream.chunks(timeout):
+            data = partial + b"".join(chunks)
+            cut = data.rfind(b"\n") + 1  # whole lines only: a `model` field never straddles two sends
+            partial = data[cut:]
+            if cut:
+                await send({"type": "http.response.body", "body": data[:cut].replace(old, new), "more_body": True})
+    except Upstream as err:  # the answer has started: all we can do is end it
+        log.warning("worker stream broke: %s", err)
+    await send({"type": "http.response.body", "body": partial.replace(old, new), "more_body": False})
+    return upstream.status
+
+
+def _model_field(model: str) -> bytes:
+    return b'"model":' + orjson.dumps(model)
+
+
+async def worker_for(st: State, target: Target, key: str, avoid: frozenset[str] = frozenset()) -> Worker:
+    """Adapter affinity first, then load; a cold adapter is placed once, whoever asks."""
+    usable = [w for w in st.routing.usable(st.routing.workers) if w.id not in avoid]
+    pool = candidates(usable, target.base.name, target.adapter_id)
+    worker = least_loaded(pool, st.routing.in_flight)
+    if target.adapter_id is None:
+        if worker is None:
+            raise Unavailable(f"no worker serves {target.base.name} right now")
+        return worker
+    st.used[target.adapter_id] = time.time()
+    if worker is not None:
+        hot = is_hot(st.routing.adapter_in_flight[target.adapter_id] + 1, len(pool), st.settings.replicate_at_in_flight)
+        if hot and len(candidates(usable, target.base.name, None)) > len(pool):
+            single_flight(st, key, target.adapter_id, replicate=True)
+        return worker
+    placed = await asyncio.shield(single_flight(st, key, target.adapter_id, avoid=avoid))
+    worker = st.routing.get(placed.worker_id)
+    if worker is None:
+        await st.routing.refresh()
+        worker = st.routing.get(placed.worker_id)
+    if worker is None:
+        raise Unavailable("the adapter's worker is not in the routing table yet")
+    return worker
+
+
+def single_flight(
+    st: State, key: str, adapter_id: str, replicate: bool = False, avoid: frozenset[str] = frozenset()
+) -> asyncio.Task[apb.PlaceAdapterResponse]:
+    """One placement per adapter (and kind) at a time, however many requests want it. A replica
+    is asked for in the background and its flight kept a moment longer, so that the routing
+    table shows the new copy before the adapter can look hot again."""
+    flight = (adapter_id, replicate, avoid)
+    task = st.placing.get(flight)
+    if task is None:
+        task = asyncio.create_task(
+            st.cp.place(key, adapter_id, st.settings.place_timeout_s, replicate=replicate, avoid=sorted(avoid))
+        )
+        st.placing[flight] = task
+        linger = REPLICA_LINGER_S if replicate else 0.0
+
+        def landed(t: asyncio.Task[apb.PlaceAdapterResponse]) -> None:
+            err = None if t.cancelled() else t.exception()  # retrieved even when nobody waits any more
+            if replicate and err is not None:
+                log.info("replicating %s: %s", adapter_id, err)
+            asyncio.get_running_loop().call_later(linger, st.placing.pop, flight, None)
+
+        task.add_done_callback(landed)
+    return task
