@@ -22,7 +22,7 @@ from dataplane import errors, events, inference
 from dataplane.auth import KeyCache
 from dataplane.breaker import Breaker
 from dataplane.cpclient import ControlPlaneClient
-from dataplane.errors import ApiError, BadRequest
+from dataplane.errors import ApiError, BadRequest, TooLarge
 from dataplane.inference import State, bearer, read_json
 from dataplane.metrics import Metrics, MetricsMiddleware
 from dataplane.resolve import Resolver
@@ -35,6 +35,7 @@ from loraplane.controlplane.v1 import adapter_pb2 as apb
 
 log = logging.getLogger(__name__)
 USED_KEY = "lp:used"
+MAX_HEADER_BYTES = 16 << 10
 STATUS = {apb.ADAPTER_STATUS_PENDING: "pending", apb.ADAPTER_STATUS_READY: "ready", apb.ADAPTER_STATUS_FAILED: "failed"}
 
 
@@ -220,7 +221,9 @@ class DataPlane:
         )
 
     async def __call__(self, scope: inference.Scope, receive: inference.Receive, send: inference.Send) -> None:
-        if (
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            await inference.send_error(send, TooLarge(f"request headers are larger than {MAX_HEADER_BYTES} bytes"))
+        elif (
             scope["type"] == "http"
             and scope["path"] in inference.PATHS
             and scope["method"] == "POST"

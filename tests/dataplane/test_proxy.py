@@ -150,3 +150,16 @@ def test_with_redis_and_the_control_plane_frozen_the_last_snapshot_still_serves(
     while httpx.get(stack.http_url + "/readyz").json()["workers"] < 2:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_oversized_headers_and_bodies_are_413_before_anything_is_routed(
+    sim_stack: SimStack, tenant: dict[str, str]
+) -> None:
+    r = chat(sim_stack, {**tenant, "X-Padding": "x" * 20_000})
+    assert r.status_code == 413 and "headers" in r.json()["error"]["message"]
+    big = httpx.post(
+        sim_stack.stack.http_url + "/v1/chat/completions",
+        headers={**tenant, "Content-Type": "application/json"},
+        content=b'{"model": "tiny-llama", "prompt": "' + b"x" * (2 << 20) + b'"}',
+    )
+    assert big.status_code == 413 and "body" in big.json()["error"]["message"]
