@@ -369,15 +369,15 @@ class Fleet:
     async def _load(self, session: AgentSession, adapter: AdapterRecord, keep_intent: bool = False) -> pb.CommandResult:
         """Record the intent, then load. A failed placement drops the intent; a failed reload
         (`keep_intent`) keeps it, to be tried again on a later heartbeat."""
-        await self._store.desire(session.record.id, adapter.id)
+        generation = await self._store.desire(session.record.id, adapter.id)
         try:
-            return await self._send_load(session, adapter)
+            return await self._send_load(session, adapter, generation)
         except NoCapacity:
             if not keep_intent:
                 await self._store.desire(session.record.id, adapter.id, wanted=False)
             raise
 
-    async def _send_load(self, session: AgentSession, adapter: AdapterRecord) -> pb.CommandResult:
+    async def _send_load(self, session: AgentSession, adapter: AdapterRecord, generation: int) -> pb.CommandResult:
         while (wait := session.budget.delay(time.monotonic())) > 0:
             await asyncio.sleep(wait)
         session.budget.spend(time.monotonic())
@@ -390,6 +390,7 @@ class Fleet:
                 sha256=adapter.sha256,
                 size_bytes=adapter.size_bytes,
                 adapter_config=adapter.adapter_config.encode(),
+                generation=generation,
             )
         )
         try:
@@ -404,9 +405,9 @@ class Fleet:
         return result
 
     async def _evict(self, session: AgentSession, adapter_id: str) -> None:
-        await self._store.desire(session.record.id, adapter_id, wanted=False)
+        generation = await self._store.desire(session.record.id, adapter_id, wanted=False)
         cid = uuid.uuid4().hex
-        msg = pb.ConnectResponse(evict=pb.EvictAdapter(command_id=cid, vllm_name=adapter_id))
+        msg = pb.ConnectResponse(evict=pb.EvictAdapter(command_id=cid, vllm_name=adapter_id, generation=generation))
         try:
             result = await session.command(msg, cid, self._load_timeout)
         except CommandFailed as err:

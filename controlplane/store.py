@@ -11,6 +11,7 @@ Keys (prefix `lp:`; tenants and keys: see `controlplane/tenantstore.py`):
     workers                 set    worker ids
     draining                set    ids of workers that take no new placements
     desired:<wid>           set    adapter ids the worker should hold; its owner converges it to that
+    generation:<wid>        int    bumped with every change of desired:<wid>; commands carry it
     routing:version         int    bumped on every routing change; published on `lp:routing`
     activity:<wid>          string JSON {busy, in_flight} from the worker's last heartbeats (expires)
     used                    hash   aid -> when a request last used it (data planes write it each second)
@@ -256,11 +257,17 @@ class Store:
         version = int(await self.r.get(P + "routing:version") or 0)
         return version, await self.list_workers()
 
-    async def desire(self, worker_id: str, adapter_id: str, wanted: bool = True) -> None:
-        if wanted:
-            await self.r.sadd(f"{P}desired:{worker_id}", adapter_id)
-        else:
-            await self.r.srem(f"{P}desired:{worker_id}", adapter_id)
+    async def desire(self, worker_id: str, adapter_id: str, wanted: bool = True) -> int:
+        """Change what the worker should hold; returns the worker's new desired-state generation,
+        which the command carrying out the change bears."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            if wanted:
+                pipe.sadd(f"{P}desired:{worker_id}", adapter_id)
+            else:
+                pipe.srem(f"{P}desired:{worker_id}", adapter_id)
+            pipe.incr(f"{P}generation:{worker_id}")
+            _, generation = await pipe.execute()
+        return int(generation)
 
     async def desired(self, worker_id: str) -> set[str]:
         return {str(a) for a in await self.r.smembers(f"{P}desired:{worker_id}")}

@@ -131,6 +131,7 @@ class Agent:
         )
         await asyncio.wait_for(call.write(pb.ConnectRequest(register=register)), REGISTER_TIMEOUT_S)
         log.info("registered %s with the control plane", self._s.worker_id)
+        order = CommandOrder()
         tasks = {
             asyncio.create_task(self._writer(call, outbox)),
             asyncio.create_task(self._heartbeat(outbox)),
@@ -140,7 +141,7 @@ class Agent:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
                     return
-                task = asyncio.create_task(self._execute(msg, outbox))
+                task = asyncio.create_task(self._execute(msg, outbox, order))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -165,9 +166,22 @@ class Agent:
             beat = pb.Heartbeat(resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight)
             await outbox.put(pb.ConnectRequest(heartbeat=beat))
 
-    async def _execute(self, msg: pb.ConnectResponse, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
-        started = time.monotonic()
+    async def _execute(
+        self, msg: pb.ConnectResponse, outbox: asyncio.Queue[pb.ConnectRequest], order: CommandOrder
+    ) -> None:
         cmd = msg.load if msg.HasField("load") else msg.evict
+        async with order.turn(cmd.vllm_name):
+            if order.stale(cmd.vllm_name, cmd.generation):
+                result = pb.CommandResult(command_id=cmd.command_id, ok=False, error="stale command")
+                result.resident.extend(await self._vllm.resident())
+            else:
+                result = await self._run(msg, cmd)
+                if result.ok:
+                    order.applied(cmd.vllm_name, cmd.generation)
+        await outbox.put(pb.ConnectRequest(result=result))
+
+    async def _run(self, msg: pb.ConnectResponse, cmd: pb.LoadAdapter | pb.EvictAdapter) -> pb.CommandResult:
+        started = time.monotonic()
         result = pb.CommandResult(command_id=cmd.command_id, ok=True)
         try:
             before = await self._vllm.resident()
@@ -197,7 +211,7 @@ class Agent:
             result.ok = False
             result.error = str(err)[:500]
         result.duration_ms = int((time.monotonic() - started) * 1000)
-        await outbox.put(pb.ConnectRequest(result=result))
+        return result
 
     async def _drain(self, name: str) -> None:
         """Let the adapter's requests in flight finish before it goes, for at most drain_timeout_s."""
@@ -212,6 +226,35 @@ class Agent:
         call = self._stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256), metadata=self._metadata, timeout=600)
         async for msg in call:
             yield msg.chunk
+
+
+class CommandOrder:
+    """Within one control plane session: commands for one adapter run one at a time, and a
+    command older (by desired-state generation) than one already applied for it is stale."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, commands holding or waiting)
+        self._applied: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+    def stale(self, name: str, generation: int) -> bool:
+        return generation < self._applied.get(name, 0)
+
+    def applied(self, name: str, generation: int) -> None:
+        self._applied[name] = max(generation, self._applied.get(name, 0))
 
 
 def _local_secret(path: Path) -> str:

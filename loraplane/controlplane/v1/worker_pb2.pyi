@@ -59,28 +59,32 @@ class ConnectRequest(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ...) -> None: ...
 
 class LoadAdapter(_message.Message):
-    __slots__ = ("command_id", "adapter_id", "vllm_name", "sha256", "size_bytes", "adapter_config")
+    __slots__ = ("command_id", "adapter_id", "vllm_name", "sha256", "size_bytes", "adapter_config", "generation")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     VLLM_NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     adapter_id: str
     vllm_name: str
     sha256: str
     size_bytes: int
     adapter_config: bytes
-    def __init__(self, command_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., adapter_config: _Optional[bytes] = ...) -> None: ...
+    generation: int
+    def __init__(self, command_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., adapter_config: _Optional[bytes] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class EvictAdapter(_message.Message):
-    __slots__ = ("command_id", "vllm_name")
+    __slots__ = ("command_id", "vllm_name", "generation")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     VLLM_NAME_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     vllm_name: str
-    def __init__(self, command_id: _Optional[str] = ..., vllm_name: _Optional[str] = ...) -> None: ...
+    generation: int
+    def __init__(self, command_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
     __slots__ = ("load", "evict")
