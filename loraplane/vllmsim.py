@@ -185,6 +185,11 @@ class _FastPath:
             raw += message.get("body", b"")
             more = message.get("more_body", False)
         body = orjson.loads(raw)
+        if body.get("sim_fail") == "midway":  # a worker that dies mid-answer
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b'{"id":', "more_body": True})
+            raise ConnectionAbortedError("simulated failure")
         sim, chat = self.sim, path == "/v1/chat/completions"
         key = sim.config.api_key
         authorized = not key or (b"authorization", f"Bearer {key}".encode()) in scope["headers"]

@@ -163,3 +163,12 @@ def test_oversized_headers_and_bodies_are_413_before_anything_is_routed(
         content=b'{"model": "tiny-llama", "prompt": "' + b"x" * (2 << 20) + b'"}',
     )
     assert big.status_code == 413 and "body" in big.json()["error"]["message"]
+
+
+def test_a_worker_that_breaks_off_mid_answer_is_a_502_in_the_envelope(
+    sim_stack: SimStack, tenant: dict[str, str]
+) -> None:
+    r = chat(sim_stack, tenant, model="tiny-llama", max_tokens=1, sim_fail="midway")
+    assert r.status_code == 502
+    assert r.json()["error"]["type"] == "server_error" and "mid-answer" in r.json()["error"]["message"]
+    assert chat(sim_stack, tenant, model="tiny-llama", max_tokens=1).status_code == 200  # the next one is fine
