@@ -1,0 +1,44 @@
+"""Many requests for one cold adapter: one placement call from this data plane."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from dataplane.inference import State, worker_for
+from dataplane.metrics import Metrics
+from dataplane.resolve import Target
+from dataplane.routing import RoutingTable, Worker
+from dataplane.settings import Settings
+from loraplane.catalog import BaseModel
+from loraplane.controlplane.v1 import adapter_pb2 as apb
+
+
+class CountingControlPlane:
+    """Stands in for the control plane's PlaceAdapter: the unit under test is the data plane's
+    single flight, so this only counts calls and makes the placed worker appear."""
+
+    def __init__(self, routing: RoutingTable) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self._routing = routing
+
+    async def place(self, key: str, adapter_id: str, timeout: float, replicate: bool = False,
+                    avoid: list[str] | None = None) -> apb.PlaceAdapterResponse:  # fmt: skip
+        self.calls.append((adapter_id, replicate))
+        await asyncio.sleep(0.05)
+        self._routing.workers = (Worker("w1", "m", "http://w1", frozenset({adapter_id}), True),)
+        return apb.PlaceAdapterResponse(worker_id="w1")
+
+
+async def test_concurrent_requests_for_a_cold_adapter_place_it_once() -> None:
+    routing = RoutingTable(client=None)  # type: ignore[arg-type]
+    routing.workers = (Worker("w1", "m", "http://w1", frozenset(), True),)
+    cp = CountingControlPlane(routing)
+    settings = Settings("127.0.0.1", 0, "", "", Path("."), "")
+    st = State(settings, None, None, routing, cp, None, {}, {}, Metrics())  # type: ignore[arg-type]
+    target = Target(BaseModel("m", "chat", "", True, 64, 8), "adp_1")
+    workers: list[Any] = await asyncio.gather(*(worker_for(st, target, "key") for _ in range(20)))
+    assert {w.id for w in workers} == {"w1"}
+    assert cp.calls == [("adp_1", False)]
+    assert not st.placing  # the flight is over
