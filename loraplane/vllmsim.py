@@ -119,18 +119,7 @@ def create_app(config: SimConfig) -> Any:
                     return Response(status_code=499)  # vLLM, too, aborts a request whose client left
             finally:
                 sim.running[model] -= 1
-            text = " ".join(["tok"] * tokens)
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}
-            obj = "chat.completion" if chat else "text_completion"
-            return JSONResponse(
-                {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
-                 "usage": usage}
-            )  # fmt: skip
+            return JSONResponse(_completion_body(chat, model, tokens))
 
         return endpoint
 
@@ -209,20 +198,27 @@ class _FastPath:
             return
         sim.seen = [*sim.seen[-49:], body]
         tokens = int(body.get("max_tokens") or 16)
-        text = " ".join(["tok"] * tokens)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        out = orjson.dumps(
-            {"id": f"cmpl-{uuid.uuid4().hex}", "object": "chat.completion" if chat else "text_completion",
-             "created": int(time.time()), "model": model, "choices": [choice],
-             "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}}
-        )  # fmt: skip
+        out = orjson.dumps(_completion_body(chat, model, tokens))
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
+
+
+def _completion_body(chat: bool, model: str, tokens: int) -> dict[str, Any]:
+    text = " ".join(["tok"] * tokens)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens},
+    }
 
 
 async def _client_left_within(request: Request, seconds: float) -> bool:
