@@ -153,17 +153,18 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     # From here a client that leaves cancels this task, and so the upstream request.
     task = asyncio.current_task()
     assert task is not None
-    watcher = asyncio.create_task(_cancel_when_gone(receive, task))
+    departure = Departure(task)
+    watcher = asyncio.create_task(departure.watch(receive))
     try:
         worker = await worker_for(st, target, key)
         try:
-            return await _forward(st, worker, path, body, target, client_model, send)
+            return await _forward(st, worker, path, body, target, client_model, departure.guarded(send))
         except Unreachable:  # no byte was sent or answered: once more, elsewhere
             st.routing.suspect(worker.id)
             worker = await worker_for(st, target, key, avoid=frozenset({worker.id}))
-            return await _forward(st, worker, path, body, target, client_model, send)
+            return await _forward(st, worker, path, body, target, client_model, departure.guarded(send))
     except asyncio.CancelledError:
-        if watcher.done() and task.cancelling() <= 1:
+        if departure.left and task.cancelling() <= 1:
             task.uncancel()
             return 499
         raise
@@ -171,10 +172,29 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
         watcher.cancel()
 
 
-async def _cancel_when_gone(receive: Receive, task: asyncio.Task[Any]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    task.cancel()
+class Departure:
+    """Cancels a request's task when its client disconnects, unless the answer's last message is
+    already on its way (a cancellation then would land outside the request, in the server)."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.left = False
+        self._finishing = False
+
+    async def watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.left = True
+        if not self._finishing:
+            self.task.cancel()
+
+    def guarded(self, send: Send) -> Send:
+        async def guarded_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self._finishing = True
+            await send(message)
+
+        return guarded_send
 
 
 async def _forward(
