@@ -85,7 +85,7 @@ def read_header(f: BinaryIO, file_size: int) -> dict[str, dict[str, object]]:
         if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
             raise InvalidAdapter(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise InvalidAdapter(f"tensor {name!r}: dtype {dtype!r} not allowed (F16, BF16, F32)")
         if not (isinstance(shape, list) and all(_uint(d) for d in shape)):
             raise InvalidAdapter(f"tensor {name!r}: shape must be a list of non-negative integers")
