@@ -22,6 +22,7 @@ from controlplane.registry import Registry
 from controlplane.service import AdapterService, Auth, WorkerService
 from controlplane.settings import Settings
 from controlplane.store import Store
+from loraplane import nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import (
     adapter_pb2,
@@ -125,6 +126,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
+    nopickle.install()
     logging.basicConfig(
         level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

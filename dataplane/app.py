@@ -30,6 +30,7 @@ from dataplane.routing import RoutingTable
 from dataplane.settings import Settings
 from dataplane.upload import UploadStream
 from dataplane.upstream import Pool
+from loraplane import nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 
@@ -282,6 +283,7 @@ def create_app(settings: Settings) -> DataPlane:
 
 
 def main() -> None:
+    nopickle.install()
     import os
 
     import uvicorn

@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
+from loraplane import nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
@@ -281,6 +282,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
+    nopickle.install()
     logging.basicConfig(
         level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
