@@ -18,6 +18,7 @@ from loraplane.controlplane.v1 import worker_pb2 as pb
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 64
 MAX_RELOAD_FAILURES = 3
+ACTIVITY_REFRESH_S = 10.0  # well inside the activity record's 30 s expiry
 MAX_LOAD_ATTEMPTS = 3  # workers tried before a placement is marked failed
 RETRY_BACKOFF_S = (0.2, 1.0)  # first wait between attempts, cap (doubling)
 
@@ -47,7 +48,7 @@ class AgentSession:
     loading: set[str] = field(default_factory=set)
     busy: frozenset[str] = frozenset()  # adapters with requests in flight, as vLLM reports them
     in_flight: int = 0  # requests running or waiting in vLLM
-    activity_shared: bool = False  # busy and in_flight written to Redis at least once
+    activity_written: float = 0.0  # when busy and in_flight were last written to Redis (they expire)
     last_seen: float = field(default_factory=time.monotonic)
     reconciling: asyncio.Task[None] | None = None
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
@@ -241,9 +242,11 @@ class Fleet:
     async def heartbeat(
         self, session: AgentSession, resident: list[str], healthy: bool, busy: list[str], in_flight: int = 0
     ) -> None:
-        if (frozenset(busy), in_flight) != (session.busy, session.in_flight) or not session.activity_shared:
+        now = time.monotonic()
+        changed = (frozenset(busy), in_flight) != (session.busy, session.in_flight)
+        if changed or now - session.activity_written > ACTIVITY_REFRESH_S:
             await self._store.put_activity(session.record.id, frozenset(busy), in_flight)  # for other replicas
-            session.activity_shared = True
+            session.activity_written = now
         session.in_flight = in_flight
         await self.report(session, resident, healthy, frozenset(busy))
         if healthy and set(resident) != await self._store.desired(session.record.id):
