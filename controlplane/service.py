@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -88,6 +89,9 @@ def adapter_message(rec: AdapterRecord) -> apb.Adapter:
     )
 
 
+UPLOAD_DRAIN_S = 30.0
+
+
 class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
     def __init__(self, settings: Settings, store: Store, registry: Registry, fleet: Fleet, auth: Auth) -> None:
         self._settings = settings
@@ -115,6 +119,8 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
         self, stream: AsyncIterator[apb.UploadAdapterRequest], pending: PendingArtifact, max_bytes: int
     ) -> apb.UploadAdapterMetadata:
         meta: apb.UploadAdapterMetadata | None = None
+        too_large: TooLarge | None = None
+        drain_until = 0.0
         it = aiter(stream)
         while True:
             try:
@@ -128,10 +134,19 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
                     raise BadRequest("metadata sent twice")
                 meta = msg.metadata
                 self._registry.base_model(meta.name, meta.base_model)
-            else:
+            elif too_large is None:
                 if pending.size + len(msg.chunk) > max_bytes:
-                    raise TooLarge(f"adapter is larger than the tier's limit of {max_bytes} bytes")
+                    # Read on (and drop) what the sender has in flight, for a while: failing the call
+                    # mid-stream loses its status on the sender's side ("Internal error from Core").
+                    too_large = TooLarge(f"adapter is larger than the tier's limit of {max_bytes} bytes")
+                    drain_until = time.monotonic() + UPLOAD_DRAIN_S
+                    pending.discard()
+                    continue
                 await asyncio.to_thread(pending.write, msg.chunk)
+            elif time.monotonic() > drain_until:
+                raise too_large
+        if too_large is not None:
+            raise too_large
         if meta is None:
             raise BadRequest("upload has no metadata")
         if pending.size == 0:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -99,6 +103,7 @@ def from_grpc(err: grpc.aio.AioRpcError) -> ApiError:
     cls = BY_HTTP_STATUS.get(int(http)) if isinstance(http, str) and http.isdigit() else None
     cls = cls or BY_GRPC_CODE.get(err.code())
     if cls is None:
+        log.warning("control plane call failed: %s %s", err.code(), err.details())
         return ApiError("internal error")
     if (
         cls is Unavailable

@@ -180,12 +180,12 @@ class UploadStream:
                     raise form.error
                 self._check_fields(final=False)
                 for chunk in form.chunks:
-                    await call.write(apb.UploadAdapterRequest(chunk=chunk))
+                    await _write(call, apb.UploadAdapterRequest(chunk=chunk))
                 form.chunks.clear()
             parser.finalize()
             if not form.ended:
                 raise BadRequest("the multipart body ended early")
-            await call.write(apb.UploadAdapterRequest(metadata=self._metadata()))
+            await _write(call, apb.UploadAdapterRequest(metadata=self._metadata()))
             await call.done_writing()
             response: apb.UploadAdapterResponse = await call
             return response.adapter
@@ -197,6 +197,19 @@ class UploadStream:
         except (ApiError, ClientDisconnect, asyncio.CancelledError):
             call.cancel()
             raise
+
+
+UploadCall = grpc.aio.StreamUnaryCall[apb.UploadAdapterRequest, apb.UploadAdapterResponse]
+
+
+async def _write(call: UploadCall, message: apb.UploadAdapterRequest) -> None:
+    """A write that fails because the control plane already ended the call (an adapter over the
+    size limit, say) reports the control plane's own status, not the failed write's."""
+    try:
+        await call.write(message)
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        await call  # raises the call's status, with its trailers
+        raise ApiError("the control plane ended the upload early") from None
 
 
 def _text(fields: dict[str, bytes], name: str) -> str:

@@ -82,4 +82,4 @@ def test_an_adapter_over_the_tiers_size_limit_is_413(control_stack: Stack) -> No
     big = safetensors_bytes(lora_tensors(rank=64, modules=("q_proj", "k_proj", "v_proj", "o_proj")))
     assert len(big) > CONTROL_STACK_MAX_BYTES
     r = upload(control_stack, key, "big", big)
-    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"], r.text
