@@ -48,6 +48,7 @@ class AgentSession:
     loading: set[str] = field(default_factory=set)
     busy: frozenset[str] = frozenset()  # adapters with requests in flight, as vLLM reports them
     in_flight: int = 0  # requests running or waiting in vLLM
+    results_seen: int = 0  # command results received on this session
     activity_written: float = 0.0  # when busy and in_flight were last written to Redis (they expire)
     last_seen: float = field(default_factory=time.monotonic)
     reconciling: asyncio.Task[None] | None = None
@@ -82,6 +83,7 @@ class AgentSession:
             self.pending.pop(command_id, None)
 
     def resolve(self, result: pb.CommandResult) -> None:
+        self.results_seen += 1
         fut = self.pending.get(result.command_id)
         if fut and not fut.done():
             fut.set_result(result)
@@ -240,8 +242,16 @@ class Fleet:
             await self._store.put_worker(session.record)
 
     async def heartbeat(
-        self, session: AgentSession, resident: list[str], healthy: bool, busy: list[str], in_flight: int = 0
+        self,
+        session: AgentSession,
+        resident: list[str],
+        healthy: bool,
+        busy: list[str],
+        in_flight: int = 0,
+        commands_done: int | None = None,
     ) -> None:
+        if commands_done is not None and commands_done < session.results_seen:
+            resident = session.record.resident  # measured before a result already applied: older news
         now = time.monotonic()
         changed = (frozenset(busy), in_flight) != (session.busy, session.in_flight)
         if changed or now - session.activity_written > ACTIVITY_REFRESH_S:

@@ -236,7 +236,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             if msg.HasField("heartbeat"):
                 hb = msg.heartbeat
                 await self._fleet.heartbeat(
-                    session, list(hb.resident), hb.healthy, list(hb.busy), hb.requests_in_flight
+                    session, list(hb.resident), hb.healthy, list(hb.busy), hb.requests_in_flight, hb.commands_done
                 )
             elif msg.HasField("result"):
                 session.resolve(msg.result)

@@ -38,6 +38,7 @@ class Agent:
         self._model = model
         self._metadata = (("authorization", f"Bearer {settings.agent_token}"),)
         self.process: VllmProcess | None = None
+        self._commands_done = 0  # results sent this session: heartbeats say how fresh their `resident` is
         self._vllm_secret = settings.vllm_agent_secret
         if not settings.vllm_url:
             self._vllm_secret = _local_secret(settings.cache_dir / "vllm.secret")
@@ -133,6 +134,7 @@ class Agent:
         await asyncio.wait_for(call.write(pb.ConnectRequest(register=register)), REGISTER_TIMEOUT_S)
         log.info("registered %s with the control plane", self._s.worker_id)
         order = CommandOrder()
+        self._commands_done = 0  # counted per session, as the control plane counts results
         tasks = {
             asyncio.create_task(self._writer(call, outbox)),
             asyncio.create_task(self._heartbeat(outbox)),
@@ -161,10 +163,13 @@ class Agent:
     async def _heartbeat(self, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
         while True:
             await asyncio.sleep(self._s.heartbeat_s)
+            done = self._commands_done
             healthy = await self._vllm.healthy()
             resident = await self._vllm.resident() if healthy else []
             busy, in_flight = await self._vllm.activity() if healthy else (set(), 0)
-            beat = pb.Heartbeat(resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight)
+            beat = pb.Heartbeat(
+                resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight, commands_done=done
+            )
             await outbox.put(pb.ConnectRequest(heartbeat=beat))
 
     async def _execute(
@@ -179,6 +184,7 @@ class Agent:
                 result = await self._run(msg, cmd)
                 if result.ok:
                     order.applied(cmd.vllm_name, cmd.generation)
+        self._commands_done += 1
         await outbox.put(pb.ConnectRequest(result=result))
 
     async def _run(self, msg: pb.ConnectResponse, cmd: pb.LoadAdapter | pb.EvictAdapter) -> pb.CommandResult:

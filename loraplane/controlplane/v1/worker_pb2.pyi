@@ -21,16 +21,18 @@ class Register(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("resident", "healthy", "busy", "requests_in_flight")
+    __slots__ = ("resident", "healthy", "busy", "requests_in_flight", "commands_done")
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    COMMANDS_DONE_FIELD_NUMBER: _ClassVar[int]
     resident: _containers.RepeatedScalarFieldContainer[str]
     healthy: bool
     busy: _containers.RepeatedScalarFieldContainer[str]
     requests_in_flight: int
-    def __init__(self, resident: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., busy: _Optional[_Iterable[str]] = ..., requests_in_flight: _Optional[int] = ...) -> None: ...
+    commands_done: int
+    def __init__(self, resident: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., busy: _Optional[_Iterable[str]] = ..., requests_in_flight: _Optional[int] = ..., commands_done: _Optional[int] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("command_id", "ok", "error", "already_done", "duration_ms", "resident")
