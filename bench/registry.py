@@ -45,7 +45,7 @@ from loraplane import tinymodel  # noqa: E402
 from loraplane.catalog import Catalog  # noqa: E402
 from loraplane.controlplane.v1 import adapter_pb2 as apb  # noqa: E402
 from loraplane.controlplane.v1 import adapter_pb2_grpc  # noqa: E402
-from loraplane.stack import wait_until  # noqa: E402
+from loraplane.stack import port_open, wait_until  # noqa: E402
 from tests.support import RedisServer, free_port  # noqa: E402
 
 WORKERS = 1000
@@ -196,7 +196,7 @@ def main() -> None:
                    LORAPLANE_LOG_LEVEL="WARNING")  # fmt: skip
         cp = subprocess.Popen([sys.executable, "-m", "controlplane.server"], env=env)
         try:
-            wait_until(lambda: _port_open(port), 60, "control plane", cp)
+            wait_until(lambda: port_open(port), 60, "control plane", cp)
             measured = asyncio.run(measure(args, server.url, f"127.0.0.1:{port}"))
         finally:
             cp.terminate()
@@ -213,13 +213,6 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
-
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _redis_version() -> str:

@@ -9,7 +9,8 @@ from controlplane.errors import BadRequest, Context, NotFound, grpc_errors
 from controlplane.fleet import Fleet
 from controlplane.keys import key_hash, key_prefix, new_api_key, new_id
 from controlplane.peers import forwarded
-from controlplane.service import NAME, Auth, timestamp
+from controlplane.registry import NAME
+from controlplane.service import Auth, timestamp
 from controlplane.settings import Settings
 from controlplane.store import Store
 from controlplane.tenantstore import Tenant

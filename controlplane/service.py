@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 
@@ -23,7 +22,7 @@ from controlplane.errors import (
 )
 from controlplane.fleet import AgentSession, Fleet
 from controlplane.keys import bearer, key_hash, same_secret
-from controlplane.registry import Registry
+from controlplane.registry import NAME, Registry
 from controlplane.settings import Settings
 from controlplane.store import AdapterRecord, Store
 from controlplane.tenantstore import Tenant
@@ -33,7 +32,6 @@ from loraplane.controlplane.v1 import worker_pb2 as wpb
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STATUS = {
     "pending": apb.ADAPTER_STATUS_PENDING,
     "ready": apb.ADAPTER_STATUS_READY,

@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from dataplane import errors, events, inference
 from dataplane.auth import KeyCache
@@ -221,7 +222,7 @@ class DataPlane:
             middleware=[Middleware(MetricsMiddleware, metrics=self.metrics)],
         )
 
-    async def __call__(self, scope: inference.Scope, receive: inference.Receive, send: inference.Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
             await inference.send_error(send, TooLarge(f"request headers are larger than {MAX_HEADER_BYTES} bytes"))
         elif (

@@ -15,11 +15,11 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from starlette.types import Message, Receive, Scope, Send
 
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
@@ -34,10 +34,6 @@ from loraplane.controlplane.v1 import adapter_pb2 as apb
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/embeddings": "embedding"}
 REPLICA_LINGER_S = 2.0
@@ -249,7 +245,9 @@ def _model_field(model: str) -> bytes:
 
 async def worker_for(st: State, target: Target, key: str, avoid: frozenset[str] = frozenset()) -> Worker:
     """Adapter affinity first, then load; a cold adapter is placed once, whoever asks."""
-    usable = [w for w in st.routing.usable(st.routing.workers) if w.id not in avoid]
+    usable = st.routing.usable(st.routing.workers)
+    if avoid:
+        usable = [w for w in usable if w.id not in avoid]
     pool = candidates(usable, target.base.name, target.adapter_id)
     worker = least_loaded(pool, st.routing.in_flight)
     if target.adapter_id is None:

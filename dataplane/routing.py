@@ -57,7 +57,9 @@ class RoutingTable:
         heartbeat can tell the table whether it is down."""
         self._suspects[worker_id] = time.monotonic() + for_s
 
-    def usable(self, workers: Sequence[Worker]) -> list[Worker]:
+    def usable(self, workers: Sequence[Worker]) -> Sequence[Worker]:
+        if not self._suspects:  # the usual case: no copy on the hot path
+            return workers
         now = time.monotonic()
         return [w for w in workers if self._suspects.get(w.id, 0.0) < now]
 

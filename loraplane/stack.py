@@ -99,7 +99,7 @@ class Stack:
         self.redis_url = self.config.redis_url or self._start_redis(d / "redis")
         env = self.env()
         self._spawn("controlplane", [sys.executable, "-m", "controlplane.server"], env)
-        wait_until(lambda: _port_open(self.config.grpc_port), 60, "control plane", self.procs["controlplane"])
+        wait_until(lambda: port_open(self.config.grpc_port), 60, "control plane", self.procs["controlplane"])
         dataplane_env = env
         if self.config.second_grpc_port:  # a second replica: the data plane uses it, the agent the first
             second = f"127.0.0.1:{self.config.second_grpc_port}"
@@ -107,7 +107,7 @@ class Stack:
                 "controlplane-2", [sys.executable, "-m", "controlplane.server"], env | {"LORAPLANE_GRPC_ADDR": second}
             )
             wait_until(
-                lambda: _port_open(self.config.second_grpc_port), 60, "control plane 2", self.procs["controlplane-2"]
+                lambda: port_open(self.config.second_grpc_port), 60, "control plane 2", self.procs["controlplane-2"]
             )
             dataplane_env = env | {"LORAPLANE_CONTROLPLANE_ADDR": second}
         if self.config.with_worker:
@@ -142,7 +142,7 @@ class Stack:
         if _vllm_cpu():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             if self.config.extra_workers:
-                env.update(_cpu_share())
+                env.update(CPU_SHARE)
         return env
 
     def worker_env(self, i: int, spec: WorkerSpec) -> dict[str, str]:
@@ -155,7 +155,7 @@ class Stack:
         if self.config.second_grpc_port:
             env["LORAPLANE_CONTROLPLANE_ADDR"] = f"127.0.0.1:{self.config.second_grpc_port}"
         if _vllm_cpu():
-            env.update(_cpu_share())
+            env.update(CPU_SHARE)
         return env | dict(spec.env)
 
     @property
@@ -224,11 +224,10 @@ def vllm_args() -> list[str]:
     return args
 
 
-def _cpu_share() -> dict[str, str]:
-    """Several vLLMs (CPU build) on one machine: vLLM binds each engine to the same first core,
-    and on a busy core a restarting vLLM was seen stalled for minutes in sched_setaffinity. So no
-    binding, and one OpenMP thread each: the scheduler shares the cores."""
-    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+# Several vLLMs (CPU build) on one machine: vLLM binds each engine to the same first core, and on
+# a busy core a restarting vLLM was seen stalled for minutes in sched_setaffinity. So no binding,
+# and one OpenMP thread each: the scheduler shares the cores.
+CPU_SHARE = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 
 
 def _vllm_cpu() -> bool:
@@ -254,7 +253,7 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0

@@ -6,7 +6,7 @@ with this guard they reach only what serving needs; every other path, LoRA loadi
 answers 403 unless the request carries the agent's secret, which only the agent knows.
 
 vLLM imports this module inside its own process: it must need nothing beyond the standard
-library and what vLLM already depends on.
+library and what vLLM already depends on (Starlette, under FastAPI).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 SECRET_ENV = "LORAPLANE_VLLM_AGENT_SECRET"
 SECRET_HEADER = "x-loraplane-agent-secret"
@@ -24,11 +24,6 @@ SECRET_HEADER = "x-loraplane-agent-secret"
 SERVING_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", "/version"}
 )
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class AgentOnly:
