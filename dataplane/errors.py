@@ -74,6 +74,11 @@ class Unreachable(Upstream):
     """The worker failed before answering anything: safe to try another one."""
 
 
+class NotResident(Unreachable):
+    """The worker answered that it does not hold the adapter (the routing table was behind an
+    eviction): nothing reached the client, so another worker may be tried."""
+
+
 BY_HTTP_STATUS: dict[int, type[ApiError]] = {
     400: BadRequest,
     403: Forbidden,

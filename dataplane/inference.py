@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
-from dataplane.errors import ApiError, BadRequest, TooLarge, Unavailable, Unreachable, Upstream
+from dataplane.errors import ApiError, BadRequest, NotResident, TooLarge, Unavailable, Unreachable, Upstream
 from dataplane.metrics import Metrics
 from dataplane.resolve import Resolver, Target
 from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
@@ -155,8 +155,9 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
         worker = await worker_for(st, target, key)
         try:
             return await _forward(st, worker, path, body, target, client_model, departure.guarded(send))
-        except Unreachable:  # no byte was sent or answered: once more, elsewhere
-            st.routing.suspect(worker.id)
+        except Unreachable as err:  # nothing reached the client: once more, elsewhere
+            if not isinstance(err, NotResident):
+                st.routing.suspect(worker.id)
             worker = await worker_for(st, target, key, avoid=frozenset({worker.id}))
             return await _forward(st, worker, path, body, target, client_model, departure.guarded(send))
     except asyncio.CancelledError:
@@ -204,6 +205,9 @@ async def _forward(
         body["model"] = target.upstream_model
         timeout = st.settings.upstream_timeout_s
         upstream = await st.upstream.post(worker.endpoint, path, orjson.dumps(body), timeout)
+        if upstream.status == 404 and target.adapter_id:
+            upstream.release()  # never relayed: it would name the adapter's id
+            raise NotResident(f"worker {worker.id} does not hold the adapter")
         try:
             return await _relay(upstream, target.upstream_model, client_model, send, timeout)
         finally:

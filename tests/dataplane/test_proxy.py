@@ -172,3 +172,17 @@ def test_a_worker_that_breaks_off_mid_answer_is_a_502_in_the_envelope(
     assert r.status_code == 502
     assert r.json()["error"]["type"] == "server_error" and "mid-answer" in r.json()["error"]["message"]
     assert chat(sim_stack, tenant, model="tiny-llama", max_tokens=1).status_code == 200  # the next one is fine
+
+
+def test_an_adapter_gone_from_its_worker_behind_the_tables_back_is_never_a_leaked_404(
+    sim_stack: SimStack, tenant: dict[str, str]
+) -> None:
+    assert chat(sim_stack, tenant, max_tokens=1).status_code == 200
+    adapter_id = sim_stack.state()["requests"][-1]["model"]
+    assert httpx.post(sim_stack.sim_url + "/v1/unload_lora_adapter", json={"lora_name": adapter_id}).status_code == 200
+    r = chat(sim_stack, tenant, max_tokens=1)  # the table still says the worker holds it
+    assert r.status_code in (200, 503) and adapter_id not in r.text  # never the worker's 404, naming the id
+    deadline = time.monotonic() + 10
+    while chat(sim_stack, tenant, max_tokens=1).status_code != 200:  # the control plane reloads it
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
