@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from loraplane import tenantcli
 from loraplane.controlplane.v1 import tenant_pb2
 from loraplane.operator import Operator
 
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(required=True)
     up = sub.add_parser("up", help="run the whole stack on this machine")
     up.set_defaults(func=cmd_up)
+    tenantcli.add_commands(sub)
     tenant = sub.add_parser("tenant", help="tenants (operator)").add_subparsers(required=True)
     create = _verb(tenant, "create", cmd_tenant_create, "create a tenant and print its API key", "name")
     create.add_argument("--tier", choices=sorted(TIERS), default="shared")
@@ -191,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as err:
         print(f"error: {err.details()}", file=sys.stderr)
         return 1
+    except tenantcli.CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 def _verb(

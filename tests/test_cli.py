@@ -1,0 +1,206 @@
+"""The tenant's `loraplane` verbs, run as a user runs them (a subprocess) against a running stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraplane.stack import Stack
+from tests.conftest import SimStack, new_tenant
+from tests.hubserver import HubServer, Repo
+from tests.support import free_port, lora_tensors, safetensors_bytes
+
+ADAPTER = safetensors_bytes(lora_tensors(rank=4))
+CONFIG = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
+
+
+def env(tmp_path: Path, url: str = "", key: str = "", **extra: str) -> dict[str, str]:
+    """The environment of a user with no loraplane settings but these (and a config dir of
+    their own, so that the developer's real one is never read)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLANE_")}
+    base["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    if url:
+        base["LORAPLANE_URL"] = url
+    if key:
+        base["LORAPLANE_API_KEY"] = key
+    return {**base, **extra}
+
+
+def loraplane(
+    environ: dict[str, str], *args: str, stdin: str = "", cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loraplane.cli", *args],
+        env=environ, input=stdin, capture_output=True, text=True, timeout=120, cwd=cwd,
+    )  # fmt: skip
+
+
+def one_error_line(out: subprocess.CompletedProcess[str]) -> str:
+    """A failed command: exit status 1, nothing on stdout, one `error: …` line on stderr."""
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert out.stdout == "" and out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
+    return out.stderr.removeprefix("error: ").strip()
+
+
+def adapter_file(tmp_path: Path, data: bytes = ADAPTER) -> Path:
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(data)
+    return path
+
+
+def test_upload_list_chat_delete(sim_stack: SimStack, tmp_path: Path) -> None:
+    user = env(tmp_path, sim_stack.stack.http_url, new_tenant(sim_stack.stack, "cli-user"))
+    weights = adapter_file(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(CONFIG)
+
+    up = loraplane(user, "adapters", "upload", str(weights), "--name", "cli-v1", "--base-model", "tiny-llama",
+                   "--config", str(tmp_path / "adapter_config.json"))  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    assert up.stderr == ""  # no progress bar when stderr is not a terminal
+    assert up.stdout.startswith("uploaded tiny-llama:cli-v1 (adp_") and "ready, rank 4" in up.stdout
+    assert up.stdout.count("\n") == 1
+
+    table = loraplane(user, "adapters", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "BASE", "MODEL", "STATUS", "SIZE", "CREATED"]
+    assert table[1].split()[:4] == ["cli-v1", "tiny-llama", "ready", "33.8"] and len(table) == 2
+    [listed] = json.loads(loraplane(user, "adapters", "list", "--json").stdout)
+    assert listed["model"] == "tiny-llama:cli-v1" and listed["lora_alpha"] == 16.0 and listed["size_bytes"] == 33848
+
+    answer = loraplane(user, "chat", "--model", "tiny-llama:cli-v1", "--max-tokens", "3", "hello")
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == "tok tok tok"
+    seen = sim_stack.state()["requests"][-1]
+    assert seen["messages"] == [{"role": "user", "content": "hello"}] and seen["stream"] is True
+    assert seen["model"] != "tiny-llama:cli-v1"  # the worker sees the adapter's id, never its name
+    piped = loraplane(user, "chat", "--model", "tiny-llama:cli-v1", "--max-tokens", "2", stdin="from stdin\n")
+    assert piped.stdout.strip() == "tok tok"
+    assert sim_stack.state()["requests"][-1]["messages"] == [{"role": "user", "content": "from stdin\n"}]
+
+    deleted = loraplane(user, "adapters", "delete", "cli-v1")
+    assert deleted.returncode == 0 and deleted.stdout == f"deleted cli-v1 ({listed['id']})\n"
+    assert loraplane(user, "adapters", "list").stdout == "no adapters\n"
+    assert loraplane(user, "adapters", "list", "--json").stdout.strip() == "[]"
+    gone = one_error_line(loraplane(user, "chat", "--model", "tiny-llama:cli-v1", "hello"))
+    assert "cli-v1" in gone
+    assert one_error_line(loraplane(user, "adapters", "delete", "cli-v1")) == "no adapter named 'cli-v1'"
+
+
+def test_create_from_the_hub_waits_until_ready(control_stack: Stack, hub: HubServer, tmp_path: Path) -> None:
+    user = env(tmp_path, control_stack.http_url, new_tenant(control_stack, "cli-hub"))
+    repo = Repo()
+    sha = repo.commit({"adapter_config.json": CONFIG.encode(), "adapter_model.safetensors": ADAPTER})
+    hub.repos["acme/cli-lora"] = repo
+
+    out = loraplane(user, "adapters", "create", "--repo", "acme/cli-lora", "--revision", "main",
+                    "--name", "from-hub", "--base-model", "tiny-llama")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ready tiny-llama:from-hub (adp_") and f"acme/cli-lora@{sha[:12]}" in out.stdout
+    assert out.stderr == ""  # no spinner when stderr is not a terminal
+    [adapter] = json.loads(loraplane(user, "adapters", "list", "--json").stdout)
+    assert adapter["status"] == "ready" and adapter["source"]["commit_sha"] == sha
+
+    pickles = Repo()
+    pickles.commit({"adapter_config.json": CONFIG.encode(), "adapter_model.bin": b"\x80\x04pickle"})
+    hub.repos["acme/cli-pickles"] = pickles
+    failed = loraplane(user, "adapters", "create", "--repo", "acme/cli-pickles", "--name", "pickled",
+                       "--base-model", "tiny-llama")  # fmt: skip
+    assert one_error_line(failed).startswith("pickled failed: ") and ".bin" in failed.stderr
+
+    no_wait = loraplane(user, "adapters", "create", "--repo", "acme/cli-lora", "--name", "later",
+                        "--base-model", "tiny-llama", "--no-wait", "--json")  # fmt: skip
+    assert no_wait.returncode == 0 and json.loads(no_wait.stdout)["status"] == "pending"
+    missing = loraplane(user, "adapters", "create", "--repo", "acme/no-such-repo", "--name", "nope",
+                        "--base-model", "tiny-llama")  # fmt: skip
+    assert one_error_line(missing).startswith("nope failed: ")
+
+
+def test_expected_failures_are_one_line(control_stack: Stack, tmp_path: Path) -> None:
+    url = control_stack.http_url
+    key = new_tenant(control_stack, "cli-errors")
+    user = env(tmp_path, url, key)
+    weights = adapter_file(tmp_path)
+    upload = ("adapters", "upload", str(weights), "--base-model", "tiny-llama", "--name")
+
+    assert one_error_line(loraplane(env(tmp_path, url, "lp_nope"), "adapters", "list")) == "Invalid or missing API key."
+    assert one_error_line(loraplane(env(tmp_path, url), "adapters", "list")).startswith("no API key: set LORAPLANE_API")
+    refused = one_error_line(loraplane(env(tmp_path, f"http://127.0.0.1:{free_port()}", key), "adapters", "list"))
+    assert refused.startswith("cannot reach the data plane at http://127.0.0.1:") and "refused" in refused
+
+    assert loraplane(user, *upload, "taken").returncode == 0
+    assert "taken" in one_error_line(loraplane(user, *upload, "taken"))  # 409
+    assert "gpt-17" in one_error_line(loraplane(user, *upload[:4], "gpt-17", "--name", "x"))  # 404
+    (tmp_path / "bad.safetensors").write_bytes(safetensors_bytes(lora_tensors(rank=8, layers=3)))
+    bad = loraplane(user, "adapters", "upload", str(tmp_path / "bad.safetensors"), "--name", "bad",
+                    "--base-model", "tiny-llama")  # fmt: skip
+    assert "layer 2 does not exist" in one_error_line(bad)  # 422
+    assert "No such file" in one_error_line(loraplane(user, "adapters", "upload", "nope", "--name", "x",
+                                                      "--base-model", "tiny-llama"))  # fmt: skip
+    # Refused on its Content-Length before a byte of the file is read: the answer still arrives.
+    big = tmp_path / "big.safetensors"
+    with big.open("wb") as f:
+        f.truncate(64 << 20)
+    assert "larger than" in one_error_line(loraplane(user, "adapters", "upload", str(big), "--name", "big",
+                                                     "--base-model", "tiny-llama"))  # fmt: skip
+    assert "does not exist" in one_error_line(loraplane(user, "chat", "--model", "tiny-llama:nothing", "hi"))
+
+
+def test_the_key_and_url_from_the_config_file(control_stack: Stack, tmp_path: Path) -> None:
+    key = new_tenant(control_stack, "cli-config")
+    config = tmp_path / "config" / "loraplane" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'api_key = "{key}"\nurl = "{control_stack.http_url}"\n')
+    user = env(tmp_path)
+
+    assert loraplane(user, "adapters", "list").stdout == "no adapters\n"
+    # The environment beats the file, and --url beats both.
+    assert one_error_line(loraplane({**user, "LORAPLANE_API_KEY": "lp_nope"}, "adapters", "list")).startswith("Invalid")
+    elsewhere = {**user, "LORAPLANE_URL": f"http://127.0.0.1:{free_port()}"}
+    assert "cannot reach" in one_error_line(loraplane(elsewhere, "adapters", "list"))
+    assert loraplane(elsewhere, "adapters", "list", "--url", control_stack.http_url).returncode == 0
+
+    config.write_text("api_key = \n")
+    assert one_error_line(loraplane(user, "adapters", "list")).startswith(f"cannot read {config}")
+    home = tmp_path / "home"
+    (home / ".config" / "loraplane").mkdir(parents=True)
+    (home / ".config" / "loraplane" / "config.toml").write_text(
+        f'api_key = "{key}"\nurl = "{control_stack.http_url}"\n'
+    )
+    no_xdg = {k: v for k, v in user.items() if k != "XDG_CONFIG_HOME"} | {"HOME": str(home)}
+    assert loraplane(no_xdg, "adapters", "list").stdout == "no adapters\n"
+
+
+def test_a_terminal_sees_a_progress_bar(control_stack: Stack, tmp_path: Path) -> None:
+    user = env(tmp_path, control_stack.http_url, new_tenant(control_stack, "cli-tty"))
+    weights = adapter_file(tmp_path, safetensors_bytes(lora_tensors(rank=64)))
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraplane.cli", "adapters", "upload", str(weights), "--name", "bar",
+         "--base-model", "tiny-llama"],
+        env=user, stdout=subprocess.PIPE, stderr=secondary, text=True,
+    )  # fmt: skip
+    os.close(secondary)
+    terminal = b""
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the terminal's other side closed
+            break
+        if not data:
+            break
+        terminal += data
+    os.close(primary)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and stdout.startswith("uploaded tiny-llama:bar (adp_")
+    assert b"uploading adapter_model.safetensors [" in terminal and b"] 100% 525.4 kB/525.4 kB" in terminal
+    assert terminal.endswith(b"\r\x1b[K")  # and the bar is gone when the answer is printed
+
+
+@pytest.mark.parametrize("args", [["adapters", "list", "--help"], ["adapters", "upload", "--help"], ["chat", "--help"]])
+def test_help(args: list[str], tmp_path: Path) -> None:
+    assert loraplane(env(tmp_path), *args).returncode == 0
