@@ -1,11 +1,15 @@
-"""The filesystem artifact store: adapter files, content-addressed by sha256.
+"""The artifact store: adapter files, content-addressed by sha256.
 
-A write goes to a temp file in the store's own `tmp/`, is fsynced, then renamed
-to `blobs/<aa>/<sha256>` and the directory fsynced: a blob that exists is whole.
+Every backend stages a write in a local temp file, hashed as it arrives (the sha256 is known only
+at the end), and then publishes it whole under its final name: a blob that exists is whole. The
+filesystem store (the default) fsyncs the temp file and renames it to `blobs/<aa>/<sha256>`; the
+S3 store (`controlplane.s3store`) puts it under `<prefix>/blobs/<aa>/<sha256>` in a bucket.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import hashlib
 import os
 import re
@@ -15,46 +19,111 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
 
 
-class ArtifactStore:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        # Each process writes under its own temp dir: replicas may share the store.
-        self.temp_dir = self.root / "tmp" / uuid.uuid4().hex
-        self._blobs = self.root / "blobs"
+class Reader(Protocol):
+    """A stored blob being read."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def checked(sha256: str) -> str:
+    if not SHA256.match(sha256):
+        raise ValueError("not a sha256")
+    return sha256
+
+
+class ArtifactStore(abc.ABC):
+    """Where adapter bytes live. Writes are staged under `staging` (local to this process: each
+    process stages in its own `temp_dir`, so replicas may share the directory)."""
+
+    def __init__(self, staging: Path) -> None:
+        self._staging = Path(staging)
+        self.temp_dir = self._staging / uuid.uuid4().hex
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        self._blobs.mkdir(parents=True, exist_ok=True)
-
-    def path(self, sha256: str) -> Path:
-        if not SHA256.match(sha256):
-            raise ValueError("not a sha256")
-        return self._blobs / sha256[:2] / sha256
-
-    def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
 
     def open_temp(self) -> PendingArtifact:
         fd, name = tempfile.mkstemp(dir=self.temp_dir, prefix="upload-")
         return PendingArtifact(self, Path(name), os.fdopen(fd, "w+b"))
 
     def read(self, sha256: str) -> Iterator[bytes]:
-        with self.path(sha256).open("rb") as f:
+        with contextlib.closing(self.open_blob(sha256)) as f:
             while chunk := f.read(CHUNK):
                 yield chunk
+
+    def clean_temp(self, older_than_s: float = 3600.0) -> None:
+        """Remove what processes killed mid-write left behind (not the live ones' files)."""
+        for d in self._staging.iterdir():
+            if d != self.temp_dir and time.time() - d.stat().st_mtime > older_than_s:
+                shutil.rmtree(d, ignore_errors=True)
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise if the store cannot be used (run once at startup)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish what the store does in the background."""
+
+    @abc.abstractmethod
+    def exists(self, sha256: str) -> bool: ...
+
+    @abc.abstractmethod
+    def open_blob(self, sha256: str) -> Reader:
+        """The blob for reading; FileNotFoundError if there is none, ValueError for a bad sha256."""
+
+    @abc.abstractmethod
+    def delete(self, sha256: str) -> None:
+        """Idempotent; the store may finish it in the background."""
+
+    @abc.abstractmethod
+    def publish(self, file: BinaryIO, temp_path: Path, sha256: str) -> bool:
+        """Make the staged, flushed file the blob `sha256`; False if that blob already existed.
+        The caller closes and removes the temp file afterwards."""
+
+
+class FileArtifactStore(ArtifactStore):
+    """Blobs in `root/blobs/<aa>/<sha256>`, staged in `root/tmp/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        super().__init__(self.root / "tmp")
+        self._blobs = self.root / "blobs"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self._blobs / checked(sha256)[:2] / sha256
+
+    def check(self) -> None:
+        """The directories exist: the constructor made them."""
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def open_blob(self, sha256: str) -> Reader:
+        return self.path(sha256).open("rb")
 
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 
-    def clean_temp(self, older_than_s: float = 3600.0) -> None:
-        """Remove what processes killed mid-write left behind (not the live ones' files)."""
-        for d in (self.root / "tmp").iterdir():
-            if d != self.temp_dir and time.time() - d.stat().st_mtime > older_than_s:
-                shutil.rmtree(d, ignore_errors=True)
+    def publish(self, file: BinaryIO, temp_path: Path, sha256: str) -> bool:
+        os.fsync(file.fileno())
+        final = self.path(sha256)
+        if final.exists():
+            return False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp_path, final)
+        _fsync_dir(final.parent)
+        return True
 
 
 class PendingArtifact:
@@ -77,18 +146,13 @@ class PendingArtifact:
         return self._hash.hexdigest()
 
     def commit(self) -> tuple[str, bool]:
-        """fsync and move into place; returns (sha256, created) — False if it existed."""
+        """Store the blob durably; returns (sha256, created) — False if it existed. Blocking."""
         self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        final = self._store.path(self.sha256)
-        if final.exists():
-            self.temp_path.unlink(missing_ok=True)
-            return self.sha256, False
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.temp_path, final)
-        _fsync_dir(final.parent)
-        return self.sha256, True
+        try:
+            created = self._store.publish(self.file, self.temp_path, self.sha256)
+        finally:
+            self.discard()
+        return self.sha256, created
 
     def discard(self) -> None:
         if not self.file.closed:

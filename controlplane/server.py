@@ -15,10 +15,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane.admin import AdminService, TenantService
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import ArtifactStore, FileArtifactStore
 from controlplane.fleet import Fleet
 from controlplane.peers import Peers
 from controlplane.registry import Registry
+from controlplane.s3store import S3ArtifactStore
 from controlplane.service import AdapterService, Auth, WorkerService
 from controlplane.settings import Settings
 from controlplane.store import Store
@@ -55,6 +56,7 @@ class ControlPlane:
     registry: Registry
     maintenance: asyncio.Future[tuple[None, None]]
     peers: Peers
+    artifacts: ArtifactStore
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -65,13 +67,21 @@ class ControlPlane:
         await self.registry.close()
         await self.peers.close()
         await self.redis.aclose()
+        await asyncio.to_thread(self.artifacts.close)
+
+
+def artifact_store(settings: Settings) -> ArtifactStore:
+    if settings.artifact_s3 is not None:
+        return S3ArtifactStore(settings.artifact_s3, settings.artifact_dir / "tmp")
+    return FileArtifactStore(settings.artifact_dir)
 
 
 async def start(settings: Settings) -> ControlPlane:
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True)
     await client.ping()
     store = Store(client)
-    artifacts = ArtifactStore(settings.artifact_dir)
+    artifacts = await asyncio.to_thread(artifact_store, settings)
+    await asyncio.to_thread(artifacts.check)
     artifacts.clean_temp()
     catalog = Catalog.load(settings.catalog_path)
     peers = Peers(settings.operator_token, settings.load_timeout_s * 2)
@@ -112,7 +122,7 @@ async def start(settings: Settings) -> ControlPlane:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s", settings.grpc_addr)
     maintenance = asyncio.gather(registry.maintain(), fleet.watch(settings.heartbeat_timeout_s))
-    return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers)
+    return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers, artifacts)
 
 
 async def serve(settings: Settings) -> None:

@@ -245,14 +245,16 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[wpb.FetchArtifactResponse]:
         self._auth.agent(context)
         try:
-            path = self._artifacts.path(request.sha256)
+            blob = await asyncio.to_thread(self._artifacts.open_blob, request.sha256)
         except ValueError:
             raise BadRequest("sha256 must be 64 hex digits") from None
-        if not path.is_file():
-            raise NotFound("no such artifact")
-        with path.open("rb") as f:
-            while chunk := await asyncio.to_thread(f.read, 1 << 20):
+        except FileNotFoundError:
+            raise NotFound("no such artifact") from None
+        try:
+            while chunk := await asyncio.to_thread(blob.read, 1 << 20):
                 yield wpb.FetchArtifactResponse(chunk=chunk)
+        finally:
+            blob.close()
 
     @grpc_errors
     async def ListWorkers(self, request: wpb.ListWorkersRequest, context: Context) -> wpb.ListWorkersResponse:

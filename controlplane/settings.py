@@ -3,8 +3,39 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 TIER_LIMITS = {"shared": 20, "reserved": 200, "dedicated": 200}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """An S3-compatible bucket for artifacts. Credentials left empty come from boto3's own chain
+    (profile, web identity, instance role)."""
+
+    bucket: str
+    prefix: str  # no leading or trailing slash; may be empty
+    endpoint_url: str = ""  # empty: AWS; set for MinIO, Ceph, moto and other S3-compatible stores
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = field(default="", repr=False)
+    session_token: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, url: str, env: Mapping[str, str]) -> S3Settings:
+        """`url` is `s3://bucket[/prefix]`; the rest is the standard AWS variables."""
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
+        return cls(
+            bucket=parts.netloc,
+            prefix=parts.path.strip("/"),
+            endpoint_url=env.get("LORAPLANE_S3_ENDPOINT_URL", ""),
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", ""),
+            access_key_id=env.get("AWS_ACCESS_KEY_ID", ""),
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", ""),
+            session_token=env.get("AWS_SESSION_TOKEN", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -12,7 +43,7 @@ class Settings:
     grpc_addr: str
     advertise_addr: str  # where the other replicas reach this one
     redis_url: str
-    artifact_dir: Path
+    artifact_dir: Path  # the filesystem store; with an S3 store, where uploads are staged
     catalog_path: Path
     operator_token: str
     agent_token: str
@@ -27,6 +58,7 @@ class Settings:
     hf_endpoint: str = "https://huggingface.co"
     hub_timeout_s: float = 30.0
     hub_total_timeout_s: float = 900.0
+    artifact_s3: S3Settings | None = None  # set: blobs live in this bucket, not in artifact_dir
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -36,11 +68,18 @@ class Settings:
         for tier in TIER_LIMITS:
             limits[tier] = int(env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_ADAPTERS", limits[tier]))
             sizes[tier] = int(env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_BYTES", max_bytes))
+        location = env.get("LORAPLANE_ARTIFACT_STORE", "")
+        s3 = S3Settings.from_env(location, env) if location.startswith("s3://") else None
+        if "://" in location and s3 is None:
+            raise ValueError("LORAPLANE_ARTIFACT_STORE must be a directory or an s3://bucket/prefix URL")
         return cls(
             grpc_addr=env.get("LORAPLANE_GRPC_ADDR", "127.0.0.1:50051"),
             advertise_addr=env.get("LORAPLANE_ADVERTISE_ADDR") or env.get("LORAPLANE_GRPC_ADDR", "127.0.0.1:50051"),
             redis_url=env.get("LORAPLANE_REDIS_URL", "redis://127.0.0.1:6379/0"),
-            artifact_dir=Path(env.get("LORAPLANE_ARTIFACT_DIR", ".loraplane/artifacts")),
+            artifact_dir=Path(
+                location if location and s3 is None else env.get("LORAPLANE_ARTIFACT_DIR", ".loraplane/artifacts")
+            ),
+            artifact_s3=s3,
             catalog_path=Path(env.get("LORAPLANE_CATALOG", ".loraplane/catalog.json")),
             operator_token=_required(env, "LORAPLANE_OPERATOR_TOKEN"),
             agent_token=_required(env, "LORAPLANE_AGENT_TOKEN"),
