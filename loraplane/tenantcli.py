@@ -314,7 +314,7 @@ def cmd_upload(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(adapter)
     else:
-        print(f"uploaded {_summary(adapter)}; {human_size(size)} in {progress.seconds:.1f} s")
+        print(f"uploaded {_summary(adapter)} in {progress.seconds:.1f} s")
 
 
 def _read(path: Path, limit: int) -> bytes:
@@ -458,7 +458,9 @@ def _answer(api: Api, args: argparse.Namespace, messages: list[dict[str, str]]) 
 
 def add_commands(sub: Verbs) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help=f"the data plane (default: $LORAPLANE_URL, the config file's url, {DEFAULT_URL})")
+    common.add_argument(
+        "--url", metavar="URL", help=f"the data plane (default: $LORAPLANE_URL, the config file's url, {DEFAULT_URL})"
+    )
 
     def verb(group: Verbs, name: str, func: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
         parser = group.add_parser(name, help=help, description=help, parents=[common])
@@ -468,30 +470,36 @@ def add_commands(sub: Verbs) -> None:
     adapters = sub.add_parser("adapters", help="your adapters (tenant; key from $LORAPLANE_API_KEY)")
     group = adapters.add_subparsers(required=True)
     upload = verb(group, "upload", cmd_upload, "upload an adapter_model.safetensors")
-    upload.add_argument("file", help="the adapter's weights (adapter_model.safetensors)")
+    upload.add_argument("file", metavar="FILE", help="the adapter's weights (adapter_model.safetensors)")
     upload.add_argument("--name", required=True, help="the adapter's name: chat with it as BASE_MODEL:NAME")
-    upload.add_argument("--base-model", required=True, help="the base model it was trained for")
-    upload.add_argument("--config", help="its adapter_config.json (optional)")
-    upload.add_argument("--lora-alpha", type=float, help="overrides the config's lora_alpha")
+    upload.add_argument("--base-model", required=True, metavar="MODEL", help="the base model it was trained for")
+    upload.add_argument("--config", metavar="FILE", help="its adapter_config.json (optional)")
+    upload.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="overrides the config's lora_alpha")
     upload.add_argument("--json", action="store_true", help="print the adapter as JSON")
     create = verb(group, "create", cmd_create, "register an adapter from a Hugging Face repo")
-    create.add_argument("--repo", required=True, help="OWNER/NAME on the Hugging Face Hub")
-    create.add_argument("--revision", default="main", help="branch, tag or commit; pinned to its commit (default main)")
-    create.add_argument("--name", required=True, help="the adapter's name: chat with it as BASE_MODEL:NAME")
-    create.add_argument("--base-model", required=True, help="the base model it was trained for")
+    create.add_argument("--repo", required=True, metavar="OWNER/NAME", help="OWNER/NAME on the Hugging Face Hub")
     create.add_argument(
-        "--hf-token", default=os.environ.get("LORAPLANE_HF_TOKEN"),
+        "--revision", default="main", metavar="REV", help="branch, tag or commit; pinned to its commit (default main)"
+    )
+    create.add_argument("--name", required=True, help="the adapter's name: chat with it as BASE_MODEL:NAME")
+    create.add_argument("--base-model", required=True, metavar="MODEL", help="the base model it was trained for")
+    create.add_argument(
+        "--hf-token", default=os.environ.get("LORAPLANE_HF_TOKEN"), metavar="TOKEN",
         help="for a private repo (default $LORAPLANE_HF_TOKEN); used for this download only, never stored",
     )  # fmt: skip
     create.add_argument("--no-wait", action="store_true", help="return at once, while it is still pending")
-    create.add_argument("--timeout", type=float, default=600, help="seconds to wait for ready (default 600)")
+    create.add_argument(
+        "--timeout", type=float, default=600, metavar="SECONDS", help="seconds to wait for ready (default 600)"
+    )
     create.add_argument("--json", action="store_true", help="print the adapter as JSON")
     listing = verb(group, "list", cmd_list, "list your adapters")
     listing.add_argument("--json", action="store_true", help="print them as JSON")
-    verb(group, "delete", cmd_delete, "delete an adapter by name (or id)").add_argument("name")
+    verb(group, "delete", cmd_delete, "delete an adapter by name (or id)").add_argument("name", metavar="NAME")
     chat = verb(sub, "chat", cmd_chat, "chat with a base model or BASE:ADAPTER, streamed")
-    chat.add_argument("prompt", nargs="?", help="one prompt (default: read stdin, or a conversation on a terminal)")
-    chat.add_argument("--model", required=True, help="tiny-llama or tiny-llama:ADAPTER_NAME")
-    chat.add_argument("--system", help="a system message")
-    chat.add_argument("--max-tokens", type=int)
-    chat.add_argument("--temperature", type=float)
+    chat.add_argument(
+        "prompt", nargs="?", metavar="PROMPT", help="one prompt (default: read stdin, or a conversation on a terminal)"
+    )
+    chat.add_argument("--model", required=True, metavar="MODEL", help="tiny-llama or tiny-llama:ADAPTER_NAME")
+    chat.add_argument("--system", metavar="TEXT", help="a system message")
+    chat.add_argument("--max-tokens", type=int, metavar="N")
+    chat.add_argument("--temperature", type=float, metavar="T")

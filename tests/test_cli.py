@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,6 +201,42 @@ def test_a_terminal_sees_a_progress_bar(control_stack: Stack, tmp_path: Path) ->
     assert proc.returncode == 0 and stdout.startswith("uploaded tiny-llama:bar (adp_")
     assert b"uploading adapter_model.safetensors [" in terminal and b"] 100% 525.4 kB/525.4 kB" in terminal
     assert terminal.endswith(b"\r\x1b[K")  # and the bar is gone when the answer is printed
+
+
+def test_chat_on_a_terminal_is_a_conversation(sim_stack: SimStack, tmp_path: Path) -> None:
+    user = env(tmp_path, sim_stack.stack.http_url, new_tenant(sim_stack.stack, "cli-conversation"))
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraplane.cli", "chat", "--model", "tiny-llama", "--max-tokens", "2"],
+        env=user, stdin=secondary, stdout=secondary, stderr=secondary,
+    )  # fmt: skip
+    os.close(secondary)
+    try:
+        assert b"an empty line or Ctrl-D ends" in read_until(primary, b"> ")
+        os.write(primary, b"first\n")
+        assert b"tok tok" in read_until(primary, b"> ")
+        os.write(primary, b"second\n")
+        read_until(primary, b"> ")
+        os.write(primary, b"\n")
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        os.close(primary)
+    assert sim_stack.state()["requests"][-1]["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "tok tok "},
+        {"role": "user", "content": "second"},
+    ]
+
+
+def read_until(fd: int, marker: bytes, timeout: float = 30) -> bytes:
+    """What a terminal shows until `marker` (a prompt) ends it."""
+    out, deadline = b"", time.monotonic() + timeout
+    while not out.endswith(marker):
+        assert time.monotonic() < deadline, out
+        if select.select([fd], [], [], 0.1)[0]:
+            out += os.read(fd, 4096)
+    return out
 
 
 @pytest.mark.parametrize("args", [["adapters", "list", "--help"], ["adapters", "upload", "--help"], ["chat", "--help"]])
