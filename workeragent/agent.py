@@ -20,7 +20,7 @@ from loraplane import nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
-from workeragent.cache import ArtifactCache, IntegrityError
+from workeragent.cache import ArtifactCache, Fetch, IntegrityError, S3Source
 from workeragent.settings import Settings
 from workeragent.vllm import VllmClient, VllmError, VllmProcess
 
@@ -71,7 +71,10 @@ class Agent:
         ):
             self._vllm = VllmClient(self.local_url, self._s.vllm_api_key, self._vllm_secret, http)
             self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            self._cache = ArtifactCache(self._s.cache_dir, self._fetch, self._s.cache_max_bytes)
+            fetch: Fetch = self._fetch
+            if self._s.artifact_s3 is not None:  # straight from the bucket, not through the control plane
+                fetch = (await asyncio.to_thread(S3Source, self._s.artifact_s3)).fetch
+            self._cache = ArtifactCache(self._s.cache_dir, fetch, self._s.cache_max_bytes)
             tasks = [asyncio.create_task(self._connect_forever())]
             if self.process:
                 if not (self.process.adopt() and await self._vllm.healthy()):

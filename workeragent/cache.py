@@ -1,21 +1,83 @@
-"""The node-local artifact cache: blobs by sha256, verified, fetched once."""
+"""The node-local artifact cache: blobs by sha256, verified, fetched once — from the control
+plane over gRPC, or straight from the S3-compatible artifact store when there is one."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from workeragent.settings import S3Settings
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
 
 
 class IntegrityError(Exception):
     pass
 
 
+class FetchError(OSError):
+    """The artifact store did not deliver the blob."""
+
+
 Fetch = Callable[[str], AsyncIterator[bytes]]
+
+
+class S3Source:
+    """Blobs read straight from the control plane's bucket, where it keeps them under
+    `<prefix>/blobs/<aa>/<sha256>`. Every S3 call runs in a thread."""
+
+    def __init__(self, s3: S3Settings, client: Any = None) -> None:
+        self._bucket = s3.bucket
+        self._prefix = f"{s3.prefix}/" if s3.prefix else ""
+        self._client = client if client is not None else _connect(s3)
+
+    def key(self, sha256: str) -> str:
+        return f"{self._prefix}blobs/{sha256[:2]}/{sha256}"
+
+    async def fetch(self, sha256: str) -> AsyncIterator[bytes]:
+        key = self.key(sha256)
+        log.info("fetching artifact %s from s3://%s/%s", sha256, self._bucket, key)
+        try:
+            response = await asyncio.to_thread(self._client.get_object, Bucket=self._bucket, Key=key)
+            body = response["Body"]
+            try:
+                while chunk := await asyncio.to_thread(body.read, CHUNK):
+                    yield chunk
+            finally:
+                body.close()
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code")
+            raise FetchError(f"artifact {sha256}: the store answered {code}") from err
+        except BotoCoreError as err:
+            raise FetchError(f"artifact {sha256}: the store is unreachable ({type(err).__name__})") from err
+
+
+def _connect(s3: S3Settings) -> Any:
+    session = boto3.session.Session(
+        aws_access_key_id=s3.access_key_id or None,
+        aws_secret_access_key=s3.secret_access_key or None,
+        aws_session_token=s3.session_token or None,
+        region_name=s3.region or ("us-east-1" if s3.endpoint_url else None),
+    )
+    config = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"mode": "standard", "max_attempts": 4},
+        s3={"addressing_style": "path"} if s3.endpoint_url else None,
+    )
+    return session.client("s3", endpoint_url=s3.endpoint_url or None, config=config)
 
 
 class ArtifactCache:

@@ -3,8 +3,38 @@ from __future__ import annotations
 import shlex
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """The control plane's S3-compatible artifact bucket, read directly. Credentials left empty
+    come from boto3's own chain (profile, web identity, instance role)."""
+
+    bucket: str
+    prefix: str  # no leading or trailing slash; may be empty
+    endpoint_url: str = ""
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = field(default="", repr=False)
+    session_token: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, url: str, env: Mapping[str, str]) -> S3Settings:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
+        return cls(
+            bucket=parts.netloc,
+            prefix=parts.path.strip("/"),
+            endpoint_url=env.get("LORAPLANE_S3_ENDPOINT_URL", ""),
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", ""),
+            access_key_id=env.get("AWS_ACCESS_KEY_ID", ""),
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", ""),
+            session_token=env.get("AWS_SESSION_TOKEN", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -26,6 +56,7 @@ class Settings:
     drain_timeout_s: float = 30.0
     cache_max_bytes: int = 20 << 30
     startup_timeout_s: float = 300.0
+    artifact_s3: S3Settings | None = None  # set: fetch blobs from this bucket, not from the control plane
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -33,6 +64,7 @@ class Settings:
         if len(token) < 16:
             raise ValueError("LORAPLANE_AGENT_TOKEN must be set to a secret of at least 16 characters")
         base_model = env.get("LORAPLANE_BASE_MODEL", "tiny-llama")
+        store = env.get("LORAPLANE_ARTIFACT_STORE", "")  # a directory (the control plane's) or s3://
         return cls(
             controlplane_addr=env.get("LORAPLANE_CONTROLPLANE_ADDR", "127.0.0.1:50051"),
             agent_token=token,
@@ -51,4 +83,5 @@ class Settings:
             drain_timeout_s=float(env.get("LORAPLANE_DRAIN_TIMEOUT_S", "30")),
             cache_max_bytes=int(env.get("LORAPLANE_CACHE_MAX_BYTES", 20 << 30)),
             startup_timeout_s=float(env.get("LORAPLANE_VLLM_STARTUP_TIMEOUT_S", "300")),
+            artifact_s3=S3Settings.from_env(store, env) if store.startswith("s3://") else None,
         )
