@@ -277,9 +277,16 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _summary(a: dict[str, Any]) -> str:
+    """`tiny-llama:name (adp_…): ready, rank 8, 282.1 kB, owner/repo@commit`"""
+    parts = [a["status"]]
+    if a.get("rank"):
+        parts.append(f"rank {a['rank']}")
+    if a.get("size_bytes"):
+        parts.append(human_size(a["size_bytes"]))
     source = a.get("source") or {}
-    origin = f", {source['repo']}@{str(source.get('commit_sha', ''))[:12]}" if source.get("repo") else ""
-    return f"{a['model']} ({a['id']}): {a['status']}, rank {a['rank']}, {human_size(a['size_bytes'])}{origin}"
+    if source.get("repo"):
+        parts.append(f"{source['repo']}@{str(source.get('commit_sha') or source.get('revision', ''))[:12]}")
+    return f"{a['model']} ({a['id']}): {', '.join(parts)}"
 
 
 def _print_json(value: object) -> None:
@@ -340,7 +347,7 @@ def cmd_create(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(adapter)
     elif adapter["status"] != "failed":
-        print(f"{'registered' if adapter['status'] == 'pending' else 'ready'} {_summary(adapter)}")
+        print(f"registered {_summary(adapter)}")
     if adapter["status"] == "failed":
         raise CliError(f"{adapter['name']} failed: {adapter.get('status_reason') or 'no reason given'}")
 
@@ -411,6 +418,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None or not sys.stdin.isatty():
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        if not prompt.strip():
+            raise CliError("no prompt: give one as an argument, on stdin, or run on a terminal for a conversation")
         _answer(api, args, [*history, {"role": "user", "content": prompt}])
         return
     import readline  # noqa: F401 (line editing for input())

@@ -102,7 +102,11 @@ def test_create_from_the_hub_waits_until_ready(control_stack: Stack, hub: HubSer
     out = loraplane(user, "adapters", "create", "--repo", "acme/cli-lora", "--revision", "main",
                     "--name", "from-hub", "--base-model", "tiny-llama")  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ready tiny-llama:from-hub (adp_") and f"acme/cli-lora@{sha[:12]}" in out.stdout
+    assert (
+        out.stdout.startswith("registered tiny-llama:from-hub (adp_")
+        and "): ready, rank 4, 33.8 kB, " in out.stdout
+        and f"acme/cli-lora@{sha[:12]}" in out.stdout
+    )
     assert out.stderr == ""  # no spinner when stderr is not a terminal
     [adapter] = json.loads(loraplane(user, "adapters", "list", "--json").stdout)
     assert adapter["status"] == "ready" and adapter["source"]["commit_sha"] == sha
