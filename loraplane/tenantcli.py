@@ -123,9 +123,7 @@ class Api:
                 conn.send(head)
                 done = 0
                 while done < size:
-                    chunk = file.read(min(CHUNK, size - done))
-                    if not chunk:
-                        raise CliError(f"{file.name} got shorter while it was being sent")
+                    chunk = _read_chunk(file, min(CHUNK, size - done))
                     conn.send(chunk)
                     done += len(chunk)
                     sent(done)
@@ -178,12 +176,21 @@ class Api:
 
 
 def _part(boundary: str, name: str, filename: str) -> bytes:
-    disposition = f'form-data; name="{name}"'
+    """A form part's boundary and headers; its value follows."""
+    headers = f'Content-Disposition: form-data; name="{name}"'
     if filename:
-        disposition += f'; filename="{quote(filename, safe=" ._-+()[]")}"'
-        return f"--{boundary}\r\nContent-Disposition: {disposition}\r\n" \
-               f"Content-Type: application/octet-stream\r\n\r\n".encode()  # fmt: skip
-    return f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        headers += f'; filename="{quote(filename, safe=" ._-+()[]")}"\r\nContent-Type: application/octet-stream'
+    return f"--{boundary}\r\n{headers}\r\n\r\n".encode()
+
+
+def _read_chunk(file: BinaryIO, n: int) -> bytes:
+    try:
+        chunk = file.read(n)
+    except OSError as err:
+        raise CliError(f"cannot read {file.name}: {err.strerror}") from None
+    if not chunk:
+        raise CliError(f"{file.name} got shorter while it was being sent")
+    return chunk
 
 
 def _checked(resp: http.client.HTTPResponse) -> http.client.HTTPResponse:
@@ -337,8 +344,8 @@ def _read(path: Path, limit: int) -> bytes:
 
 def cmd_create(args: argparse.Namespace) -> None:
     api = _api(args)
-    body: dict[str, object] = {"name": args.name, "base_model": args.base_model, "repo": args.repo}
-    body["revision"] = args.revision
+    body: dict[str, object] = {"name": args.name, "base_model": args.base_model, "repo": args.repo,
+                               "revision": args.revision}  # fmt: skip
     if args.hf_token:
         body["hf_token"] = args.hf_token
     adapter = api.call("POST", "/v1/adapters", body)
