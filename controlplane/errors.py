@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import redis
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,13 @@ class NoCapacity(ControlPlaneError):
     http_status = 503
 
 
+class RegistryUnavailable(ControlPlaneError):
+    """Redis is unreachable: fail fast, the caller retries later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
 class LoadFailed(ControlPlaneError):
     """Every worker tried failed to load the adapter (not retried by callers' gRPC retries)."""
 
@@ -94,6 +102,9 @@ def grpc_errors(method: F) -> F:
             return await method(self, request, context)
         except ControlPlaneError as err:
             await abort(context, err)
+        except redis.RedisError as err:
+            log.warning("%s: Redis is unreachable: %s", method.__name__, err)
+            await abort(context, RegistryUnavailable("the registry is unreachable; try again shortly"))
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -107,6 +118,9 @@ def grpc_errors(method: F) -> F:
                 yield item
         except ControlPlaneError as err:
             await abort(context, err)
+        except redis.RedisError as err:
+            log.warning("%s: Redis is unreachable: %s", method.__name__, err)
+            await abort(context, RegistryUnavailable("the registry is unreachable; try again shortly"))
         except grpc.aio.AbortError:
             raise
         except Exception:

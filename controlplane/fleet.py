@@ -9,6 +9,8 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+import redis.asyncio as redis
+
 from controlplane.errors import LoadFailed, NoCapacity, NotFound
 from controlplane.peers import Peers
 from controlplane.placement import LoadBudget, WorkerView, decide
@@ -52,6 +54,8 @@ class AgentSession:
     activity_written: float = 0.0  # when busy and in_flight were last written to Redis (they expire)
     last_seen: float = field(default_factory=time.monotonic)
     reconciling: asyncio.Task[None] | None = None
+    unsynced: bool = False  # the record's last write to Redis failed
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set: the control plane closes the stream
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
     budget: LoadBudget = field(default_factory=lambda: LoadBudget(10))
 
@@ -116,6 +120,7 @@ class Fleet:
         self.sessions: dict[str, AgentSession] = {}
         self._placing: dict[tuple[object, ...], asyncio.Task[tuple[str, bool, int]]] = {}
         self._decide = asyncio.Lock()
+        self._epoch = ""
 
     async def attach(self, reg: pb.Register) -> AgentSession:
         old = self.sessions.pop(reg.worker_id, None)
@@ -204,14 +209,33 @@ class Fleet:
             except NoCapacity as err:
                 log.warning("evicting stale %s from %s failed: %s", adapter_id, wid, err)
 
+    async def check_epoch(self) -> bool:
+        """False when Redis lost its data since the last check. Then every agent session is
+        ended: the agents reconnect and register what their vLLMs hold (worker records, command
+        generations and routing come back), and reconciling leaves adapters Redis has no record
+        of alone, so an empty Redis never evicts anything."""
+        epoch = await self._store.epoch()
+        lost = bool(self._epoch) and epoch != self._epoch
+        self._epoch = epoch
+        if lost:
+            log.error("Redis lost its data (its epoch changed); agents re-register, nothing is evicted")
+            for session in self.sessions.values():
+                session.ended.set()
+        return not lost
+
     async def watch(self, timeout_s: float, every_s: float = 1.0) -> None:
-        """A worker whose agent stops sending heartbeats leaves the routing table within seconds."""
+        """A worker whose agent stops sending heartbeats leaves the routing table within seconds;
+        Redis coming back empty is noticed within seconds too."""
         while True:
             await asyncio.sleep(every_s)
-            for session in list(self.sessions.values()):
-                if session.record.healthy and time.monotonic() - session.last_seen > timeout_s:
-                    log.warning("worker %s sent no heartbeat for %.0fs", session.record.id, timeout_s)
-                    await self.report(session, session.record.resident, healthy=False, seen=False)
+            try:
+                await self.check_epoch()
+                for session in list(self.sessions.values()):
+                    if session.record.healthy and time.monotonic() - session.last_seen > timeout_s:
+                        log.warning("worker %s sent no heartbeat for %.0fs", session.record.id, timeout_s)
+                        await self.report(session, session.record.resident, healthy=False, seen=False)
+            except redis.RedisError as err:  # Redis is away: try again next round
+                log.warning("watching the workers: Redis is unreachable: %s", err)
 
     async def detach(self, session: AgentSession) -> None:
         session.fail_all("worker disconnected")
@@ -237,9 +261,12 @@ class Fleet:
             session.busy = busy
         rec = session.record
         resident = sorted(resident)
-        if resident != rec.resident or healthy != rec.healthy:
+        if resident != rec.resident or healthy != rec.healthy or session.unsynced:
+            # A write that failed may still have landed (a timeout): the next report writes again.
+            session.unsynced = True
             session.record = replace(rec, resident=resident, healthy=healthy, updated_at=time.time())
             await self._store.put_worker(session.record)
+            session.unsynced = False
 
     async def heartbeat(
         self,

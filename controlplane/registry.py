@@ -10,6 +10,8 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
+import redis.asyncio as redis
+
 from controlplane import hub, validation
 from controlplane.artifacts import ArtifactStore, PendingArtifact
 from controlplane.errors import BadRequest, ControlPlaneError, NotFound
@@ -177,12 +179,15 @@ class Registry:
         """Finish deletions a stopped replica left; fail downloads that cannot still be running
         (a replica that stopped mid-download; tokens are never stored, so they cannot resume)."""
         while True:
-            for rec in await self._store.deleting():
-                if rec.id not in self._retiring:
-                    self._spawn(self._retire(rec))
-            for rec in await self._store.pending():
-                if time.time() - rec.created_at > self._s.hub_total_timeout_s + every_s:
-                    await self._store.fail_adapter(rec.id, "the download was interrupted; register it again")
+            try:
+                for rec in await self._store.deleting():
+                    if rec.id not in self._retiring:
+                        self._spawn(self._retire(rec))
+                for rec in await self._store.pending():
+                    if time.time() - rec.created_at > self._s.hub_total_timeout_s + every_s:
+                        await self._store.fail_adapter(rec.id, "the download was interrupted; register it again")
+            except redis.RedisError as err:  # Redis is away: try again next round
+                log.warning("registry maintenance: Redis is unreachable: %s", err)
             await asyncio.sleep(every_s)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -95,6 +95,7 @@ async def start(settings: Settings) -> ControlPlane:
     )
     auth = Auth(store, settings)
     registry = Registry(settings, store, artifacts, catalog, fleet)
+    await fleet.check_epoch()
 
     server = grpc.aio.server(
         options=[

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
+import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.artifacts import ArtifactStore, PendingArtifact
 from controlplane.errors import (
     BadRequest,
     Context,
+    ControlPlaneError,
     InvalidAdapter,
     NotFound,
     PermissionDenied,
@@ -102,10 +105,15 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
     async def UploadAdapter(
         self, request_iterator: AsyncIterator[apb.UploadAdapterRequest], context: Context
     ) -> apb.UploadAdapterResponse:
-        tenant = await self._auth.tenant(context)
+        it = aiter(request_iterator)
+        try:
+            tenant = await self._auth.tenant(context)
+        except (ControlPlaneError, redis.RedisError):
+            await self._drain(it)
+            raise
         pending = self._registry.open_temp()
         try:
-            meta = await self._receive(request_iterator, pending, self._registry.max_bytes(tenant))
+            meta = await self._receive(it, pending, self._registry.max_bytes(tenant))
             rec = await self._registry.store_upload(
                 tenant, meta.name, meta.base_model, pending, meta.adapter_config, meta.lora_alpha or None
             )
@@ -113,38 +121,39 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
             pending.discard()
         return apb.UploadAdapterResponse(adapter=adapter_message(rec))
 
+    async def _drain(self, it: AsyncIterator[apb.UploadAdapterRequest]) -> None:
+        """Read on (and drop) what the sender has in flight, for a while, before failing the
+        call: failing it mid-stream loses its status on the sender's side ("Internal error from
+        Core")."""
+        with contextlib.suppress(TimeoutError, StopAsyncIteration):
+            async with asyncio.timeout(UPLOAD_DRAIN_S):
+                while True:
+                    await asyncio.wait_for(anext(it), self._settings.upload_idle_timeout_s)
+
+    async def _next(self, it: AsyncIterator[apb.UploadAdapterRequest]) -> apb.UploadAdapterRequest | None:
+        try:
+            return await asyncio.wait_for(anext(it), self._settings.upload_idle_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise BadRequest("upload stalled: no data within the idle timeout") from None
+
     async def _receive(
-        self, stream: AsyncIterator[apb.UploadAdapterRequest], pending: PendingArtifact, max_bytes: int
+        self, it: AsyncIterator[apb.UploadAdapterRequest], pending: PendingArtifact, max_bytes: int
     ) -> apb.UploadAdapterMetadata:
         meta: apb.UploadAdapterMetadata | None = None
-        too_large: TooLarge | None = None
-        drain_until = 0.0
-        it = aiter(stream)
-        while True:
-            try:
-                msg = await asyncio.wait_for(anext(it), self._settings.upload_idle_timeout_s)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise BadRequest("upload stalled: no data within the idle timeout") from None
+        while (msg := await self._next(it)) is not None:
             if msg.HasField("metadata"):
                 if meta is not None:
                     raise BadRequest("metadata sent twice")
                 meta = msg.metadata
                 self._registry.base_model(meta.name, meta.base_model)
-            elif too_large is None:
-                if pending.size + len(msg.chunk) > max_bytes:
-                    # Read on (and drop) what the sender has in flight, for a while: failing the call
-                    # mid-stream loses its status on the sender's side ("Internal error from Core").
-                    too_large = TooLarge(f"adapter is larger than the tier's limit of {max_bytes} bytes")
-                    drain_until = time.monotonic() + UPLOAD_DRAIN_S
-                    pending.discard()
-                    continue
+            elif pending.size + len(msg.chunk) > max_bytes:
+                pending.discard()
+                await self._drain(it)
+                raise TooLarge(f"adapter is larger than the tier's limit of {max_bytes} bytes")
+            else:
                 await asyncio.to_thread(pending.write, msg.chunk)
-            elif time.monotonic() > drain_until:
-                raise too_large
-        if too_large is not None:
-            raise too_large
         if meta is None:
             raise BadRequest("upload has no metadata")
         if pending.size == 0:
@@ -214,30 +223,49 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             raise BadRequest("bad worker id")
         session = await self._fleet.attach(first.register)
         reader = asyncio.create_task(self._read(session, it))
+        ended = asyncio.create_task(session.ended.wait())
         self._fleet.converge(session)
         try:
             while True:
                 get = asyncio.create_task(session.outbox.get())
-                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({get, reader, ended}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
                     break
                 yield get.result()
         finally:
             reader.cancel()
+            ended.cancel()
             if session.reconciling:
                 session.reconciling.cancel()
             await self._fleet.detach(session)
 
     async def _read(self, session: AgentSession, it: AsyncIterator[wpb.ConnectRequest]) -> None:
-        async for msg in it:
-            if msg.HasField("heartbeat"):
-                hb = msg.heartbeat
+        """Results are resolved as they come; heartbeats are recorded by `_beats`, newest first
+        (a slow Redis never builds a backlog of stale ones, nor makes a live worker look dead)."""
+        newest: asyncio.Queue[wpb.Heartbeat] = asyncio.Queue(maxsize=1)
+        beats = asyncio.create_task(self._beats(session, newest))
+        try:
+            async for msg in it:
+                if msg.HasField("heartbeat"):
+                    session.last_seen = time.monotonic()
+                    if newest.full():
+                        newest.get_nowait()
+                    newest.put_nowait(msg.heartbeat)
+                elif msg.HasField("result"):
+                    session.resolve(msg.result)
+        finally:
+            beats.cancel()
+
+    async def _beats(self, session: AgentSession, newest: asyncio.Queue[wpb.Heartbeat]) -> None:
+        while True:
+            hb = await newest.get()
+            try:
                 await self._fleet.heartbeat(
                     session, list(hb.resident), hb.healthy, list(hb.busy), hb.requests_in_flight, hb.commands_done
                 )
-            elif msg.HasField("result"):
-                session.resolve(msg.result)
+            except redis.RedisError as err:  # the session outlives Redis's absence; the next beat writes
+                log.warning("heartbeat of %s not recorded: %s", session.record.id, err)
 
     @grpc_errors
     async def FetchArtifact(

@@ -19,8 +19,14 @@ Keys (prefix `lp:`; tenants and keys: see `controlplane/tenantstore.py`):
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import random
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import ParamSpec, TypeVar
 
 import redis.asyncio as redis
 
@@ -32,6 +38,28 @@ ROUTING_CHANNEL = P + "routing"
 # Messages "adapter:<tenant id>:<name>" and "key:<key hash>": drop cached entries now.
 INVALIDATE_CHANNEL = P + "invalidate"
 FAILED_TTL_S = 7 * 24 * 3600
+WATCH_ATTEMPTS = 8
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+def optimistic(method: Callable[Params, Awaitable[Result]]) -> Callable[Params, Awaitable[Result]]:
+    """A WATCH/MULTI transaction run again, after a short random pause, when another writer
+    changed a watched key first (many tenants' writes touch shared sets)."""
+
+    @functools.wraps(method)
+    async def run(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+        for attempt in range(WATCH_ATTEMPTS):
+            try:
+                return await method(*args, **kwargs)
+            except redis.WatchError:
+                if attempt == WATCH_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    return run
+
 
 # Check the name and the quota and take both, in one step.
 # KEYS[1] tenant adapters hash, KEYS[2] adapter record key, KEYS[3] tenant ids zset,
@@ -138,6 +166,7 @@ class Store:
         raws = await self.r.mget([P + "adapter:" + str(i) for i in ids])
         return [AdapterRecord.from_json(r) for r in raws if r]
 
+    @optimistic
     async def complete_adapter(self, done: AdapterRecord) -> bool:
         """pending -> ready, with its bytes; False if the adapter was deleted meanwhile."""
         key = f"{P}adapter:{done.id}"
@@ -155,6 +184,7 @@ class Store:
         await self.invalidate_adapter(done)
         return True
 
+    @optimistic
     async def fail_adapter(self, adapter_id: str, reason: str) -> None:
         """pending -> failed: still visible with its reason; its name and quota are free again."""
         key = f"{P}adapter:{adapter_id}"
@@ -171,6 +201,7 @@ class Store:
             pipe.hdel(f"{P}tenant:{rec.tenant_id}:adapters", rec.name)
             await pipe.execute()
 
+    @optimistic
     async def set_placement_error(self, adapter_id: str, reason: str, at: float) -> None:
         """Record (or, with reason "", clear) why the adapter could not be placed."""
         key = f"{P}adapter:{adapter_id}"
@@ -192,6 +223,7 @@ class Store:
         values = await self.r.hmget(P + "used", adapter_ids)
         return {a: float(v) for a, v in zip(adapter_ids, values, strict=True) if v}
 
+    @optimistic
     async def mark_deleting(self, rec: AdapterRecord) -> None:
         """The adapter is gone for its tenant at once (name, quota, lists); eviction and
         garbage collection follow. Idempotent."""
@@ -285,6 +317,15 @@ class Store:
                 a = json.loads(raw)
                 out[wid] = (frozenset(a["busy"]), int(a["in_flight"]))
         return out
+
+    async def epoch(self) -> str:
+        """This Redis's data epoch: made by the first control plane to ask, and gone only when
+        Redis lost its data (restarted without AOF, a wiped volume, FLUSHALL)."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(P + "epoch", uuid.uuid4().hex, nx=True)
+            pipe.get(P + "epoch")
+            _, epoch = await pipe.execute()
+        return str(epoch)
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
         if draining:

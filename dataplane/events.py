@@ -20,6 +20,7 @@ from dataplane.routing import RoutingTable
 log = logging.getLogger(__name__)
 ROUTING = "lp:routing"
 INVALIDATE = "lp:invalidate"
+RETRY_S = 0.1  # first retry after Redis was unreachable; doubling up to refresh_s
 
 
 class Cache(Protocol):
@@ -29,6 +30,7 @@ class Cache(Protocol):
 
 
 async def follow(client: redis.Redis, routing: RoutingTable, caches: list[Cache], refresh_s: float) -> None:
+    failures = 0
     while True:
         try:
             async with client.pubsub() as ps:
@@ -36,6 +38,7 @@ async def follow(client: redis.Redis, routing: RoutingTable, caches: list[Cache]
                 for cache in caches:
                     cache.clear()
                 await routing.refresh()
+                failures = 0
                 while True:
                     msg = await ps.get_message(ignore_subscribe_messages=True, timeout=refresh_s)
                     if msg is not None and msg["channel"] == INVALIDATE:
@@ -46,5 +49,9 @@ async def follow(client: redis.Redis, routing: RoutingTable, caches: list[Cache]
         except asyncio.CancelledError:
             raise
         except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
+            failures += 1
             log.warning("Redis unreachable (%s); serving routing version %d", err, routing.version)
-            await asyncio.sleep(refresh_s)
+            # The idle connections were to the Redis that went away: a restarted one is reached
+            # on the next try, not after one failed try per stale connection.
+            await client.connection_pool.disconnect(inuse_connections=False)
+            await asyncio.sleep(min(refresh_s, RETRY_S * 2 ** (failures - 1)))
