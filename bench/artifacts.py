@@ -36,7 +36,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controlplane.artifacts import ArtifactStore  # noqa: E402
+from controlplane.artifacts import FileArtifactStore  # noqa: E402
 from loraplane.controlplane.v1 import tenant_pb2, worker_pb2_grpc  # noqa: E402
 from loraplane.controlplane.v1 import worker_pb2 as wpb  # noqa: E402
 from loraplane.operator import Operator  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{http_port}"
             wait_until(lambda: http_ok(url + "/healthz"), 60, "data plane", dp)
-            store = ArtifactStore(tmp / "artifacts")
+            store = FileArtifactStore(tmp / "artifacts")
             rates: dict[str, Any] = {}
             for mb in SIZES_MB:
                 data = os.urandom(mb * 1000 * 1000)
