@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+import httpx
 import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import promql_parser
@@ -33,8 +34,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import admin_pb2, tenant_pb2, worker_pb2
-from tests.conftest import SimStack, upload
-from tests.support import lora_tensors, safetensors_bytes
+from loraplane.stack import http_ok, wait_until
+from tests.conftest import SimStack, new_tenant, upload
+from tests.support import free_port, lora_tensors, safetensors_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -246,18 +248,50 @@ def test_compose_data_planes_are_behind_the_balancer() -> None:
     assert "lb" in svc and any(p.endswith(":8080") for p in svc["lb"]["ports"])
 
 
-def test_nginx_accepts_the_balancer_config(tmp_path: Path) -> None:
+def test_the_balancer_streams_both_ways(sim_stack: SimStack, tmp_path: Path) -> None:
+    """deploy/nginx.conf run by a real nginx in front of the embedded stack's data plane (as both
+    upstream servers): an upload passes through whole, an SSE answer arrives as events."""
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     if nginx is None:
-        pytest.skip("nginx is not installed here (Debian package `nginx`); the config was checked by hand only")
-    conf = re.sub(r"dataplane-\d+:8080", "127.0.0.1:8080", (ROOT / "deploy" / "nginx.conf").read_text())
+        pytest.skip("nginx is not installed here (Debian package `nginx`)")
+    stack = sim_stack.stack
+    port = free_port()
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    conf = re.sub(r"dataplane-\d+:8080", f"127.0.0.1:{stack.config.http_port}", conf)
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};").replace("/tmp/nginx.pid", str(tmp_path / "pid"))
+    temp = "".join(f"  {d}_temp_path {tmp_path / d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = conf.replace("http {\n", "http {\n" + temp, 1)
     (tmp_path / "nginx.conf").write_text(conf)
-    out = subprocess.run(
-        [nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "/dev/stderr"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    # Past the syntax check nginx -t only fails on temp directories compiled in for this host.
-    assert "syntax is ok" in out.stderr, out.stderr
+    args = [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "error.log")]
+    checked = subprocess.run([*args, "-t"], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    proc = subprocess.Popen([*args, "-g", "daemon off;"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ok(url + "/readyz"), 10, "nginx", proc)
+        key = new_tenant(stack, "behind-nginx")
+        weights = safetensors_bytes(lora_tensors(rank=8))
+        r = httpx.post(
+            url + "/v1/adapters/upload",
+            headers={"Authorization": f"Bearer {key}"},
+            data={"name": "lb", "base_model": "tiny-llama"},
+            files={"file": ("adapter_model.safetensors", weights)},
+            timeout=60,
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["size_bytes"] == len(weights)
+        body = {"model": "tiny-llama:lb", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as streamed:
+            assert streamed.status_code == 200
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert len(events) > 2 and events[-1] == "data: [DONE]"
+        assert json.loads(events[0][6:])["model"] == "tiny-llama:lb"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_compose_worker_node_and_its_vllm() -> None:
