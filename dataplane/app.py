@@ -105,7 +105,11 @@ async def upload(request: Request) -> Response:
     st = _state(request)
     await _tenant(request)
     stream = UploadStream(request, st.resolver.catalog, st.settings.max_adapter_bytes)
-    adapter = await stream.send(st.cp.adapters, _key(request), st.settings.upload_timeout_s)
+    try:
+        adapter = await stream.send(st.cp.adapters, _key(request), st.settings.upload_timeout_s)
+    except ApiError:
+        await stream.drain()
+        raise
     return JSONResponse(adapter_json(adapter), status_code=201)
 
 

@@ -8,8 +8,10 @@ upload: a stream cut short never carries metadata, so it can never be stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,6 +27,7 @@ from loraplane.controlplane.v1 import adapter_pb2_grpc
 CHUNK = 1 << 20
 MAX_FIELD = 64 << 10
 MULTIPART_OVERHEAD = 256 << 10
+DRAIN_BYTES, DRAIN_S = 16 << 20, 5.0  # the most of a refused upload read before answering
 FIELDS = {"name", "base_model", "lora_alpha", "config", "file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -50,6 +53,7 @@ class UploadStream:
         self._catalog = catalog
         self._max = max_bytes
         self._form = _Form()
+        self.body_read = False  # the whole request body was read (a refusal need not drain it)
 
     def _parser(self, boundary: bytes) -> MultipartParser:
         f = self._form
@@ -174,7 +178,7 @@ class UploadStream:
         call = stub.UploadAdapter(metadata=(("authorization", f"Bearer {key}"),), timeout=timeout)
         form = self._form
         try:
-            async for data in self._request.stream():
+            async for data in self._body():
                 parser.write(data)
                 if form.error:
                     raise form.error
@@ -197,6 +201,25 @@ class UploadStream:
         except (ApiError, ClientDisconnect, asyncio.CancelledError):
             call.cancel()
             raise
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        while not self.body_read:
+            message = await self._request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            self.body_read = not message.get("more_body", False)
+            yield message.get("body", b"")
+
+    async def drain(self) -> None:
+        """Read on (and drop) a refused upload's body, within a bound, before answering: a server
+        that closes on unread bytes resets the connection, and the client never sees why."""
+        read = 0
+        with contextlib.suppress(TimeoutError, ClientDisconnect):
+            async with asyncio.timeout(DRAIN_S):
+                async for chunk in self._body():
+                    read += len(chunk)
+                    if read > DRAIN_BYTES:
+                        return
 
 
 UploadCall = grpc.aio.StreamUnaryCall[apb.UploadAdapterRequest, apb.UploadAdapterResponse]
