@@ -25,7 +25,7 @@ from workeragent.settings import Settings
 from workeragent.vllm import VllmClient, VllmError, VllmProcess
 
 log = logging.getLogger(__name__)
-BACKOFF_CAP_S = 10.0
+BACKOFF_CAP_S = 5.0
 REGISTER_TIMEOUT_S = 10.0
 
 
@@ -117,7 +117,7 @@ class Agent:
                 delay = 0.5
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, aiohttp.ClientError, TimeoutError, OSError) as err:
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, aiohttp.ClientError, TimeoutError, OSError) as err:
                 log.warning("control plane session ended: %s; reconnecting in %.1fs", err, delay)
             except Exception:  # this loop keeps the worker connected: it must outlive any one failure
                 log.exception("control plane session failed; reconnecting in %.1fs", delay)
