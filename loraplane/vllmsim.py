@@ -86,7 +86,8 @@ def create_app(config: SimConfig) -> Any:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def seen(request: Request) -> Response:
-        return JSONResponse({"requests": sim.seen, "running": sum(sim.running.values()), "loads": sim.loads})
+        state = {"requests": sim.seen, "running": sum(sim.running.values()), "loads": sim.loads}
+        return JSONResponse({**state, "adapters": sorted(sim.adapters)})
 
     async def metrics(request: Request) -> Response:
         busy = ",".join(sorted(n for n, c in sim.running.items() if c and n != config.model))

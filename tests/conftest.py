@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +12,17 @@ import httpx
 import pytest
 
 from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc
-from loraplane.stack import Stack, StackConfig, WorkerSpec, http_ok, vllm_args, wait_until
+from loraplane.stack import Stack, StackConfig, WorkerSpec, vllm_args
 from tests.hubserver import HubServer
-from tests.support import RedisServer, free_port
+from tests.support import FIGURES, RedisServer, free_port, start_simulator
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The reliability suite's figures (THREATS.md's list), one per line."""
+    if FIGURES:
+        terminalreporter.section("figures")
+        for name, value in FIGURES:
+            terminalreporter.write_line(f"{name}: {value}")
 
 
 @pytest.fixture(scope="session")
@@ -111,14 +118,6 @@ class SimStack:
         return body
 
 
-def _simulator(model: str) -> tuple[subprocess.Popen[bytes], str, int]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    sim = subprocess.Popen([sys.executable, "-m", "loraplane.vllmsim", "--port", str(port), "--model", model])
-    wait_until(lambda: http_ok(url + "/health"), 30, "the simulator", sim)
-    return sim, url, port
-
-
 @pytest.fixture(scope="session")
 def sim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimStack]:
     """The whole stack with agents attached to vLLM simulators instead of vLLMs: one for
@@ -126,9 +125,9 @@ def sim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimStack]:
     (cancellation, limits, retries, every endpoint), fast and deterministic."""
     sims = []
     try:
-        sim, url, _ = _simulator("tiny-llama")
+        sim, url, _ = start_simulator("tiny-llama")
         sims.append(sim)
-        embed_sim, embed_url, embed_port = _simulator("tiny-embed")
+        embed_sim, embed_url, embed_port = start_simulator("tiny-embed")
         sims.append(embed_sim)
         embed_worker = WorkerSpec(
             embed_port, env=(("LORAPLANE_BASE_MODEL", "tiny-embed"), ("LORAPLANE_VLLM_URL", embed_url))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,17 +72,22 @@ def lora_tensors(
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port, in a temp dir, optionally with AOF."""
+    """A private redis-server on a free loopback port, in a temp dir, optionally with AOF. The
+    fault tests kill it (`kill`), freeze it (`signal`) and start it again on the same port."""
 
     def __init__(self, directory: Path, aof: bool = False) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is required (apt-get install redis-server)"
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
-        args += ["--appendonly", "yes" if aof else "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
+        self._args += ["--appendonly", "yes" if aof else "no"]
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             with socket.socket() as s:
@@ -90,6 +97,33 @@ class RedisServer:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
 
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+FIGURES: list[tuple[str, str]] = []
+
+
+def figure(name: str, value: object) -> None:
+    """A number the reliability suite reports: printed at the end of the test run (and written
+    to $LORAPLANE_FIGURES as JSON lines when set)."""
+    FIGURES.append((name, str(value)))
+    path = os.environ.get("LORAPLANE_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"figure": name, "value": str(value)}) + "\n")
+
+
+def start_simulator(model: str, *args: str, port: int = 0) -> tuple[subprocess.Popen[bytes], str, int]:
+    """A vLLM simulator for `model` on `port` (else a free one): (process, URL, port)."""
+    from loraplane.stack import http_ok, wait_until
+
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    sim = subprocess.Popen([sys.executable, "-m", "loraplane.vllmsim", "--port", str(port), "--model", model, *args])
+    wait_until(lambda: http_ok(url + "/health"), 30, "the simulator", sim)
+    return sim, url, port
