@@ -19,11 +19,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from dataplane import errors, events, inference
+from dataplane import errors, events, httpserver, inference
 from dataplane.auth import KeyCache
 from dataplane.breaker import Breaker
 from dataplane.cpclient import ControlPlaneClient
-from dataplane.errors import ApiError, BadRequest, TooLarge
+from dataplane.errors import ApiError, BadRequest, RequestTimeout, TooLarge
 from dataplane.inference import State, bearer, read_json
 from dataplane.metrics import Metrics, MetricsMiddleware
 from dataplane.resolve import Resolver
@@ -54,7 +54,8 @@ async def _tenant(request: Request) -> str:
 
 
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
-    return await read_json(request.receive, request.headers.get("content-length", "").encode(), limit)
+    timeout = _state(request).settings.body_timeout_s
+    return await read_json(request.receive, request.headers.get("content-length", "").encode(), limit, timeout)
 
 
 def adapter_json(a: apb.Adapter) -> dict[str, object]:
@@ -104,9 +105,13 @@ async def flush_used(client: redis.Redis, used: dict[str, float], every_s: float
 async def upload(request: Request) -> Response:
     st = _state(request)
     await _tenant(request)
-    stream = UploadStream(request, st.resolver.catalog, st.settings.max_adapter_bytes)
+    stream = UploadStream(
+        request, st.resolver.catalog, st.settings.max_adapter_bytes, st.settings.upload_idle_timeout_s
+    )
     try:
         adapter = await stream.send(st.cp.adapters, _key(request), st.settings.upload_timeout_s)
+    except RequestTimeout:
+        raise  # a client too slow to send its body is not waited for again
     except ApiError:
         await stream.drain()
         raise
@@ -303,7 +308,7 @@ def main() -> None:
         port=settings.port,
         log_level="warning",
         loop="uvloop",
-        http="httptools",
+        http=httpserver.protocol(settings.header_timeout_s),
     )
 
 

@@ -59,6 +59,15 @@ class RateLimited(ApiError):
     status, type = 429, "rate_limit_error"
 
 
+class RequestTimeout(ApiError):
+    """The request's body did not arrive in time; the connection is closed after the answer."""
+
+    status, type = 408, "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class Unavailable(ApiError):
     status, type = 503, "server_error"
 

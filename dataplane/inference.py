@@ -23,7 +23,16 @@ from starlette.types import Message, Receive, Scope, Send
 
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
-from dataplane.errors import ApiError, BadRequest, NotResident, TooLarge, Unavailable, Unreachable, Upstream
+from dataplane.errors import (
+    ApiError,
+    BadRequest,
+    NotResident,
+    RequestTimeout,
+    TooLarge,
+    Unavailable,
+    Unreachable,
+    Upstream,
+)
 from dataplane.metrics import Metrics
 from dataplane.resolve import Resolver, Target
 from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
@@ -82,20 +91,25 @@ def check_limits(body: dict[str, Any], settings: Settings) -> None:
             raise BadRequest(f"{name!r} must be an integer from 1 to {most}", param=name)
 
 
-async def read_json(receive: Receive, content_length: bytes | None, limit: int) -> dict[str, Any]:
-    """The request body as a JSON object; a declared length over the limit is refused unread."""
+async def read_json(receive: Receive, content_length: bytes | None, limit: int, timeout_s: float) -> dict[str, Any]:
+    """The request body as a JSON object, whole within `timeout_s`; a declared length over the
+    limit is refused unread."""
     if content_length and content_length.isdigit() and int(content_length) > limit:
         raise TooLarge(f"request body is larger than {limit} bytes")
     raw = b""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        raw += message.get("body", b"")
-        if len(raw) > limit:
-            raise TooLarge(f"request body is larger than {limit} bytes")
-        if not message.get("more_body"):
-            break
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                raw += message.get("body", b"")
+                if len(raw) > limit:
+                    raise TooLarge(f"request body is larger than {limit} bytes")
+                if not message.get("more_body"):
+                    break
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout_s:.0f}s") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -136,7 +150,9 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     headers = dict(scope["headers"])
     authorization = headers.get(b"authorization", b"").decode("latin-1")
     tenant_id = await st.keys.tenant_id(authorization)
-    body = await read_json(receive, headers.get(b"content-length"), st.settings.max_body_bytes)
+    body = await read_json(
+        receive, headers.get(b"content-length"), st.settings.max_body_bytes, st.settings.body_timeout_s
+    )
     check_limits(body, st.settings)
     body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant_id)
     client_model = body.get("model")

@@ -24,6 +24,9 @@ class Settings:
     max_tokens: int = 4096  # per request (max_tokens, max_completion_tokens)
     max_n: int = 8  # choices per request
     replicate_at_in_flight: int = 16  # requests in flight per holder that make an adapter hot
+    header_timeout_s: float = 15.0  # a request's headers, from its first byte (slowloris)
+    body_timeout_s: float = 30.0  # a JSON request body, whole
+    upload_idle_timeout_s: float = 60.0  # an upload with no bytes for this long is given up
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -39,4 +42,8 @@ class Settings:
             max_tokens=int(env.get("LORAPLANE_MAX_TOKENS", 4096)),
             max_n=int(env.get("LORAPLANE_MAX_N", 8)),
             replicate_at_in_flight=int(env.get("LORAPLANE_REPLICATE_AT_IN_FLIGHT", 16)),
+            header_timeout_s=float(env.get("LORAPLANE_HEADER_TIMEOUT_S", 15)),
+            body_timeout_s=float(env.get("LORAPLANE_BODY_TIMEOUT_S", 30)),
+            upload_idle_timeout_s=float(env.get("LORAPLANE_UPLOAD_IDLE_TIMEOUT_S", 60)),
+            upload_timeout_s=float(env.get("LORAPLANE_UPLOAD_TIMEOUT_S", 600)),
         )

@@ -19,7 +19,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from dataplane.errors import ApiError, BadRequest, NotFound, TooLarge, from_grpc
+from dataplane.errors import ApiError, BadRequest, NotFound, RequestTimeout, TooLarge, from_grpc
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 from loraplane.controlplane.v1 import adapter_pb2_grpc
@@ -48,8 +48,9 @@ class _Form:
 
 
 class UploadStream:
-    def __init__(self, request: Request, catalog: Catalog, max_bytes: int) -> None:
+    def __init__(self, request: Request, catalog: Catalog, max_bytes: int, idle_timeout_s: float = 60.0) -> None:
         self._request = request
+        self._idle_timeout = idle_timeout_s
         self._catalog = catalog
         self._max = max_bytes
         self._form = _Form()
@@ -176,23 +177,17 @@ class UploadStream:
     async def send(self, stub: adapter_pb2_grpc.AdapterServiceStub, key: str, timeout: float) -> apb.Adapter:
         parser = self._parser(self._boundary())
         call = stub.UploadAdapter(metadata=(("authorization", f"Bearer {key}"),), timeout=timeout)
-        form = self._form
+        budget = asyncio.timeout(timeout)
         try:
-            async for data in self._body():
-                parser.write(data)
-                if form.error:
-                    raise form.error
-                self._check_fields(final=False)
-                for chunk in form.chunks:
-                    await _write(call, apb.UploadAdapterRequest(chunk=chunk))
-                form.chunks.clear()
-            parser.finalize()
-            if not form.ended:
-                raise BadRequest("the multipart body ended early")
-            await _write(call, apb.UploadAdapterRequest(metadata=self._metadata()))
-            await call.done_writing()
+            async with budget:
+                await self._forward(parser, call)
             response: apb.UploadAdapterResponse = await call
             return response.adapter
+        except TimeoutError:
+            call.cancel()
+            if not budget.expired():
+                raise
+            raise RequestTimeout(f"the upload did not finish within {timeout:.0f}s") from None
         except grpc.aio.AioRpcError as err:
             raise from_grpc(err) from None
         except FormParserError:
@@ -202,9 +197,29 @@ class UploadStream:
             call.cancel()
             raise
 
+    async def _forward(self, parser: MultipartParser, call: UploadCall) -> None:
+        """The file's bytes to the control plane as they arrive, then the form's fields."""
+        form = self._form
+        async for data in self._body():
+            parser.write(data)
+            if form.error:
+                raise form.error
+            self._check_fields(final=False)
+            for chunk in form.chunks:
+                await _write(call, apb.UploadAdapterRequest(chunk=chunk))
+            form.chunks.clear()
+        parser.finalize()
+        if not form.ended:
+            raise BadRequest("the multipart body ended early")
+        await _write(call, apb.UploadAdapterRequest(metadata=self._metadata()))
+        await call.done_writing()
+
     async def _body(self) -> AsyncIterator[bytes]:
         while not self.body_read:
-            message = await self._request.receive()
+            try:
+                message = await asyncio.wait_for(self._request.receive(), self._idle_timeout)
+            except TimeoutError:
+                raise RequestTimeout(f"no upload bytes received for {self._idle_timeout:.0f}s") from None
             if message["type"] == "http.disconnect":
                 raise ClientDisconnect()
             self.body_read = not message.get("more_body", False)
