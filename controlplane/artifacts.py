@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -23,6 +24,21 @@ from typing import BinaryIO, Protocol
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
+
+
+def _abandoned(staging: Path) -> bool:
+    """Nobody holds the staging directory's lock: its process is gone."""
+    try:
+        fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class Reader(Protocol):
@@ -47,6 +63,10 @@ class ArtifactStore(abc.ABC):
         self._staging = Path(staging)
         self.temp_dir = self._staging / uuid.uuid4().hex
         self.temp_dir.mkdir(parents=True, exist_ok=True)
+        # Held while this process lives: a staging directory whose lock can be taken is a dead
+        # process's, and its half-written files go at once (not after an hour).
+        self._staging_lock = os.open(self.temp_dir, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._staging_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def open_temp(self) -> PendingArtifact:
         fd, name = tempfile.mkstemp(dir=self.temp_dir, prefix="upload-")
@@ -57,10 +77,10 @@ class ArtifactStore(abc.ABC):
             while chunk := f.read(CHUNK):
                 yield chunk
 
-    def clean_temp(self, older_than_s: float = 3600.0) -> None:
+    def clean_temp(self) -> None:
         """Remove what processes killed mid-write left behind (not the live ones' files)."""
         for d in self._staging.iterdir():
-            if d != self.temp_dir and time.time() - d.stat().st_mtime > older_than_s:
+            if d != self.temp_dir and d.is_dir() and _abandoned(d):
                 shutil.rmtree(d, ignore_errors=True)
 
     @abc.abstractmethod
@@ -81,6 +101,10 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, sha256: str) -> None:
         """Idempotent; the store may finish it in the background."""
+
+    @abc.abstractmethod
+    def blobs(self, older_than_s: float) -> Iterator[str]:
+        """The sha256 of every blob stored more than `older_than_s` ago (for the orphan sweep)."""
 
     @abc.abstractmethod
     def publish(self, file: BinaryIO, temp_path: Path, sha256: str) -> bool:
@@ -114,6 +138,13 @@ class FileArtifactStore(ArtifactStore):
 
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
+
+    def blobs(self, older_than_s: float) -> Iterator[str]:
+        cutoff = time.time() - older_than_s
+        for path in self._blobs.glob("*/*"):
+            with contextlib.suppress(FileNotFoundError):
+                if SHA256.match(path.name) and path.stat().st_mtime < cutoff:
+                    yield path.name
 
     def publish(self, file: BinaryIO, temp_path: Path, sha256: str) -> bool:
         os.fsync(file.fileno())

@@ -121,6 +121,9 @@ class Fleet:
         self._placing: dict[tuple[object, ...], asyncio.Task[tuple[str, bool, int]]] = {}
         self._decide = asyncio.Lock()
         self._epoch = ""
+        # False once Redis was seen empty (when this process started, or since): its records
+        # then say nothing about which bytes are unused, and no orphan sweep may trust them.
+        self.redis_trusted = True
 
     async def attach(self, reg: pb.Register) -> AgentSession:
         old = self.sessions.pop(reg.worker_id, None)
@@ -214,9 +217,10 @@ class Fleet:
         ended: the agents reconnect and register what their vLLMs hold (worker records, command
         generations and routing come back), and reconciling leaves adapters Redis has no record
         of alone, so an empty Redis never evicts anything."""
-        epoch = await self._store.epoch()
+        epoch, made = await self._store.epoch()
         lost = bool(self._epoch) and epoch != self._epoch
         self._epoch = epoch
+        self.redis_trusted = self.redis_trusted and not made and not lost
         if lost:
             log.error("Redis lost its data (its epoch changed); agents re-register, nothing is evicted")
             for session in self.sessions.values():

@@ -178,17 +178,33 @@ class Registry:
     async def maintain(self, every_s: float = 30.0) -> None:
         """Finish deletions a stopped replica left; fail downloads that cannot still be running
         (a replica that stopped mid-download; tokens are never stored, so they cannot resume)."""
+        swept = time.monotonic()
         while True:
             try:
+                if time.monotonic() - swept > self._s.orphan_sweep_s and self._fleet.redis_trusted:
+                    await self._sweep_orphans()
+                    swept = time.monotonic()
                 for rec in await self._store.deleting():
                     if rec.id not in self._retiring:
                         self._spawn(self._retire(rec))
                 for rec in await self._store.pending():
                     if time.time() - rec.created_at > self._s.hub_total_timeout_s + every_s:
                         await self._store.fail_adapter(rec.id, "the download was interrupted; register it again")
-            except redis.RedisError as err:  # Redis is away: try again next round
-                log.warning("registry maintenance: Redis is unreachable: %s", err)
-            await asyncio.sleep(every_s)
+            except (redis.RedisError, ControlPlaneError) as err:  # Redis or the store is away: next round
+                log.warning("registry maintenance: %s", err)
+            await asyncio.sleep(min(every_s, self._s.orphan_sweep_s))
+
+    async def _sweep_orphans(self) -> None:
+        """Delete blobs no adapter names, past a grace period: the bytes of an upload whose
+        record never got written (Redis failed between the two). Young blobs are left alone:
+        their record may be on its way. Never after Redis was seen empty (see Fleet)."""
+        for sha in await asyncio.to_thread(lambda: list(self._artifacts.blobs(self._s.orphan_grace_s))):
+            if not await self._store.blob_referenced(sha):
+                await self._fleet.check_epoch()  # an empty Redis references nothing: asked each time
+                if not self._fleet.redis_trusted:
+                    return
+                log.info("deleting orphan blob %s", sha)
+                self._artifacts.delete(sha)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

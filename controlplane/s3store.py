@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from controlplane.artifacts import ArtifactStore, Reader, checked
+from controlplane.artifacts import SHA256, ArtifactStore, Reader, checked
 from controlplane.errors import ControlPlaneError
 from controlplane.settings import S3Settings
 
@@ -125,6 +126,16 @@ class S3ArtifactStore(ArtifactStore):
                     raise FileNotFoundError(f"no blob {sha256}") from None
                 raise
         return Body(response["Body"])
+
+    def blobs(self, older_than_s: float) -> Iterator[str]:
+        cutoff = time.time() - older_than_s
+        prefix = f"{self.prefix}/blobs/" if self.prefix else "blobs/"
+        with s3_errors("LIST"):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    name = obj["Key"].rsplit("/", 1)[-1]
+                    if SHA256.match(name) and obj["LastModified"].timestamp() < cutoff:
+                        yield name
 
     def delete(self, sha256: str) -> None:
         key = self.key(sha256)

@@ -318,14 +318,15 @@ class Store:
                 out[wid] = (frozenset(a["busy"]), int(a["in_flight"]))
         return out
 
-    async def epoch(self) -> str:
-        """This Redis's data epoch: made by the first control plane to ask, and gone only when
-        Redis lost its data (restarted without AOF, a wiped volume, FLUSHALL)."""
+    async def epoch(self) -> tuple[str, bool]:
+        """This Redis's data epoch, and whether this call made it: made by the first control
+        plane to ask, and gone only when Redis lost its data (restarted without AOF, a wiped
+        volume, FLUSHALL)."""
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.set(P + "epoch", uuid.uuid4().hex, nx=True)
             pipe.get(P + "epoch")
-            _, epoch = await pipe.execute()
-        return str(epoch)
+            made, epoch = await pipe.execute()
+        return str(epoch), bool(made)
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
         if draining:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,8 @@ def test_temp_files_of_a_killed_process_are_cleaned(backend: Backend) -> None:
     dead = backend.make("a")
     abandoned = dead.open_temp()
     abandoned.write(b"abandoned")
-    abandoned.file.close()  # the process "died": its temp file stays behind
-    os.utime(dead.temp_dir, (time.time() - 7200, time.time() - 7200))
+    abandoned.file.close()  # the process "died": its temp file stays behind,
+    os.close(dead._staging_lock)  # and the kernel released its lock
     live = backend.make("a")
     in_progress = live.open_temp()
     live.clean_temp()
@@ -238,3 +239,26 @@ def test_s3_a_bucket_that_does_not_exist_fails_the_startup_check(moto: MotoServe
     with pytest.raises(StoreUnavailable):
         store.check()
     store.close()
+
+
+KILLED_MID_WRITE = """
+import os, sys
+from controlplane.artifacts import FileArtifactStore
+pending = FileArtifactStore(sys.argv[1]).open_temp()
+pending.write(b"half an adapter")
+pending.file.flush()
+print(pending.temp_path, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_process_killed_mid_write_leaves_nothing_once_a_store_starts(tmp_path: Path) -> None:
+    """Really `kill -9`'d: its staging directory goes at the next start, not an hour later."""
+    out = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == -9 and Path(out.stdout.strip()).exists()
+    live = FileArtifactStore(tmp_path)
+    in_progress = live.open_temp()
+    live.clean_temp()
+    assert not Path(out.stdout.strip()).exists()
+    assert files(tmp_path / "tmp") == [in_progress.temp_path]
+    in_progress.discard()
