@@ -9,13 +9,15 @@ import json
 import os
 import struct
 import time
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.errors import InvalidAdapter
 from controlplane.validation import check_lora, parse_config, read_header
-from tests.support import TINY, lora_tensors, safetensors_bytes
+from tests.support import TINY, figure, lora_tensors, safetensors_bytes
 
 EXAMPLES = int(os.environ.get("LORAPLANE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
@@ -49,7 +51,17 @@ def body(header: object, data: bytes, declared: int | None = None) -> bytes:
     return struct.pack("<Q", len(raw) if declared is None else declared) + raw + data
 
 
+TRIED = [0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def count() -> Iterator[None]:
+    yield
+    figure("hostile adapter files and configs tried on the validator (all refused or valid, none crashed)", TRIED[0])
+
+
 def judge(blob: bytes) -> None:
+    TRIED[0] += 1
     started = time.monotonic()
     try:
         tensors = read_header(io.BytesIO(blob), len(blob))
@@ -98,6 +110,7 @@ def test_a_valid_adapter_with_one_thing_changed(data: st.DataObject) -> None:
 @given(st.one_of(st.binary(max_size=512), st.dictionaries(st.text(max_size=12), json_scalars | st.lists(json_scalars))
                  .map(lambda d: json.dumps(d).encode())))  # fmt: skip
 def test_adapter_configs(raw: bytes) -> None:
+    TRIED[0] += 1
     try:
         parse_config(raw)
     except InvalidAdapter as err:

@@ -28,7 +28,7 @@ from tests.conftest import (
     new_tenant,
     upload,
 )
-from tests.support import lora_tensors, safetensors_bytes, with_metadata
+from tests.support import figure, lora_tensors, safetensors_bytes, with_metadata
 
 PROMPT = "hello"
 MAX_TOKENS = 16
@@ -290,7 +290,8 @@ def test_a_crashed_vllm_is_restarted_and_no_request_fails_meanwhile(
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert ask() == "red apple river"
-    print(f"\nvLLM killed: {len(answers)} requests served meanwhile, none failed; reloaded after {took:.0f} s")
+    figure("vLLM kill -9 (real vLLM): requests served while it restarted, failed", f"{len(answers)}, 0")
+    figure("vLLM kill -9 (real vLLM): seconds until restarted and reloaded", f"{took:.0f}")
 
 
 def test_a_killed_agent_comes_back_without_reloading(
@@ -544,10 +545,12 @@ def test_an_adapter_no_worker_can_load_is_marked_failed(
     with pytest.raises(openai.APIStatusError):
         say(client, "tiny-llama:bad")  # marked failed: refused at once, not tried again
     assert time.monotonic() - started < 1.0
-    assert config_logs(full_stack).count(f"load of {bad['id']} on") == 2
+    attempts = config_logs(full_stack).count(f"load of {bad['id']} on")
+    assert attempts == 2
     assert _holders(full_stack, good["id"]) == good_holders  # other adapters unaffected
     assert say(client, "tiny-llama:good").model == "tiny-llama:good"
     assert not _holders(full_stack, bad["id"])
+    figure("a bad adapter (real vLLM): load attempts before it was marked failed", attempts)
 
 
 def test_a_hot_adapter_gets_a_replica_on_another_worker(

@@ -24,6 +24,7 @@ from loraplane.stack import Stack, StackConfig, WorkerSpec
 from tests.support import RedisServer, free_port, lora_tensors, safetensors_bytes, start_simulator, with_metadata
 
 LONG = os.environ.get("LORAPLANE_RELIABILITY_LONG") == "1"
+SLOW_CLIENT_S = 2  # the data plane's header, body and upload-idle budgets here
 QUOTA = 4  # the shared tier's adapters per tenant here, for the quota race; other tenants are "reserved"
 
 
@@ -103,6 +104,11 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack
             ("LORAPLANE_VLLM_URL", f"http://127.0.0.1:{ports[0]}"),
             ("LORAPLANE_TIER_SHARED_MAX_ADAPTERS", str(QUOTA)),
             ("LORAPLANE_HEARTBEAT_TIMEOUT_S", "3"),
+            ("LORAPLANE_HEADER_TIMEOUT_S", str(SLOW_CLIENT_S)),
+            ("LORAPLANE_BODY_TIMEOUT_S", str(SLOW_CLIENT_S)),
+            ("LORAPLANE_UPLOAD_IDLE_TIMEOUT_S", str(SLOW_CLIENT_S)),
+            ("LORAPLANE_ORPHAN_GRACE_S", "3"),
+            ("LORAPLANE_ORPHAN_SWEEP_S", "2"),
         )
         second = WorkerSpec(ports[1], env=(("LORAPLANE_VLLM_URL", f"http://127.0.0.1:{ports[1]}"),))
         stack = Stack(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import httpx
 import pytest
 
 from loraplane.controlplane.v1 import tenant_pb2
-from tests.reliability.conftest import LONG, QUOTA, FaultStack, logs
+from tests.reliability.conftest import LONG, QUOTA, SLOW_CLIENT_S, FaultStack, logs
 from tests.support import figure
 
 
@@ -333,10 +335,12 @@ def test_quota_races_admit_exactly_the_quota(fault_stack: FaultStack) -> None:
         exact += statuses == [201] + [429] * 5 and len(listed) == QUOTA
         losers = {r.json()["error"]["message"] for r in codes if r.status_code == 429}
         assert all("at most" in m for m in losers), losers
-    orphans = orphan_blobs(fs)
+    # Losers' bytes go at once; bytes of uploads whose record Redis never took (the kill -9
+    # test above) go with the orphan sweep, a few seconds here.
+    swept_s = wait_for(lambda: orphan_blobs(fs) == [], 20)
     figure(f"quota races admitting exactly the quota ({runs} runs of 6 uploads for 1 slot)", f"{exact}/{runs}")
-    figure("orphan blobs after the quota races", len(orphans))
-    assert exact == runs and orphans == []
+    figure("seconds until no orphan blob is left (sweep every 2 s, 3 s grace)", f"{swept_s:.1f}")
+    assert exact == runs
 
 
 def orphan_blobs(fs: FaultStack) -> list[str]:
@@ -350,6 +354,115 @@ def orphan_blobs(fs: FaultStack) -> list[str]:
     return sorted(p.name for p in blobs.rglob("*") if p.is_file() and p.name not in named)
 
 
+@pytest.mark.parametrize("what", ["headers", "json body", "upload body"])
+def test_slow_clients_are_cut_off_on_time(fault_stack: FaultStack, what: str) -> None:
+    """A client that trickles its request (one byte a second: never idle) or stops halfway gets
+    a 408 and its connection closed, within the data plane's budget for that part."""
+    fs = fault_stack
+    key = fs.tenant(f"slow-{what.replace(' ', '-')}")["Authorization"].encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: " + key + b"\r\n"
+    if what == "json body":
+        head += b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    elif what == "upload body":
+        head = head.replace(b"/v1/chat/completions", b"/v1/adapters/upload")
+        head += b"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 100000\r\n\r\n--B\r\n"
+    with socket.create_connection(("127.0.0.1", fs.stack.config.http_port), timeout=30) as s:
+        started = time.monotonic()
+        s.sendall(head)
+        s.setblocking(False)
+        answer, answered_s = b"", 0.0
+        while time.monotonic() - started < 20:
+            try:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+                answered_s = time.monotonic() - started
+            except BlockingIOError:
+                if what == "headers":
+                    with contextlib.suppress(OSError):
+                        s.send(b"X")  # one more header byte a second
+                time.sleep(1 if what == "headers" else 0.05)
+            except ConnectionResetError:
+                break
+        closed_s = time.monotonic() - started
+    figure(
+        f"seconds until a client trickling its {what} is answered 408 and cut off", f"{answered_s:.1f}, {closed_s:.1f}"
+    )
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert answered_s < SLOW_CLIENT_S + 1.5 and closed_s < SLOW_CLIENT_S + 2
+
+
+def test_a_client_that_leaves_a_stream_has_it_cancelled_upstream(fault_stack: FaultStack) -> None:
+    fs = fault_stack
+    headers = fs.tenant("leaver")
+    (model,) = hot(fs, headers, ["s1"])
+    body = {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 200,
+            "sim_tokens_per_s": 5}  # fmt: skip
+    took = []
+    for _ in range(5 if LONG else 2):
+        with httpx.stream("POST", fs.url + "/v1/chat/completions", headers=headers, json=body, timeout=30) as r:
+            lines = r.iter_lines()  # kept: dropping the iterator would close the connection
+            next(line for line in lines if line.startswith("data: {"))
+            wait_for(lambda: sum(running(fs, i) for i in range(2)) == 1, 3)
+        took.append(wait_for(lambda: sum(running(fs, i) for i in range(2)) == 0, 5))
+    figure("seconds until a stream the client left is cancelled upstream (worst)", f"{max(took):.2f}")
+    assert max(took) < 1.0
+
+
+def test_an_upload_cut_off_by_a_dying_control_plane_leaves_nothing(fault_stack: FaultStack) -> None:
+    """The control plane `kill -9`'d while an upload streams through it: the client gets an
+    error, never a half adapter; after the restart the name and quota are free and the dead
+    process's staged bytes are gone."""
+    fs = fault_stack
+    headers = fs.tenant("cut-off", tenant_pb2.TIER_SHARED)
+    data = os.urandom(6 << 20)  # never finished: need not be an adapter
+    boundary = "cutoff"
+    head = (
+        "".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            for name, value in (("name", "half"), ("base_model", "tiny-llama"))
+        )
+        + f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+    )
+    staging = Path(fs.stack.config.data_dir) / "artifacts" / "tmp"
+    sent = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield head.encode()
+        for i in range(0, len(data), 256 << 10):
+            if i >= (3 << 20):
+                sent.set()  # past the data plane's 1 MiB batches: the control plane holds bytes
+                time.sleep(0.3)
+            yield data[i : i + (256 << 10)]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    def client() -> int:
+        form = {**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        try:
+            return httpx.post(fs.url + "/v1/adapters/upload", headers=form, content=body(), timeout=30).status_code
+        except httpx.HTTPError:
+            return 0
+
+    with ThreadPoolExecutor(1) as pool:
+        status = pool.submit(client)
+        assert sent.wait(20)
+        wait_for(lambda: any(p.stat().st_size > 0 for p in staging.rglob("upload-*")), 10)
+        half_written = [p for p in staging.rglob("upload-*") if p.stat().st_size > 0]
+        fs.stack.procs["controlplane"].kill()
+        fs.stack.procs["controlplane"].wait()
+        assert status.result() in (0, 502, 503), status.result()
+    fs.stack.restart("controlplane")
+    wait_for(lambda: httpx.get(fs.url + "/v1/adapters", headers=headers).status_code == 200, 30)
+    listed = httpx.get(fs.url + "/v1/adapters", headers=headers).json()["data"]
+    left = [p for p in half_written if p.exists()]
+    figure("half-written uploads left after the control plane was killed mid-upload and restarted", len(left))
+    assert listed == [] and half_written and left == []
+    for i in range(QUOTA):  # the whole quota is free, the name too
+        assert fs.upload(headers, "half" if i == 0 else f"after-{i}").status_code == 201
+    wait_for(lambda: fs.chat(headers, "tiny-llama:half").status_code == 200, 30)  # the agents are back
+
+
 def test_redis_back_empty_evicts_nothing(fault_stack: FaultStack) -> None:
     """Redis restarted with no data (its files lost): the control plane notices, the agents
     re-register, and no worker evicts what it holds; the fleet is routable again."""
@@ -357,17 +470,20 @@ def test_redis_back_empty_evicts_nothing(fault_stack: FaultStack) -> None:
     headers = fs.tenant("empty")
     hot(fs, headers, ["e1", "e2"])
     held = [set(fs.sim_state(i)["adapters"]) for i in range(2)]
+    blobs = Path(fs.stack.config.data_dir) / "artifacts" / "blobs"
+    stored = sorted(p.name for p in blobs.rglob("*") if p.is_file())
     fs.redis.stop()
     for f in fs.redis.directory.rglob("*"):
         if f.is_file():
             f.unlink()
     fs.redis.start()
     wait_for(lambda: httpx.get(fs.url + "/readyz").json()["workers"] == 2, 30)
-    time.sleep(4)  # two heartbeats and reconciles more
+    time.sleep(6)  # heartbeats, reconciles and orphan sweeps (every 2 s, 3 s grace) more
     after = [set(fs.sim_state(i)["adapters"]) for i in range(2)]
     evicted = sum(len(h - a) for h, a in zip(held, after, strict=True))
-    figure("adapters evicted after Redis came back empty", evicted)
-    assert evicted == 0
+    deleted = len(set(stored) - {p.name for p in blobs.rglob("*") if p.is_file()})
+    figure("adapters evicted, blobs deleted after Redis came back empty", f"{evicted}, {deleted}")
+    assert evicted == 0 and deleted == 0
     assert "Redis lost its data" in logs(fs.stack)
     # The operator's next step (restore from a backup or re-create): a new tenant works at once.
     again = fs.tenant("after-empty")

@@ -76,7 +76,7 @@ def port(sim_stack: SimStack) -> Iterator[int]:
     procs = {n: psutil.Process(stack.procs[n].pid) for n in ("dataplane", "controlplane")}
     before = {n: p.memory_info().rss for n, p in procs.items()}
     artifacts = Path(stack.config.data_dir) / "artifacts"
-    blobs_before = sorted(p.name for p in (artifacts / "blobs").rglob("*") if p.is_file())
+    blobs_before = {p.name for p in (artifacts / "blobs").rglob("*") if p.is_file()}
     yield stack.config.http_port
     grown = {n: (p.memory_info().rss - before[n]) >> 20 for n, p in procs.items()}
     figure("HTTP fuzz: requests tried", TRIED["cases"])
@@ -87,7 +87,8 @@ def port(sim_stack: SimStack) -> Iterator[int]:
     figure("HTTP fuzz: RSS growth MB (data plane, control plane)", f"{grown['dataplane']}, {grown['controlplane']}")
     assert all(p.poll() is None for p in stack.procs.values())
     assert max(grown.values()) < RSS_GROWTH_MB, grown
-    assert sorted(p.name for p in (artifacts / "blobs").rglob("*") if p.is_file()) == blobs_before
+    # No new bytes (earlier tests' deletions may still be collecting theirs).
+    assert {p.name for p in (artifacts / "blobs").rglob("*") if p.is_file()} <= blobs_before
     assert [p for p in (artifacts / "tmp").rglob("*") if p.is_file()] == []
 
 
