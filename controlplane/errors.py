@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import grpc
 import redis
 
+from loraplane import logs
+
 log = logging.getLogger(__name__)
 
 HTTP_STATUS_KEY = "lp-http-status"
@@ -129,4 +131,26 @@ def grpc_errors(method: F) -> F:
 
     wrapper: Callable[..., Awaitable[Any] | AsyncIterator[Any]]
     wrapper = streaming if inspect.isasyncgenfunction(method) else unary
-    return wrapper  # type: ignore[return-value]
+    return _with_request_id(wrapper)  # type: ignore[return-value]
+
+
+def _with_request_id(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """The caller's `x-request-id` (when sane) is on every line logged during the call, and is
+    carried by the commands the call sends to agents."""
+
+    @functools.wraps(handler)
+    async def unary(self: Any, request: Any, context: Context) -> Any:
+        token = logs.REQUEST_ID.set(logs.from_metadata(context.invocation_metadata()))
+        try:
+            return await handler(self, request, context)
+        finally:
+            logs.REQUEST_ID.reset(token)
+
+    @functools.wraps(handler)
+    async def streaming(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+        # Set, not reset: a stream may be closed from another context; this call's task is its own.
+        logs.REQUEST_ID.set(logs.from_metadata(context.invocation_metadata()))
+        async for item in handler(self, request, context):
+            yield item
+
+    return streaming if inspect.isasyncgenfunction(handler) else unary

@@ -15,6 +15,7 @@ from controlplane.errors import LoadFailed, NoCapacity, NotFound
 from controlplane.peers import Peers
 from controlplane.placement import LoadBudget, WorkerView, decide
 from controlplane.store import AdapterRecord, Store, WorkerRecord
+from loraplane import logs
 from loraplane.controlplane.v1 import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -435,6 +436,7 @@ class Fleet:
                 size_bytes=adapter.size_bytes,
                 adapter_config=adapter.adapter_config.encode(),
                 generation=generation,
+                request_id=logs.REQUEST_ID.get(),
             )
         )
         try:
@@ -451,7 +453,10 @@ class Fleet:
     async def _evict(self, session: AgentSession, adapter_id: str) -> None:
         generation = await self._store.desire(session.record.id, adapter_id, wanted=False)
         cid = uuid.uuid4().hex
-        msg = pb.ConnectResponse(evict=pb.EvictAdapter(command_id=cid, vllm_name=adapter_id, generation=generation))
+        evict = pb.EvictAdapter(
+            command_id=cid, vllm_name=adapter_id, generation=generation, request_id=logs.REQUEST_ID.get()
+        )
+        msg = pb.ConnectResponse(evict=evict)
         try:
             result = await session.command(msg, cid, self._load_timeout)
         except CommandFailed as err:

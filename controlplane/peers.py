@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from controlplane.errors import NoCapacity
+from loraplane import logs
 from loraplane.controlplane.v1 import admin_pb2 as adpb
 from loraplane.controlplane.v1 import admin_pb2_grpc
 
@@ -27,7 +28,7 @@ class Peers:
         try:
             resp: adpb.ForceLoadAdapterResponse = await self._stub(addr).ForceLoadAdapter(
                 adpb.ForceLoadAdapterRequest(adapter_id=adapter_id, worker_id=worker_id),
-                metadata=self._metadata,
+                metadata=(*self._metadata, *logs.metadata()),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as err:
@@ -38,7 +39,7 @@ class Peers:
         try:
             resp: adpb.ForceEvictAdapterResponse = await self._stub(addr).ForceEvictAdapter(
                 adpb.ForceEvictAdapterRequest(adapter_id=adapter_id, worker_id=worker_id),
-                metadata=self._metadata,
+                metadata=(*self._metadata, *logs.metadata()),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as err:

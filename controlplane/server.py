@@ -23,7 +23,7 @@ from controlplane.s3store import S3ArtifactStore
 from controlplane.service import AdapterService, Auth, WorkerService
 from controlplane.settings import Settings
 from controlplane.store import Store
-from loraplane import nopickle
+from loraplane import logs, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import (
     adapter_pb2,
@@ -138,9 +138,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     nopickle.install()
-    logging.basicConfig(
-        level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup("controlplane")
     asyncio.run(serve(Settings.from_env(os.environ)))
 
 

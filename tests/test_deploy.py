@@ -134,8 +134,9 @@ def component(command: list[str]) -> str | None:
 
 
 def reads(package: str) -> set[str]:
-    """Environment variable names the package's code reads (string literals)."""
-    source = "".join(p.read_text() for p in (ROOT / package).glob("*.py"))
+    """Environment variable names the package's code reads (string literals), with those of the
+    log setup every component's entry point calls (`loraplane/logs.py`)."""
+    source = "".join(p.read_text() for p in [*(ROOT / package).glob("*.py"), ROOT / "loraplane" / "logs.py"])
     return set(re.findall(r'"((?:LORAPLANE|AWS|HF)_[A-Z0-9_]+)"', source))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from loraplane import nopickle
+from loraplane import logs, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
@@ -179,6 +179,7 @@ class Agent:
         self, msg: pb.ConnectResponse, outbox: asyncio.Queue[pb.ConnectRequest], order: CommandOrder
     ) -> None:
         cmd = msg.load if msg.HasField("load") else msg.evict
+        logs.REQUEST_ID.set(cmd.request_id if logs.sane(cmd.request_id) else "")  # this task's own context
         async with order.turn(cmd.vllm_name):
             if order.stale(cmd.vllm_name, cmd.generation):
                 result = pb.CommandResult(command_id=cmd.command_id, ok=False, error="stale command")
@@ -187,6 +188,10 @@ class Agent:
                 result = await self._run(msg, cmd)
                 if result.ok:
                     order.applied(cmd.vllm_name, cmd.generation)
+        verb = "load" if msg.HasField("load") else "evict"
+        outcome = ("already done" if result.already_done else "done") if result.ok else f"failed: {result.error}"
+        fields = {"command": verb, "vllm_name": cmd.vllm_name, "ok": result.ok, "duration_ms": result.duration_ms}
+        log.info("%s %s: %s in %d ms", verb, cmd.vllm_name, outcome, result.duration_ms, extra=fields)
         self._commands_done += 1
         await outbox.put(pb.ConnectRequest(result=result))
 
@@ -233,7 +238,8 @@ class Agent:
             await asyncio.sleep(0.1)
 
     async def _fetch(self, sha256: str) -> AsyncIterator[bytes]:
-        call = self._stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256), metadata=self._metadata, timeout=600)
+        metadata = (*self._metadata, *logs.metadata())
+        call = self._stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256), metadata=metadata, timeout=600)
         async for msg in call:
             yield msg.chunk
 
@@ -292,9 +298,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     nopickle.install()
-    logging.basicConfig(
-        level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup("agent")
     asyncio.run(serve(Settings.from_env(os.environ)))
 
 

@@ -61,7 +61,7 @@ class ConnectRequest(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ...) -> None: ...
 
 class LoadAdapter(_message.Message):
-    __slots__ = ("command_id", "adapter_id", "vllm_name", "sha256", "size_bytes", "adapter_config", "generation")
+    __slots__ = ("command_id", "adapter_id", "vllm_name", "sha256", "size_bytes", "adapter_config", "generation", "request_id")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     VLLM_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class LoadAdapter(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_CONFIG_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     adapter_id: str
     vllm_name: str
@@ -76,17 +77,20 @@ class LoadAdapter(_message.Message):
     size_bytes: int
     adapter_config: bytes
     generation: int
-    def __init__(self, command_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., adapter_config: _Optional[bytes] = ..., generation: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, command_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., adapter_config: _Optional[bytes] = ..., generation: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EvictAdapter(_message.Message):
-    __slots__ = ("command_id", "vllm_name", "generation")
+    __slots__ = ("command_id", "vllm_name", "generation", "request_id")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     VLLM_NAME_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     vllm_name: str
     generation: int
-    def __init__(self, command_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, command_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., generation: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
     __slots__ = ("load", "evict")
