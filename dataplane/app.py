@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from dataplane import errors, events, httpserver, inference
+from dataplane import access, errors, events, httpserver, inference
 from dataplane.auth import KeyCache
 from dataplane.breaker import Breaker
 from dataplane.cpclient import ControlPlaneClient
@@ -31,7 +31,7 @@ from dataplane.routing import RoutingTable
 from dataplane.settings import Settings
 from dataplane.upload import UploadStream
 from dataplane.upstream import Pool
-from loraplane import nopickle
+from loraplane import logs, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 
@@ -50,7 +50,9 @@ def _key(request: Request) -> str:
 
 
 async def _tenant(request: Request) -> str:
-    return await _state(request).keys.tenant_id(request.headers.get("authorization", ""))
+    tenant_id = await _state(request).keys.tenant_id(request.headers.get("authorization", ""))
+    request.scope[access.TENANT] = tenant_id
+    return tenant_id
 
 
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
@@ -232,17 +234,21 @@ class DataPlane:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
-            await inference.send_error(send, TooLarge(f"request headers are larger than {MAX_HEADER_BYTES} bytes"))
-        elif (
-            scope["type"] == "http"
-            and scope["path"] in inference.PATHS
-            and scope["method"] == "POST"
-            and self.state is not None
-        ):
-            await inference.handle(self.state, scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.starlette(scope, receive, send)
+            return
+        token = logs.REQUEST_ID.set(access.request_id(scope["headers"]))
+        try:
+            if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+                err = TooLarge(f"request headers are larger than {MAX_HEADER_BYTES} bytes")
+                await inference.send_error(send, err)
+                access.line(scope, err.status, 0.0)
+            elif scope["path"] in inference.PATHS and scope["method"] == "POST" and self.state is not None:
+                await inference.handle(self.state, scope, receive, send)  # its own header and access line
+            else:
+                await access.logged(self.starlette, scope, receive, send)
+        finally:
+            logs.REQUEST_ID.reset(token)
 
     def _lifespan(self, settings: Settings) -> Callable[[Starlette], AbstractAsyncContextManager[dict[str, State]]]:
         @contextlib.asynccontextmanager
@@ -298,15 +304,14 @@ def main() -> None:
 
     import uvicorn
 
-    logging.basicConfig(
-        level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup("dataplane")
     settings = Settings.from_env(os.environ)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level="warning",
+        log_config=None,  # uvicorn's loggers write through ours, in the same format
         loop="uvloop",
         http=httpserver.protocol(settings.header_timeout_s),
     )

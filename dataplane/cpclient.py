@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from dataplane.errors import from_grpc
+from loraplane import logs
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 from loraplane.controlplane.v1 import adapter_pb2_grpc
 
@@ -33,7 +34,8 @@ class ControlPlaneClient:
 
     @staticmethod
     def auth(key: str) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {key}"),)
+        """The user's credential, and the request id of the request being served."""
+        return (("authorization", f"Bearer {key}"), *logs.metadata())
 
     async def list_adapters(self, key: str) -> list[apb.Adapter]:
         try:

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
+from dataplane import access
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
 from dataplane.errors import (
@@ -123,6 +124,7 @@ async def send_error(send: Send, err: ApiError) -> None:
     body = orjson.dumps({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    headers.append(access.header())
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -143,13 +145,16 @@ async def handle(st: State, scope: Scope, receive: Receive, send: Send) -> None:
     finally:
         st.metrics.in_flight -= 1
         st.metrics.requests[path, status] += 1
-        st.metrics.seconds[path] += time.perf_counter() - started
+        took = time.perf_counter() - started
+        st.metrics.seconds[path] += took
+        access.line(scope, status, took)
 
 
 async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: str, kind: str) -> int:
     headers = dict(scope["headers"])
     authorization = headers.get(b"authorization", b"").decode("latin-1")
     tenant_id = await st.keys.tenant_id(authorization)
+    scope[access.TENANT] = tenant_id
     body = await read_json(
         receive, headers.get(b"content-length"), st.settings.max_body_bytes, st.settings.body_timeout_s
     )
@@ -158,6 +163,7 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     client_model = body.get("model")
     target = await st.resolver.resolve(tenant_id, client_model)
     assert isinstance(client_model, str)
+    scope[access.MODEL] = client_model  # a name that resolved: the catalog's and the tenant's, no free text
     if target.base.kind != kind:
         raise BadRequest(f"{target.base.name} is not a {kind} model; {path} serves {kind} models", param="model")
     key = bearer(authorization)
@@ -169,12 +175,14 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     watcher = asyncio.create_task(departure.watch(receive))
     try:
         worker = await worker_for(st, target, key)
+        scope[access.WORKER] = worker.id
         try:
             return await _forward(st, worker, path, body, target, client_model, departure.guarded(send))
         except Unreachable as err:  # nothing reached the client: once more, elsewhere
             if not isinstance(err, NotResident):
                 st.routing.suspect(worker.id)
             worker = await worker_for(st, target, key, avoid=frozenset({worker.id}))
+            scope[access.WORKER] = worker.id
             return await _forward(st, worker, path, body, target, client_model, departure.guarded(send))
     except asyncio.CancelledError:
         if departure.left and task.cancelling() <= 1:
@@ -237,7 +245,8 @@ async def _forward(
 async def _relay(upstream: UpstreamResponse, upstream_model: str, client_model: str, send: Send, timeout: float) -> int:
     """The worker's answer to the client, `model` rewritten; SSE line by line as it arrives."""
     old, new = _model_field(upstream_model), _model_field(client_model)
-    headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP]
+    headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != access.HEADER]
+    headers.append(access.header())
     if not upstream.header(b"content-type").startswith(b"text/event-stream"):
         content = (await upstream.read(timeout)).replace(old, new)
         headers.append((b"content-length", str(len(content)).encode()))

@@ -20,6 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from dataplane.errors import ApiError, BadRequest, NotFound, RequestTimeout, TooLarge, from_grpc
+from loraplane import logs
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 from loraplane.controlplane.v1 import adapter_pb2_grpc
@@ -176,7 +177,7 @@ class UploadStream:
 
     async def send(self, stub: adapter_pb2_grpc.AdapterServiceStub, key: str, timeout: float) -> apb.Adapter:
         parser = self._parser(self._boundary())
-        call = stub.UploadAdapter(metadata=(("authorization", f"Bearer {key}"),), timeout=timeout)
+        call = stub.UploadAdapter(metadata=(("authorization", f"Bearer {key}"), *logs.metadata()), timeout=timeout)
         budget = asyncio.timeout(timeout)
         try:
             async with budget:
