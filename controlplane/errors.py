@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 import redis
 
+from controlplane.telemetry import CALLS
 from loraplane import logs
 
 log = logging.getLogger(__name__)
@@ -101,15 +102,20 @@ def grpc_errors(method: F) -> F:
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: Context) -> Any:
         try:
-            return await method(self, request, context)
+            answer = await method(self, request, context)
+            CALLS.inc("controlplane", "", "OK")
+            return answer
         except ControlPlaneError as err:
+            CALLS.inc("controlplane", "", err.code.name)
             await abort(context, err)
         except redis.RedisError as err:
+            CALLS.inc("controlplane", "", "UNAVAILABLE")
             log.warning("%s: Redis is unreachable: %s", method.__name__, err)
             await abort(context, RegistryUnavailable("the registry is unreachable; try again shortly"))
         except grpc.aio.AbortError:
             raise
         except Exception:
+            CALLS.inc("controlplane", "", "INTERNAL")
             log.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
@@ -118,14 +124,18 @@ def grpc_errors(method: F) -> F:
         try:
             async for item in method(self, request, context):
                 yield item
+            CALLS.inc("controlplane", "", "OK")
         except ControlPlaneError as err:
+            CALLS.inc("controlplane", "", err.code.name)
             await abort(context, err)
         except redis.RedisError as err:
+            CALLS.inc("controlplane", "", "UNAVAILABLE")
             log.warning("%s: Redis is unreachable: %s", method.__name__, err)
             await abort(context, RegistryUnavailable("the registry is unreachable; try again shortly"))
         except grpc.aio.AbortError:
             raise
         except Exception:
+            CALLS.inc("controlplane", "", "INTERNAL")
             log.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 

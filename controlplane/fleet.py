@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import redis.asyncio as redis
 
+from controlplane import telemetry
 from controlplane.errors import LoadFailed, NoCapacity, NotFound
 from controlplane.peers import Peers
 from controlplane.placement import LoadBudget, WorkerView, decide
@@ -235,11 +236,13 @@ class Fleet:
             await asyncio.sleep(every_s)
             try:
                 await self.check_epoch()
+                telemetry.REDIS_UP.set("controlplane", value=1)
                 for session in list(self.sessions.values()):
                     if session.record.healthy and time.monotonic() - session.last_seen > timeout_s:
                         log.warning("worker %s sent no heartbeat for %.0fs", session.record.id, timeout_s)
                         await self.report(session, session.record.resident, healthy=False, seen=False)
             except redis.RedisError as err:  # Redis is away: try again next round
+                telemetry.REDIS_UP.set("controlplane", value=0)
                 log.warning("watching the workers: Redis is unreachable: %s", err)
 
     async def detach(self, session: AgentSession) -> None:
@@ -442,10 +445,14 @@ class Fleet:
         try:
             result = await session.command(msg, cid, self._load_timeout)
         except CommandFailed as err:
+            telemetry.LOADS.inc(adapter.base_model, "failed")
             raise WorkerLoadFailed(session.record.id, str(err)) from None
         if not result.ok:  # what it holds is not measured after a failure: the next heartbeat says
+            telemetry.LOADS.inc(adapter.base_model, "failed")
             log.warning("load of %s on %s failed: %s", adapter.id, session.record.id, result.error)
             raise WorkerLoadFailed(session.record.id, _redact(result.error))
+        telemetry.LOADS.inc(adapter.base_model, "ok")
+        telemetry.LOAD_SECONDS.observe(adapter.base_model, value=result.duration_ms / 1000)
         await self.report(session, list(result.resident), session.record.healthy)
         log.info("loaded %s on %s in %d ms", adapter.id, session.record.id, result.duration_ms)
         return result
@@ -464,4 +471,5 @@ class Fleet:
         if not result.ok:
             raise NoCapacity(f"evicting to make room failed: {_redact(result.error)}")
         await self.report(session, list(result.resident), session.record.healthy)
+        telemetry.EVICTIONS.inc(session.record.base_model)
         log.info("evicted %s from %s", adapter_id, session.record.id)

@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controlplane import telemetry
 from controlplane.admin import AdminService, TenantService
 from controlplane.artifacts import ArtifactStore, FileArtifactStore
 from controlplane.fleet import Fleet
@@ -23,7 +24,7 @@ from controlplane.s3store import S3ArtifactStore
 from controlplane.service import AdapterService, Auth, WorkerService
 from controlplane.settings import Settings
 from controlplane.store import Store
-from loraplane import logs, nopickle
+from loraplane import logs, metrics, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import (
     adapter_pb2,
@@ -57,10 +58,13 @@ class ControlPlane:
     maintenance: asyncio.Future[tuple[None, None]]
     peers: Peers
     artifacts: ArtifactStore
+    metrics: asyncio.Server | None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.close()
         self.maintenance.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.maintenance
@@ -123,7 +127,8 @@ async def start(settings: Settings) -> ControlPlane:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s", settings.grpc_addr)
     maintenance = asyncio.gather(registry.maintain(), fleet.watch(settings.heartbeat_timeout_s))
-    return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers, artifacts)
+    metrics_server = await metrics.serve(telemetry.REGISTRY, settings.metrics_addr)
+    return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers, artifacts, metrics_server)
 
 
 async def serve(settings: Settings) -> None:

@@ -55,6 +55,7 @@ class Settings:
     max_loads_per_s: int = 10
     placement_failed_hold_s: float = 30.0
     upload_idle_timeout_s: float = 60.0
+    metrics_addr: str = "127.0.0.1:9090"  # host:port of /metrics; empty: none
     orphan_grace_s: float = 3600.0  # a blob no adapter names, this old, is deleted by the sweep
     orphan_sweep_s: float = 600.0
     hf_endpoint: str = "https://huggingface.co"
@@ -95,6 +96,7 @@ class Settings:
             heartbeat_timeout_s=float(env.get("LORAPLANE_HEARTBEAT_TIMEOUT_S", 6)),
             max_loads_per_s=int(env.get("LORAPLANE_MAX_LOADS_PER_S", 10)),
             placement_failed_hold_s=float(env.get("LORAPLANE_PLACEMENT_FAILED_HOLD_S", 30)),
+            metrics_addr=env.get("LORAPLANE_METRICS_ADDR", "127.0.0.1:9090"),
             orphan_grace_s=float(env.get("LORAPLANE_ORPHAN_GRACE_S", 3600)),
             orphan_sweep_s=float(env.get("LORAPLANE_ORPHAN_SWEEP_S", 600)),
         )

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import grpc
 import redis.asyncio as redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -38,6 +39,9 @@ from loraplane.controlplane.v1 import adapter_pb2 as apb
 log = logging.getLogger(__name__)
 USED_KEY = "lp:used"
 MAX_HEADER_BYTES = 16 << 10
+REJECTED = {400: "bad_request", 404: "unknown_base_model", 408: "timeout", 409: "name_taken", 413: "too_large",
+            422: "invalid_adapter", 429: "quota", 503: "unavailable"}  # fmt: skip
+CHANNEL_UP = frozenset({grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE})
 STATUS = {apb.ADAPTER_STATUS_PENDING: "pending", apb.ADAPTER_STATUS_READY: "ready", apb.ADAPTER_STATUS_FAILED: "failed"}
 
 
@@ -112,11 +116,13 @@ async def upload(request: Request) -> Response:
     )
     try:
         adapter = await stream.send(st.cp.adapters, _key(request), st.settings.upload_timeout_s)
-    except RequestTimeout:
-        raise  # a client too slow to send its body is not waited for again
-    except ApiError:
-        await stream.drain()
+    except ApiError as err:
+        st.metrics.upload_rejections.inc(REJECTED.get(err.status, "other"))
+        if not isinstance(err, RequestTimeout):  # a client too slow to send its body is not waited for again
+            await stream.drain()
         raise
+    finally:
+        st.metrics.upload_bytes.inc(by=stream.file_bytes)
     return JSONResponse(adapter_json(adapter), status_code=201)
 
 
@@ -204,6 +210,9 @@ async def metrics_endpoint(request: Request) -> Response:
         "loraplane_dataplane_healthy_workers": float(sum(w.healthy for w in st.routing.workers)),
         "loraplane_dataplane_placements_waiting": float(len(st.placing)),
     }
+    st.metrics.redis_up.set("dataplane", value=0.0 if st.keys.redis_down.open else 1.0)
+    channel = st.cp.channel.get_state(try_to_connect=True)
+    st.metrics.controlplane_up.set("dataplane", value=float(channel in CHANNEL_UP))
     return PlainTextResponse(st.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
 

@@ -45,6 +45,7 @@ from loraplane.controlplane.v1 import adapter_pb2 as apb
 log = logging.getLogger(__name__)
 
 
+BASE_MODEL = "loraplane.base_model"  # the scope key: the resolved base model, for the metrics
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/embeddings": "embedding"}
 REPLICA_LINGER_S = 2.0
 # Headers of the worker's answer that are the connection's, not the answer's.
@@ -134,19 +135,34 @@ async def handle(st: State, scope: Scope, receive: Receive, send: Send) -> None:
     started = time.perf_counter()
     path = scope["path"]
     status = 499  # the client left before an answer started
-    st.metrics.in_flight += 1
+    first_byte = 0.0
+    m = st.metrics
+    m.in_flight += 1
+
+    async def timed_send(message: Message) -> None:
+        nonlocal first_byte
+        if not first_byte and message["type"] == "http.response.body":
+            first_byte = time.perf_counter()
+        await send(message)
+
     try:
-        status = await _answer(st, scope, receive, send, path, PATHS[path])
+        status = await _answer(st, scope, receive, timed_send, path, PATHS[path])
     except ApiError as err:
         status = err.status
         await send_error(send, err)
     except ClientGone:
         pass
     finally:
-        st.metrics.in_flight -= 1
-        st.metrics.requests[path, status] += 1
         took = time.perf_counter() - started
-        st.metrics.seconds[path] += took
+        m.in_flight -= 1
+        m.requests[path, status] += 1
+        m.seconds[path] += took
+        base = scope.get(BASE_MODEL, "")  # set once `model` is resolved: a catalog name (bounded)
+        m.answered.inc("dataplane", base, str(status))
+        if base:
+            m.latency.observe(base, value=took)
+            if first_byte and status == 200:
+                m.first_byte.observe(base, value=first_byte - started)
         access.line(scope, status, took)
 
 
@@ -162,6 +178,7 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant_id)
     client_model = body.get("model")
     target = await st.resolver.resolve(tenant_id, client_model)
+    scope[BASE_MODEL] = target.base.name
     assert isinstance(client_model, str)
     scope[access.MODEL] = client_model  # a name that resolved: the catalog's and the tenant's, no free text
     if target.base.kind != kind:
@@ -284,12 +301,17 @@ async def worker_for(st: State, target: Target, key: str, avoid: frozenset[str] 
             raise Unavailable(f"no worker serves {target.base.name} right now")
         return worker
     st.used[target.adapter_id] = time.time()
+    st.metrics.routing.inc("hit" if worker is not None else "miss")
     if worker is not None:
         hot = is_hot(st.routing.adapter_in_flight[target.adapter_id] + 1, len(pool), st.settings.replicate_at_in_flight)
         if hot and len(candidates(usable, target.base.name, None)) > len(pool):
             single_flight(st, key, target.adapter_id, replicate=True)
         return worker
-    placed = await asyncio.shield(single_flight(st, key, target.adapter_id, avoid=avoid))
+    st.metrics.cold_waiting.add(by=1)
+    try:
+        placed = await asyncio.shield(single_flight(st, key, target.adapter_id, avoid=avoid))
+    finally:
+        st.metrics.cold_waiting.add(by=-1)
     worker = st.routing.get(placed.worker_id)
     if worker is None:
         await st.routing.refresh()

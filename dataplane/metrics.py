@@ -9,6 +9,8 @@ from collections import Counter, defaultdict
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loraplane import metrics
+
 PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/adapters",
      "/v1/adapters/upload", "/healthz", "/readyz", "/metrics"}
@@ -20,6 +22,48 @@ class Metrics:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.seconds: defaultdict[str, float] = defaultdict(float)
         self.in_flight = 0
+        # The fleet-wide families (the Grafana dashboard's): by base model, bounded label sets.
+        r = self.registry = metrics.Registry()
+        self.answered = r.add(
+            metrics.Counter(
+                "loraplane_requests_total",
+                "Inference requests answered, by base model and status.",
+                ("component", "base_model", "status"),
+            )
+        )
+        self.latency = r.add(
+            metrics.Histogram(
+                "loraplane_request_seconds", "Inference request duration, by base model.", ("base_model",)
+            )
+        )
+        self.first_byte = r.add(
+            metrics.Histogram(
+                "loraplane_time_to_first_token_seconds",
+                "Time to the answer's first byte (a stream's first token), by base model.",
+                ("base_model",),
+            )
+        )
+        self.routing = r.add(
+            metrics.Counter(
+                "loraplane_routing_total",
+                "Adapter requests: hit (a worker already held the adapter) or miss (placed first).",
+                ("result",),
+            )
+        )
+        self.cold_waiting = r.add(
+            metrics.Gauge("loraplane_cold_placements_waiting", "Requests waiting for their adapter to be placed.")
+        )
+        self.cold_waiting.set(value=0)
+        self.upload_bytes = r.add(metrics.Counter("loraplane_upload_bytes_total", "Adapter bytes received by uploads."))
+        self.upload_rejections = r.add(
+            metrics.Counter("loraplane_upload_rejections_total", "Uploads refused, by reason.", ("reason",))
+        )
+        self.redis_up = r.add(
+            metrics.Gauge("loraplane_redis_up", "1 if Redis answers (as far as this process knows).", ("component",))
+        )
+        self.controlplane_up = r.add(
+            metrics.Gauge("loraplane_controlplane_up", "1 if the control plane is reachable.", ("component",))
+        )
 
     def render(self, gauges: dict[str, float]) -> str:
         lines = [
@@ -41,7 +85,7 @@ class Metrics:
         ]
         for name, value in sorted(gauges.items()):
             lines += [f"# TYPE {name} gauge", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.registry.render()
 
 
 class MetricsMiddleware:

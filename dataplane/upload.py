@@ -175,6 +175,11 @@ class UploadStream:
             adapter_config=f.get("config", b""),
         )
 
+    @property
+    def file_bytes(self) -> int:
+        """The adapter file's bytes received so far."""
+        return self._form.file_bytes
+
     async def send(self, stub: adapter_pb2_grpc.AdapterServiceStub, key: str, timeout: float) -> apb.Adapter:
         parser = self._parser(self._boundary())
         call = stub.UploadAdapter(metadata=(("authorization", f"Bearer {key}"), *logs.metadata()), timeout=timeout)

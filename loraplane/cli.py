@@ -41,7 +41,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     from loraplane.stack import Stack, StackConfig
 
     d = _data_dir(args)
-    stack = Stack(StackConfig(data_dir=d, redis_url=os.environ.get("LORAPLANE_REDIS_URL", ""), log_dir=d / "logs"))
+    stack = Stack(
+        StackConfig(
+            data_dir=d, redis_url=os.environ.get("LORAPLANE_REDIS_URL", ""), log_dir=d / "logs", metrics_port=9090
+        )
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"starting loraplane (logs in {d / 'logs'}) ...", flush=True)
     try:

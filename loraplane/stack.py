@@ -53,6 +53,7 @@ class StackConfig:
     extra_env: tuple[tuple[str, str], ...] = ()
     extra_workers: tuple[WorkerSpec, ...] = ()  # connected to the second replica when there is one
     extra_models: tuple[tuple[str, str], ...] = ()  # (name, kind) served from the tiny model's files too
+    metrics_port: int = 0  # the first control plane's /metrics; agents' follow. 0: free ports
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Stack:
     secrets: dict[str, str] = field(default_factory=dict)
     redis_url: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    metrics_urls: dict[str, str] = field(default_factory=dict)  # component -> its /metrics URL
     _specs: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     @property
@@ -98,26 +100,37 @@ class Stack:
         )
         self.redis_url = self.config.redis_url or self._start_redis(d / "redis")
         env = self.env()
-        self._spawn("controlplane", [sys.executable, "-m", "controlplane.server"], env)
+        self._spawn("controlplane", [sys.executable, "-m", "controlplane.server"], env | self._metrics("controlplane"))
         wait_until(lambda: port_open(self.config.grpc_port), 60, "control plane", self.procs["controlplane"])
         dataplane_env = env
         if self.config.second_grpc_port:  # a second replica: the data plane uses it, the agent the first
             second = f"127.0.0.1:{self.config.second_grpc_port}"
             self._spawn(
-                "controlplane-2", [sys.executable, "-m", "controlplane.server"], env | {"LORAPLANE_GRPC_ADDR": second}
+                "controlplane-2",
+                [sys.executable, "-m", "controlplane.server"],
+                env | {"LORAPLANE_GRPC_ADDR": second} | self._metrics("controlplane-2"),
             )
             wait_until(
                 lambda: port_open(self.config.second_grpc_port), 60, "control plane 2", self.procs["controlplane-2"]
             )
             dataplane_env = env | {"LORAPLANE_CONTROLPLANE_ADDR": second}
         if self.config.with_worker:
-            self._spawn("agent", [sys.executable, "-m", "workeragent.agent"], env)
+            self._spawn("agent", [sys.executable, "-m", "workeragent.agent"], env | self._metrics("agent"))
             for i, spec in enumerate(self.config.extra_workers, start=2):
-                self._spawn(f"agent-{i}", [sys.executable, "-m", "workeragent.agent"], self.worker_env(i, spec))
+                name = f"agent-{i}"
+                self._spawn(
+                    name, [sys.executable, "-m", "workeragent.agent"], self.worker_env(i, spec) | self._metrics(name)
+                )
         self._spawn("dataplane", [sys.executable, "-m", "dataplane.app"], dataplane_env)
         wait_until(lambda: http_ok(self.http_url + "/healthz"), 60, "data plane", self.procs["dataplane"])
         if self.config.with_worker:
             wait_until(self._worker_ready, timeout, "the vLLM workers", self.procs["agent"])
+
+    def _metrics(self, name: str) -> dict[str, str]:
+        """Where the component serves /metrics: from `metrics_port` on, or on a free port."""
+        port = self.config.metrics_port + len(self.metrics_urls) if self.config.metrics_port else _free_port()
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
+        return {"LORAPLANE_METRICS_ADDR": f"127.0.0.1:{port}"}
 
     def env(self) -> dict[str, str]:
         d = self.config.data_dir.resolve()
@@ -251,6 +264,13 @@ def _secrets(path: Path) -> dict[str, str]:
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def port_open(port: int) -> bool:

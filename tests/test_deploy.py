@@ -80,8 +80,19 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "loraplane_upload_rejections_total": (COUNTER, frozenset({"reason"})),
 }
 TARGET_LABELS = frozenset({"instance", "job", "node"})  # added by Prometheus to every series
-# Where the control plane and the agent serve /metrics unless LORAPLANE_METRICS_PORT says otherwise.
+# Where the control plane and the agent serve /metrics unless LORAPLANE_METRICS_ADDR says otherwise.
 METRICS_PORT = {"controlplane": 9090, "workeragent": 9091}
+
+
+def metrics_port(env: dict[str, Any], package: str) -> int:
+    """The port of LORAPLANE_METRICS_ADDR (host:port), or the package's default; the metrics
+    must listen on all interfaces for Prometheus to reach them."""
+    addr = env.get("LORAPLANE_METRICS_ADDR")
+    if addr is None:
+        return METRICS_PORT[package]
+    host, _, port = str(addr).rpartition(":")
+    assert host == "0.0.0.0", f"{package} serves /metrics on {addr}: unreachable from Prometheus"
+    return int(port)
 
 
 # --- shared readers ---------------------------------------------------------------------------
@@ -519,7 +530,7 @@ def test_k8s_control_plane_advertises_its_pod_ip_and_probes_grpc_health() -> Non
         assert c[probe]["grpc"]["port"] == grpc_port
     service = k8s("Service", "controlplane")
     assert {p["port"] for p in service["spec"]["ports"]} >= {grpc_port}
-    metrics = int(container_env(c).get("LORAPLANE_METRICS_PORT", METRICS_PORT["controlplane"]))
+    metrics = metrics_port(container_env(c), "controlplane")
     assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == metrics
     # health is what the server registers (controlplane/server.py) and the probe asks for ("")
     source = (ROOT / "controlplane" / "server.py").read_text()
@@ -551,7 +562,7 @@ def test_k8s_agent_runs_on_every_gpu_node() -> None:
     assert "$(NODE_NAME)" in env["LORAPLANE_WORKER_ID"], "a worker id per node, stable across restarts"
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "vllm"}
     assert {p["name"]: p["containerPort"] for p in c["ports"]}["vllm"] == vllm_port
-    metrics = int(env.get("LORAPLANE_METRICS_PORT", METRICS_PORT["workeragent"]))
+    metrics = metrics_port(env, "workeragent")
     assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == metrics
     # vLLM's /health must be a path its guard lets through
     from workeragent import vllmguard
@@ -607,9 +618,9 @@ def test_prometheus_scrapes_every_component_where_it_serves() -> None:
         if package == "dataplane":
             expected["dataplane"].add(f"{name}:{env['LORAPLANE_HTTP_PORT']}")
         elif package == "controlplane":
-            expected["controlplane"].add(f"{name}:{env.get('LORAPLANE_METRICS_PORT', METRICS_PORT[package])}")
+            expected["controlplane"].add(f"{name}:{metrics_port(env, package)}")
         elif package == "workeragent":
-            expected["agent"].add(f"{name}:{env.get('LORAPLANE_METRICS_PORT', METRICS_PORT[package])}")
+            expected["agent"].add(f"{name}:{metrics_port(env, package)}")
             expected["vllm"].add(f"{name}:{env['LORAPLANE_VLLM_PORT']}")
     assert jobs == expected
     # In Kubernetes, by port name: every name kept exists on the pods.

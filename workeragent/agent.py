@@ -10,13 +10,13 @@ import random
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import grpc
 
-from loraplane import logs, nopickle
+from loraplane import logs, metrics, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
@@ -56,6 +56,19 @@ class Agent:
             )
         self.local_url = settings.vllm_url or f"http://{settings.vllm_host}:{settings.vllm_port}"
         self.endpoint = settings.advertise_url or self.local_url
+        self.metrics, self._slots_used = metrics.Registry(), 0
+        self._gauge("loraplane_worker_lora_slots_used", "LoRA slots holding an adapter.", lambda: self._slots_used)
+        self._gauge("loraplane_worker_lora_slots", "LoRA slots (--max-loras).", lambda: model.max_adapters_per_worker)
+        self._gauge("loraplane_worker_requests_running", "Requests vLLM is running.", lambda: self._vllm.running)
+        self._gauge("loraplane_worker_requests_waiting", "Requests queued in vLLM.", lambda: self._vllm.waiting)
+        self._cp_up = self.metrics.add(
+            metrics.Gauge("loraplane_controlplane_up", "1 while a control plane session is open.", ("component",))
+        )
+        self._cp_up.set("agent", value=0)
+
+    def _gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        worker = (self._s.worker_id,)
+        self.metrics.add(metrics.Gauge(name, help, ("worker",), lambda: {worker: float(read())}))
 
     async def run(self, stop: asyncio.Event) -> None:
         channel_options = [
@@ -75,6 +88,7 @@ class Agent:
             if self._s.artifact_s3 is not None:  # straight from the bucket, not through the control plane
                 fetch = (await asyncio.to_thread(S3Source, self._s.artifact_s3)).fetch
             self._cache = ArtifactCache(self._s.cache_dir, fetch, self._s.cache_max_bytes)
+            metrics_server = await metrics.serve(self.metrics, self._s.metrics_addr)
             tasks = [asyncio.create_task(self._connect_forever())]
             if self.process:
                 if not (self.process.adopt() and await self._vllm.healthy()):
@@ -86,6 +100,8 @@ class Agent:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if metrics_server is not None:
+                    metrics_server.close()
                 if self.process:
                     await self.process.stop()
 
@@ -136,6 +152,7 @@ class Agent:
         )
         await asyncio.wait_for(call.write(pb.ConnectRequest(register=register)), REGISTER_TIMEOUT_S)
         log.info("registered %s with the control plane", self._s.worker_id)
+        self._cp_up.set("agent", value=1)
         order = CommandOrder()
         self._commands_done = 0  # counted per session, as the control plane counts results
         tasks = {
@@ -151,6 +168,7 @@ class Agent:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
+            self._cp_up.set("agent", value=0)
             for t in tasks:
                 t.cancel()
             call.cancel()
@@ -170,6 +188,7 @@ class Agent:
             healthy = await self._vllm.healthy()
             resident = await self._vllm.resident() if healthy else []
             busy, in_flight = await self._vllm.activity() if healthy else (set(), 0)
+            self._slots_used = len(resident)
             beat = pb.Heartbeat(
                 resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight, commands_done=done
             )

@@ -53,6 +53,7 @@ class Settings:
     advertise_url: str  # where data planes reach this worker's vLLM
     vllm_args: tuple[str, ...]
     heartbeat_s: float = 2.0
+    metrics_addr: str = "127.0.0.1:9091"  # host:port of /metrics; empty: none
     drain_timeout_s: float = 30.0
     cache_max_bytes: int = 20 << 30
     startup_timeout_s: float = 300.0
@@ -80,6 +81,7 @@ class Settings:
             advertise_url=env.get("LORAPLANE_ADVERTISE_URL", ""),
             vllm_args=tuple(shlex.split(env.get("LORAPLANE_VLLM_ARGS", ""))),
             heartbeat_s=float(env.get("LORAPLANE_HEARTBEAT_S", "2")),
+            metrics_addr=env.get("LORAPLANE_METRICS_ADDR", "127.0.0.1:9091"),
             drain_timeout_s=float(env.get("LORAPLANE_DRAIN_TIMEOUT_S", "30")),
             cache_max_bytes=int(env.get("LORAPLANE_CACHE_MAX_BYTES", 20 << 30)),
             startup_timeout_s=float(env.get("LORAPLANE_VLLM_STARTUP_TIMEOUT_S", "300")),

@@ -34,6 +34,7 @@ class VllmClient:
         if agent_secret:
             self._headers[vllmguard.SECRET_HEADER] = agent_secret
         self._timeout = aiohttp.ClientTimeout(total=30)
+        self.running = self.waiting = 0.0  # requests, as the last `activity()` measured
 
     async def healthy(self) -> bool:
         try:
@@ -65,15 +66,19 @@ class VllmClient:
             if r.status != 200:
                 raise VllmError(f"GET /metrics answered {r.status}")
             text = await r.text()
-        newest, names, in_flight = 0.0, "", 0.0
+        newest, names, running, waiting = 0.0, "", 0.0, 0.0
         for line in text.splitlines():
             if line.startswith("vllm:lora_requests_info{"):
                 labels, _, value = line.rpartition("} ")
                 if float(value) > newest:
                     newest = float(value)
                     names = ",".join(_label(labels, k) for k in ("running_lora_adapters", "waiting_lora_adapters"))
-            elif line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")):
-                in_flight += float(line.rpartition(" ")[2])
+            elif line.startswith("vllm:num_requests_running{"):
+                running += float(line.rpartition(" ")[2])
+            elif line.startswith("vllm:num_requests_waiting{"):
+                waiting += float(line.rpartition(" ")[2])
+        self.running, self.waiting = running, waiting  # for the agent's metrics
+        in_flight = running + waiting
         if time.time() - newest > IDLE_AFTER_S:
             return set(), int(in_flight)
         return {n for n in names.split(",") if n}, int(in_flight)

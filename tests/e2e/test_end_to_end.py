@@ -597,3 +597,80 @@ def test_two_control_plane_replicas_share_one_quota(full_stack: Stack) -> None:
     with ThreadPoolExecutor(8) as pool:
         admitted = list(pool.map(attempt, range(8)))
     assert sum(admitted) == 1
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A /metrics page as {(name, labels): value}."""
+    out = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        pairs = frozenset(tuple(p.split("=", 1)) for p in labels.rstrip("}").split(",") if p) if labels else frozenset()
+        out[name, frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
+    return out
+
+
+def metric(pages: list[dict[tuple[str, frozenset[tuple[str, str]]], float]], name: str, **labels: str) -> float:
+    """A series summed over the pages (components) and over the labels not named."""
+    want = set(labels.items())
+    return sum(v for page in pages for (n, ls), v in page.items() if n == name and want <= ls)
+
+
+def test_every_components_metrics_move_with_the_traffic(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    """Scrapes of the data plane's, both control planes' and both agents' /metrics around a cold
+    adapter's first request (a routing miss and a load), a second (a hit), a stream (time to
+    first token) and a refused upload."""
+    urls = {"dataplane": full_stack.http_url + "/metrics", **full_stack.metrics_urls}
+    assert set(urls) == {"dataplane", "controlplane", "controlplane-2", "agent", "agent-2"}
+    before = [scrape(u) for u in urls.values()]
+    key = new_tenant(full_stack, "metered")
+    data = with_metadata((adapters["a"] / "adapter_model.safetensors").read_bytes(), {"copy": "metered"})
+    assert upload(full_stack, key, "m1", data).status_code == 201
+    assert upload(full_stack, key, "m2", b"not an adapter").status_code == 422
+    client = openai_client(key)
+    say(client, "tiny-llama:m1")  # cold: placed, then answered
+    say(client, "tiny-llama:m1")  # resident: straight to its worker
+    for _ in client.chat.completions.create(model="tiny-llama:m1", messages=[{"role": "user", "content": "x"}],
+                                            max_tokens=4, stream=True):  # fmt: skip
+        pass
+    after = [scrape(u) for u in urls.values()]
+
+    def moved(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    ok = {"component": "dataplane", "base_model": "tiny-llama", "status": "200"}
+    assert moved("loraplane_requests_total", **ok) == 3
+    assert moved("loraplane_request_seconds_count", base_model="tiny-llama") == 3
+    assert moved("loraplane_time_to_first_token_seconds_count", base_model="tiny-llama") == 3
+    assert moved("loraplane_routing_total", result="miss") == 1
+    assert moved("loraplane_routing_total", result="hit") == 2
+    assert moved("loraplane_upload_bytes_total") == len(data) + len(b"not an adapter")
+    assert moved("loraplane_upload_rejections_total", reason="invalid_adapter") == 1
+    assert moved("loraplane_adapter_loads_total", base_model="tiny-llama", result="ok") == 1
+    assert moved("loraplane_adapter_load_seconds_count", base_model="tiny-llama") == 1
+    assert moved("loraplane_requests_total", component="controlplane", status="OK") >= 3  # upload, place, …
+    assert metric(after, "loraplane_cold_placements_waiting") == 0
+    for component in ("dataplane", "controlplane", "agent"):
+        up = [page for name, page in zip(urls, after, strict=True) if name.startswith(component)]
+        if component != "agent":
+            assert metric(up, "loraplane_redis_up", component=component) == len(up)
+        if component != "controlplane":
+            assert metric(up, "loraplane_controlplane_up", component=component) == len(up)
+    slots = {w: metric(after, "loraplane_worker_lora_slots", worker=w) for w in (W1, W2)}
+    assert slots == {W1: 8, W2: 8}
+    holder = next(iter(_holders(full_stack, _adapter_id(full_stack, key, "m1"))))
+    agent = urls["agent" if holder == W1 else "agent-2"]
+    deadline = time.monotonic() + 10  # the agent measures at each heartbeat
+    while metric([scrape(agent)], "loraplane_worker_lora_slots_used", worker=holder) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert ("loraplane_worker_requests_waiting", frozenset({("worker", holder)})) in scrape(agent)
+
+
+def _adapter_id(stack: Stack, key: str, name: str) -> str:
+    listed = httpx.get(stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    return str(next(a["id"] for a in listed if a["name"] == name))
