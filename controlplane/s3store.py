@@ -20,15 +20,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import boto3
 import grpc
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from controlplane.artifacts import SHA256, ArtifactStore, Reader, checked
 from controlplane.errors import ControlPlaneError
-from controlplane.settings import S3Settings
+from loraplane.s3 import S3Settings, connect
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +38,6 @@ class StoreUnavailable(ControlPlaneError):
 
     code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
-
-
-def connect(s3: S3Settings) -> Any:
-    """A boto3 S3 client (thread-safe) with bounded timeouts and retries."""
-    session = boto3.session.Session(
-        aws_access_key_id=s3.access_key_id or None,
-        aws_secret_access_key=s3.secret_access_key or None,
-        aws_session_token=s3.session_token or None,
-        region_name=s3.region or ("us-east-1" if s3.endpoint_url else None),
-    )
-    config = Config(
-        connect_timeout=5,
-        read_timeout=60,
-        retries={"mode": "standard", "max_attempts": 4},
-        max_pool_connections=16,
-        # S3-compatible servers (MinIO, moto) are addressed by path, not by bucket host name.
-        s3={"addressing_style": "path"} if s3.endpoint_url else None,
-    )
-    return session.client("s3", endpoint_url=s3.endpoint_url or None, config=config)
 
 
 def blob_key(prefix: str, sha256: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from controlplane.settings import S3Settings
+from loraplane.s3 import S3Settings
 from loraplane.stack import port_open, wait_until
 from tests.support import free_port
 

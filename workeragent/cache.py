@@ -13,11 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from workeragent.settings import S3Settings
+from loraplane.s3 import S3Settings, connect
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -41,7 +39,7 @@ class S3Source:
     def __init__(self, s3: S3Settings, client: Any = None) -> None:
         self._bucket = s3.bucket
         self._prefix = f"{s3.prefix}/" if s3.prefix else ""
-        self._client = client if client is not None else _connect(s3)
+        self._client = client if client is not None else connect(s3)
 
     def key(self, sha256: str) -> str:
         return f"{self._prefix}blobs/{sha256[:2]}/{sha256}"
@@ -62,22 +60,6 @@ class S3Source:
             raise FetchError(f"artifact {sha256}: the store answered {code}") from err
         except BotoCoreError as err:
             raise FetchError(f"artifact {sha256}: the store is unreachable ({type(err).__name__})") from err
-
-
-def _connect(s3: S3Settings) -> Any:
-    session = boto3.session.Session(
-        aws_access_key_id=s3.access_key_id or None,
-        aws_secret_access_key=s3.secret_access_key or None,
-        aws_session_token=s3.session_token or None,
-        region_name=s3.region or ("us-east-1" if s3.endpoint_url else None),
-    )
-    config = Config(
-        connect_timeout=5,
-        read_timeout=60,
-        retries={"mode": "standard", "max_attempts": 4},
-        s3={"addressing_style": "path"} if s3.endpoint_url else None,
-    )
-    return session.client("s3", endpoint_url=s3.endpoint_url or None, config=config)
 
 
 class ArtifactCache:

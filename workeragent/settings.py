@@ -3,38 +3,10 @@ from __future__ import annotations
 import shlex
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-
-@dataclass(frozen=True)
-class S3Settings:
-    """The control plane's S3-compatible artifact bucket, read directly. Credentials left empty
-    come from boto3's own chain (profile, web identity, instance role)."""
-
-    bucket: str
-    prefix: str  # no leading or trailing slash; may be empty
-    endpoint_url: str = ""
-    region: str = ""
-    access_key_id: str = ""
-    secret_access_key: str = field(default="", repr=False)
-    session_token: str = field(default="", repr=False)
-
-    @classmethod
-    def from_env(cls, url: str, env: Mapping[str, str]) -> S3Settings:
-        parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-            raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
-        return cls(
-            bucket=parts.netloc,
-            prefix=parts.path.strip("/"),
-            endpoint_url=env.get("LORAPLANE_S3_ENDPOINT_URL", ""),
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", ""),
-            access_key_id=env.get("AWS_ACCESS_KEY_ID", ""),
-            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", ""),
-            session_token=env.get("AWS_SESSION_TOKEN", ""),
-        )
+from loraplane.s3 import S3Settings
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.settings import S3Settings, Settings
+from controlplane.settings import Settings
+from loraplane.s3 import S3Settings
 
 SECRETS = {"LORAPLANE_OPERATOR_TOKEN": "o" * 16, "LORAPLANE_AGENT_TOKEN": "a" * 16}
 

@@ -252,8 +252,7 @@ def test_the_data_plane_killed_under_load_cancels_upstream_and_comes_back(fault_
     fs = fault_stack
     headers = fs.tenant("dp-kill")
     (model,) = hot(fs, headers, ["d1"])
-    body = {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 200,
-            "sim_tokens_per_s": 5}  # fmt: skip
+    body = slow_stream(model)
     streams = [
         httpx.stream("POST", fs.url + "/v1/chat/completions", headers=headers, json=body, timeout=30) for _ in range(4)
     ]
@@ -273,6 +272,12 @@ def test_the_data_plane_killed_under_load_cancels_upstream_and_comes_back(fault_
     figure("seconds until streams abandoned by a killed data plane are cancelled upstream", f"{cancelled_s:.2f}")
     figure("seconds from data plane restart to serving", f"{serving_s:.2f}")
     assert cancelled_s < 1.5
+
+
+def slow_stream(model: str) -> dict[str, object]:
+    """A streamed chat the simulator answers at 5 tokens a second: 40 s unless cancelled."""
+    return {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 200,
+            "sim_tokens_per_s": 5}  # fmt: skip
 
 
 def running(fs: FaultStack, i: int) -> int:
@@ -397,8 +402,7 @@ def test_a_client_that_leaves_a_stream_has_it_cancelled_upstream(fault_stack: Fa
     fs = fault_stack
     headers = fs.tenant("leaver")
     (model,) = hot(fs, headers, ["s1"])
-    body = {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 200,
-            "sim_tokens_per_s": 5}  # fmt: skip
+    body = slow_stream(model)
     took = []
     for _ in range(5 if LONG else 2):
         with httpx.stream("POST", fs.url + "/v1/chat/completions", headers=headers, json=body, timeout=30) as r:

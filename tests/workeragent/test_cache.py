@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from controlplane.s3store import S3ArtifactStore
+from loraplane.s3 import S3Settings
 from tests.s3server import MotoServer
 from workeragent.cache import ArtifactCache, FetchError, IntegrityError, S3Source
-from workeragent.settings import S3Settings, Settings
+from workeragent.settings import Settings
 
 DATA = b"weights" * 1000
 SHA = hashlib.sha256(DATA).hexdigest()
