@@ -140,8 +140,10 @@ async def handle(st: State, scope: Scope, receive: Receive, send: Send) -> None:
     m.in_flight += 1
 
     async def timed_send(message: Message) -> None:
-        nonlocal first_byte
-        if not first_byte and message["type"] == "http.response.body":
+        nonlocal first_byte, status
+        if message["type"] == "http.response.start":
+            status = message["status"]  # what a client that leaves mid-answer is counted with
+        elif not first_byte:
             first_byte = time.perf_counter()
         await send(message)
 

@@ -272,4 +272,7 @@ def test_every_answer_echoes_the_request_id(
     )
     assert resp.status_code == status
     assert resp.headers["x-request-id"] == "echo-1"
-    assert any(x["path"] == path and x["status"] == status for x in lines_with(json_stack, "dataplane", "echo-1"))
+    deadline = time.monotonic() + 5  # the access line is written just after the answer's last byte
+    while not any(x["path"] == path and x["status"] == status for x in lines_with(json_stack, "dataplane", "echo-1")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
