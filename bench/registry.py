@@ -193,7 +193,7 @@ def main() -> None:
         env = dict(os.environ, LORAPLANE_REDIS_URL=server.url, LORAPLANE_GRPC_ADDR=f"127.0.0.1:{port}",
                    LORAPLANE_CATALOG=str(Path(tmp) / "catalog.json"), LORAPLANE_ARTIFACT_DIR=str(Path(tmp) / "a"),
                    LORAPLANE_OPERATOR_TOKEN="o" * 32, LORAPLANE_AGENT_TOKEN="a" * 32,
-                   LORAPLANE_LOG_LEVEL="WARNING")  # fmt: skip
+                   LORAPLANE_LOG_LEVEL="WARNING", LORAPLANE_METRICS_ADDR="")  # fmt: skip
         cp = subprocess.Popen([sys.executable, "-m", "controlplane.server"], env=env)
         try:
             wait_until(lambda: port_open(port), 60, "control plane", cp)
