@@ -81,7 +81,11 @@ def artifact_store(settings: Settings) -> ArtifactStore:
 
 
 async def start(settings: Settings) -> ControlPlane:
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True)
+    # A pooled connection idle over a second is pinged before use: one left over from a Redis that
+    # restarted is replaced there, not failed on (a 503) the first time it is used again.
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=1, decode_responses=True
+    )
     await client.ping()
     store = Store(client)
     artifacts = await asyncio.to_thread(artifact_store, settings)

@@ -263,7 +263,11 @@ class DataPlane:
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[dict[str, State]]:
             client = redis.Redis.from_url(
-                settings.redis_url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
+                settings.redis_url,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+                health_check_interval=1,
+                decode_responses=True,  # health checks: see controlplane/server.py
             )
             catalog = Catalog.load(settings.catalog_path)
             routing = RoutingTable(client)

@@ -146,8 +146,12 @@ def component(command: list[str]) -> str | None:
 
 def reads(package: str) -> set[str]:
     """Environment variable names the package's code reads (string literals), with those of the
-    log setup every component's entry point calls (`loraplane/logs.py`)."""
-    source = "".join(p.read_text() for p in [*(ROOT / package).glob("*.py"), ROOT / "loraplane" / "logs.py"])
+    log setup every component's entry point calls (`loraplane/logs.py`) and, for the control plane
+    and the agent, of the S3 settings they share (`loraplane/s3.py`)."""
+    shared = [ROOT / "loraplane" / "logs.py"]
+    if package in ("controlplane", "workeragent"):
+        shared.append(ROOT / "loraplane" / "s3.py")
+    source = "".join(p.read_text() for p in [*(ROOT / package).glob("*.py"), *shared])
     return set(re.findall(r'"((?:LORAPLANE|AWS|HF)_[A-Z0-9_]+)"', source))
 
 
