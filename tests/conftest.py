@@ -39,16 +39,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.build(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def _stack(
+def running_stack(
     tmp: Path,
     with_worker: bool,
     env: tuple[tuple[str, str], ...] = (),
     replicas: int = 1,
     extra_workers: tuple[WorkerSpec, ...] = (),
     extra_models: tuple[tuple[str, str], ...] = (),
+    redis_url: str = "",
 ) -> Iterator[Stack]:
+    """A started stack on free ports, logging under `tmp/logs`; stopped afterwards."""
     config = StackConfig(
         data_dir=tmp / "data",
+        redis_url=redis_url,
         http_port=free_port(),
         grpc_port=free_port(),
         vllm_port=free_port(),
@@ -82,7 +85,7 @@ CONTROL_STACK_MAX_BYTES = 1_000_000
 def control_stack(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[Stack]:
     """Redis, control plane and data plane; no worker. The shared tier's size limit is 1 MB."""
     env = (("HF_ENDPOINT", hub.url), ("LORAPLANE_TIER_SHARED_MAX_BYTES", str(CONTROL_STACK_MAX_BYTES)))
-    yield from _stack(tmp_path_factory.mktemp("control-stack"), with_worker=False, env=env)
+    yield from running_stack(tmp_path_factory.mktemp("control-stack"), with_worker=False, env=env)
 
 
 # The second worker's vLLM takes LoRA ranks up to 32 only (the catalog allows 64): a worker
@@ -102,7 +105,7 @@ def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env=(("LORAPLANE_VLLM_ARGS", " ".join([*vllm_args(), "--max-lora-rank", str(SECOND_WORKER_MAX_RANK)])),),
     )
     env = (("LORAPLANE_REPLICATE_AT_IN_FLIGHT", str(REPLICATE_AT_IN_FLIGHT)),)
-    yield from _stack(
+    yield from running_stack(
         tmp_path_factory.mktemp("full-stack"), with_worker=True, env=env, replicas=2, extra_workers=(second,)
     )
 
@@ -132,7 +135,7 @@ def sim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimStack]:
         embed_worker = WorkerSpec(
             embed_port, env=(("LORAPLANE_BASE_MODEL", "tiny-embed"), ("LORAPLANE_VLLM_URL", embed_url))
         )
-        for stack in _stack(
+        for stack in running_stack(
             tmp_path_factory.mktemp("sim-stack"),
             with_worker=True,
             env=(("LORAPLANE_VLLM_URL", url),),

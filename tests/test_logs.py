@@ -9,7 +9,6 @@ import json
 import logging
 import re
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ import pytest
 
 from dataplane import access
 from loraplane import logs
-from loraplane.stack import Stack, StackConfig
-from tests.support import free_port, lora_tensors, safetensors_bytes, start_simulator
+from loraplane.stack import Stack
+from tests.conftest import running_stack
+from tests.support import lora_tensors, safetensors_bytes, start_simulator
 
 GENERATED = re.compile(r"req_[0-9a-f]{24}")
 
@@ -160,27 +160,14 @@ class JsonStack:
 @pytest.fixture(scope="module")
 def json_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JsonStack]:
     tmp = tmp_path_factory.mktemp("json-logs")
-    sim: subprocess.Popen[bytes] | None = None
-    stack: Stack | None = None
+    sim, url, _ = start_simulator("tiny-llama")
     try:
-        sim, url, _ = start_simulator("tiny-llama")
-        config = StackConfig(
-            data_dir=tmp / "data",
-            http_port=free_port(),
-            grpc_port=free_port(),
-            vllm_port=free_port(),
-            log_dir=tmp / "logs",
-            extra_env=(("LORAPLANE_LOG_FORMAT", "json"), ("LORAPLANE_VLLM_URL", url)),
-        )
-        stack = Stack(config)
-        stack.start()
-        yield JsonStack(stack, tmp / "logs")
+        env = (("LORAPLANE_LOG_FORMAT", "json"), ("LORAPLANE_VLLM_URL", url))
+        for stack in running_stack(tmp, with_worker=True, env=env):
+            yield JsonStack(stack, tmp / "logs")
     finally:
-        if stack is not None:
-            stack.stop()
-        if sim is not None:
-            sim.terminate()
-            sim.wait(10)
+        sim.terminate()
+        sim.wait(10)
 
 
 def lines_with(js: JsonStack, name: str, request_id: str, within_s: float = 10) -> list[dict[str, Any]]:

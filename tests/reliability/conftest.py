@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from loraplane.controlplane.v1 import tenant_pb2
-from loraplane.stack import Stack, StackConfig, WorkerSpec
-from tests.support import RedisServer, free_port, lora_tensors, safetensors_bytes, start_simulator, with_metadata
+from loraplane.stack import Stack, WorkerSpec
+from tests.conftest import running_stack
+from tests.support import RedisServer, lora_tensors, safetensors_bytes, start_simulator, with_metadata
 
 LONG = os.environ.get("LORAPLANE_RELIABILITY_LONG") == "1"
 SLOW_CLIENT_S = 2  # the data plane's header, body and upload-idle budgets here
@@ -93,7 +94,6 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack
     tmp = tmp_path_factory.mktemp("fault-stack")
     redis = RedisServer(tmp / "redis", aof=True)
     sims: list[subprocess.Popen[bytes]] = []
-    stack: Stack | None = None
     try:
         ports = []
         for _ in range(2):
@@ -111,23 +111,9 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack
             ("LORAPLANE_ORPHAN_SWEEP_S", "2"),
         )
         second = WorkerSpec(ports[1], env=(("LORAPLANE_VLLM_URL", f"http://127.0.0.1:{ports[1]}"),))
-        stack = Stack(
-            StackConfig(
-                data_dir=tmp / "data",
-                http_port=free_port(),
-                grpc_port=free_port(),
-                vllm_port=free_port(),
-                redis_url=redis.url,
-                log_dir=tmp / "logs",
-                extra_env=env,
-                extra_workers=(second,),
-            )
-        )
-        stack.start()
-        yield FaultStack(stack, redis, sims, ports)
+        for stack in running_stack(tmp, with_worker=True, env=env, extra_workers=(second,), redis_url=redis.url):
+            yield FaultStack(stack, redis, sims, ports)
     finally:
-        if stack is not None:
-            stack.stop()
         for sim in sims:
             sim.kill()
             sim.wait()
