@@ -50,6 +50,7 @@ class AgentSession:
     outbox: asyncio.Queue[pb.ConnectResponse] = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
     pending: dict[str, asyncio.Future[pb.CommandResult]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
+    evicting: set[str] = field(default_factory=set)  # victims chosen, their evictions not done yet
     busy: frozenset[str] = frozenset()  # adapters with requests in flight, as vLLM reports them
     in_flight: int = 0  # requests running or waiting in vLLM
     results_seen: int = 0  # command results received on this session
@@ -70,6 +71,7 @@ class AgentSession:
             max_adapters=r.max_adapters,
             resident=frozenset(r.resident),
             loading=frozenset(self.loading),
+            evicting=frozenset(self.evicting),
             draining=draining,
             in_flight=self.in_flight,
             busy=self.busy,
@@ -143,9 +145,17 @@ class Fleet:
         )
         session = AgentSession(record, budget=LoadBudget(self._max_loads_per_s))
         self.sessions[reg.worker_id] = session
+        self._count_agents()
         await self._store.put_worker(record)
         log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))
         return session
+
+    def _count_agents(self) -> None:
+        counts = dict.fromkeys(telemetry.AGENTS.values, 0.0)  # a base model left with none shows 0
+        for s in self.sessions.values():
+            counts[(s.record.base_model,)] = counts.get((s.record.base_model,), 0.0) + 1
+        for labels, n in counts.items():
+            telemetry.AGENTS.set(*labels, value=n)
 
     async def evict_everywhere(
         self, adapter_id: str, worker_id: str | None = None, forwarded: bool = False
@@ -198,6 +208,7 @@ class Fleet:
             if rec is None or rec.status != "ready":
                 await self._store.desire(wid, adapter_id, wanted=False)
                 continue
+            session.loading.add(adapter_id)  # a placement meanwhile counts the slot as taken
             try:
                 await self._load(session, rec, keep_intent=True)
                 session.failures.pop(adapter_id, None)
@@ -206,6 +217,8 @@ class Fleet:
                 log.warning("reloading %s on %s failed (%d): %s", adapter_id, wid, failures, err)
                 if failures >= MAX_RELOAD_FAILURES:
                     await self._store.desire(wid, adapter_id, wanted=False)
+            finally:
+                session.loading.discard(adapter_id)
         for adapter_id in sorted(resident - desired - session.loading - session.busy):
             if await self._store.get_adapter(adapter_id) is None:
                 continue
@@ -249,6 +262,7 @@ class Fleet:
         session.fail_all("worker disconnected")
         if self.sessions.get(session.record.id) is session:
             del self.sessions[session.record.id]
+            self._count_agents()
             current = await self._store.get_worker(session.record.id)
             if current is None or current.owner == self._self_addr:  # not already taken over elsewhere
                 await self._store.put_worker(replace(session.record, healthy=False, owner="", updated_at=time.time()))
@@ -397,6 +411,8 @@ class Fleet:
             session = self.sessions.get(decision.worker_id)
             if session is not None:
                 session.loading.add(adapter.id)
+                if decision.evict:  # no other placement may pick the same victim meanwhile
+                    session.evicting.add(decision.evict)
         if session is None:
             try:
                 return await self._peers.load(owners[decision.worker_id], adapter.id, decision.worker_id)
@@ -412,6 +428,7 @@ class Fleet:
             raise WorkerLoadFailed(decision.worker_id, str(err)) from None
         finally:
             session.loading.discard(adapter.id)
+            session.evicting.discard(decision.evict or "")
         return decision.worker_id, result.already_done, result.duration_ms
 
     async def _load(self, session: AgentSession, adapter: AdapterRecord, keep_intent: bool = False) -> pb.CommandResult:

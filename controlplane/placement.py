@@ -15,6 +15,7 @@ class WorkerView:
     max_adapters: int
     resident: frozenset[str]
     loading: frozenset[str] = frozenset()
+    evicting: frozenset[str] = frozenset()  # victims another placement is evicting now
     draining: bool = False
     in_flight: int = 0  # requests running or waiting in its vLLM
     busy: frozenset[str] = frozenset()  # its adapters with requests in flight
@@ -78,7 +79,7 @@ def decide(
         return Decision(best.id, already_loaded=False)
     options = []
     for w in candidates:
-        idle = [a for a in w.resident - w.loading - w.busy if a not in busy]
+        idle = [a for a in w.resident - w.loading - w.evicting - w.busy if a not in busy]
         if idle:
             victim = min(idle, key=lambda a: (last_used.get(a, 0.0), a))
             options.append((w.in_flight, last_used.get(victim, 0.0), w.id, victim))

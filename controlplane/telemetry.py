@@ -22,3 +22,6 @@ EVICTIONS = REGISTRY.add(
     metrics.Counter("loraplane_adapter_evictions_total", "Adapters evicted from workers.", ("base_model",))
 )
 REDIS_UP = REGISTRY.add(metrics.Gauge("loraplane_redis_up", "1 if Redis answered the last check.", ("component",)))
+AGENTS = REGISTRY.add(
+    metrics.Gauge("loraplane_agents_connected", "Worker agents with a stream open to this replica.", ("base_model",))
+)

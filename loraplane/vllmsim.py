@@ -41,6 +41,7 @@ class SimConfig:
 class Sim:
     config: SimConfig
     adapters: dict[str, str] = field(default_factory=dict)  # name -> path
+    loading: set[str] = field(default_factory=set)
     running: Counter[str] = field(default_factory=Counter)  # model name -> requests in flight
     loads: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)  # the last requests' bodies, for tests
@@ -68,13 +69,17 @@ def create_app(config: SimConfig) -> Any:
     async def load(request: Request) -> Response:
         body = await request.json()
         name, path = body.get("lora_name", ""), body.get("lora_path", "")
-        if name in sim.adapters:
+        if name in sim.adapters or name in sim.loading:
             return sim.error(400, f"The lora adapter '{name}' has already been loaded.")
-        if len(sim.adapters) >= config.max_loras:
+        if len(sim.adapters) + len(sim.loading) >= config.max_loras:  # a load under way holds its slot
             return sim.error(400, f"no free LoRA slot (max_loras={config.max_loras})")
         weights = Path(path) / "adapter_model.safetensors"
         size_mb = weights.stat().st_size / 1e6 if weights.exists() else 0.0
-        await asyncio.sleep((config.load_ms_base + config.load_ms_per_mb * size_mb) / 1000)
+        sim.loading.add(name)
+        try:
+            await asyncio.sleep((config.load_ms_base + config.load_ms_per_mb * size_mb) / 1000)
+        finally:
+            sim.loading.discard(name)
         sim.adapters[name] = path
         sim.loads += 1
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from loraplane import tinymodel
 from loraplane.catalog import Architecture
 
@@ -127,3 +129,22 @@ def start_simulator(model: str, *args: str, port: int = 0) -> tuple[subprocess.P
     sim = subprocess.Popen([sys.executable, "-m", "loraplane.vllmsim", "--port", str(port), "--model", model, *args])
     wait_until(lambda: http_ok(url + "/health"), 30, "the simulator", sim)
     return sim, url, port
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A /metrics page as {(name, labels): value}."""
+    out = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        pairs = frozenset(tuple(p.split("=", 1)) for p in labels.rstrip("}").split(",") if p) if labels else frozenset()
+        out[name, frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
+    return out
+
+
+def metric(pages: list[dict[tuple[str, frozenset[tuple[str, str]]], float]], name: str, **labels: str) -> float:
+    """A series summed over the pages (components) and over the labels not named."""
+    want = set(labels.items())
+    return sum(v for page in pages for (n, ls), v in page.items() if n == name and want <= ls)

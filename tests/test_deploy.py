@@ -76,6 +76,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "loraplane_worker_lora_slots": (GAUGE, frozenset({"worker"})),
     "loraplane_redis_up": (GAUGE, frozenset({"component"})),
     "loraplane_controlplane_up": (GAUGE, frozenset({"component"})),
+    "loraplane_agents_connected": (GAUGE, frozenset({"base_model"})),
     "loraplane_upload_bytes_total": (COUNTER, frozenset()),
     "loraplane_upload_rejections_total": (COUNTER, frozenset({"reason"})),
 }

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from controlplane.placement import Decision, LoadBudget, WorkerView, decide
@@ -80,3 +82,9 @@ def test_the_load_budget_allows_n_loads_in_any_second() -> None:
     assert budget.delay(1.0) == 0.0
     budget.spend(1.0)
     assert budget.delay(1.05) == pytest.approx(0.05)
+
+
+def test_a_victim_being_evicted_is_not_chosen_again() -> None:
+    full = WorkerView("a", "m", True, 2, frozenset({"p", "q"}), loading=frozenset({"y"}), evicting=frozenset({"q"}))
+    assert decide([full], "m", "x", {"p": 2.0, "q": 1.0}) == Decision("a", False, evict="p")
+    assert decide([replace(full, evicting=frozenset({"p", "q"}))], "m", "x", {}) is None

@@ -28,7 +28,7 @@ from tests.conftest import (
     new_tenant,
     upload,
 )
-from tests.support import figure, lora_tensors, safetensors_bytes, with_metadata
+from tests.support import figure, lora_tensors, metric, safetensors_bytes, scrape, with_metadata
 
 PROMPT = "hello"
 MAX_TOKENS = 16
@@ -600,25 +600,6 @@ def test_two_control_plane_replicas_share_one_quota(full_stack: Stack) -> None:
     assert sum(admitted) == 1
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """A /metrics page as {(name, labels): value}."""
-    out = {}
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        name, _, labels = series.partition("{")
-        pairs = frozenset(tuple(p.split("=", 1)) for p in labels.rstrip("}").split(",") if p) if labels else frozenset()
-        out[name, frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
-    return out
-
-
-def metric(pages: list[dict[tuple[str, frozenset[tuple[str, str]]], float]], name: str, **labels: str) -> float:
-    """A series summed over the pages (components) and over the labels not named."""
-    want = set(labels.items())
-    return sum(v for page in pages for (n, ls), v in page.items() if n == name and want <= ls)
-
-
 def test_every_components_metrics_move_with_the_traffic(
     full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
 ) -> None:
@@ -667,6 +648,7 @@ def test_every_components_metrics_move_with_the_traffic(
             assert metric(up, "loraplane_redis_up", component=component) == len(up)
         if component != "controlplane":
             assert metric(up, "loraplane_controlplane_up", component=component) == len(up)
+    assert metric(after, "loraplane_agents_connected", base_model="tiny-llama") == 2  # on whichever replica each agent chose
     slots = {w: metric(after, "loraplane_worker_lora_slots", worker=w) for w in (W1, W2)}
     assert slots == {W1: 8, W2: 8}
     holder = next(iter(_holders(full_stack, _adapter_id(full_stack, key, "m1"))))

@@ -22,7 +22,7 @@ import pytest
 from loraplane.controlplane.v1 import tenant_pb2
 from loraplane.stack import Stack, WorkerSpec
 from tests.conftest import running_stack
-from tests.support import RedisServer, lora_tensors, safetensors_bytes, start_simulator, with_metadata
+from tests.support import RedisServer, lora_tensors, metric, safetensors_bytes, scrape, start_simulator, with_metadata
 
 LONG = os.environ.get("LORAPLANE_RELIABILITY_LONG") == "1"
 SLOW_CLIENT_S = 2  # the data plane's header, body and upload-idle budgets here
@@ -75,6 +75,20 @@ class FaultStack:
     def chat(self, headers: dict[str, str], model: str, timeout: float = 30, **fields: object) -> httpx.Response:
         body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, **fields}
         return httpx.post(self.url + "/v1/chat/completions", headers=headers, json=body, timeout=timeout)
+
+    def wait_connected(self, within_s: float = 30) -> None:
+        """Until both agents have a stream open to the control plane (the data plane's table may
+        still show a worker whose agent is reconnecting: its record outlives the stream)."""
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                page = scrape(self.stack.metrics_urls["controlplane"])
+                if metric([page], "loraplane_agents_connected", base_model="tiny-llama") == 2:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"the agents did not reconnect within {within_s}s"
+            time.sleep(0.1)
 
     def wait_serving(self, headers: dict[str, str], model: str, within_s: float) -> float:
         """Seconds until a chat through `model` succeeds again."""

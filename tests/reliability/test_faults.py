@@ -246,6 +246,7 @@ def test_a_dead_worker_is_avoided_and_load_recovers(fault_stack: FaultStack) -> 
     assert success_rate(before) == 1.0 and success_rate(after) == 1.0
     assert success_rate(during) >= 0.99 and avoided_s < 2.0
     wait_for(lambda: httpx.get(fs.url + "/readyz").json()["workers"] == 2, 30)
+    fs.wait_connected()
 
 
 def test_the_data_plane_killed_under_load_cancels_upstream_and_comes_back(fault_stack: FaultStack) -> None:
@@ -293,6 +294,7 @@ def test_resident_adapters_keep_serving_while_a_control_component_is_dead(
     """The control plane or an agent `kill -9`'d under load: the data path does not depend on
     either; after the restart nothing is loaded again needlessly and cold placements work."""
     fs = fault_stack
+    fs.wait_connected()  # both agents are back from the faults before
     headers = fs.tenant(f"{component}-kill")
     models = hot(fs, headers, ["k1", "k2", "k3"])
     # The agent's own worker must not load again what its vLLM kept; with the control plane
@@ -311,6 +313,7 @@ def test_resident_adapters_keep_serving_while_a_control_component_is_dead(
         up = time.monotonic()
         fs.stack.restart(component)
         wait_for(lambda: httpx.get(fs.url + "/readyz").json()["workers"] == 2, 30)
+        fs.wait_connected()
         time.sleep(1)
     rate = success_rate(traffic.window(down, up))
     reloads = sum(int(fs.sim_state(i)["loads"]) for i in watched) - loads_before
@@ -466,7 +469,8 @@ def test_an_upload_cut_off_by_a_dying_control_plane_leaves_nothing(fault_stack: 
     assert listed == [] and half_written and left == []
     for i in range(QUOTA):  # the whole quota is free, the name too
         assert fs.upload(headers, "half" if i == 0 else f"after-{i}").status_code == 201
-    wait_for(lambda: fs.chat(headers, "tiny-llama:half").status_code == 200, 30)  # the agents are back
+    fs.wait_connected()
+    assert fs.chat(headers, "tiny-llama:half").status_code == 200
 
 
 def test_redis_back_empty_evicts_nothing(fault_stack: FaultStack) -> None:
