@@ -22,7 +22,8 @@ from loraplane.controlplane.v1 import worker_pb2 as pb
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 64
 MAX_RELOAD_FAILURES = 3
-ACTIVITY_REFRESH_S = 10.0  # well inside the activity record's 30 s expiry
+ACTIVITY_TTL_S = 30  # a worker's activity record expires this long after its last heartbeat
+ACTIVITY_REFRESH_S = 10.0  # well inside ACTIVITY_TTL_S
 MAX_LOAD_ATTEMPTS = 3  # workers tried before a placement is marked failed
 RETRY_BACKOFF_S = (0.2, 1.0)  # first wait between attempts, cap (doubling)
 
@@ -146,6 +147,9 @@ class Fleet:
         session = AgentSession(record, budget=LoadBudget(self._max_loads_per_s))
         self.sessions[reg.worker_id] = session
         self._count_agents()
+        # Before the record: a replica that sees this record sees a live worker (`sweep`).
+        await self._store.put_activity(record.id, frozenset(), 0, ACTIVITY_TTL_S)
+        session.activity_written = time.monotonic()
         await self._store.put_worker(record)
         log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))
         return session
@@ -245,6 +249,7 @@ class Fleet:
     async def watch(self, timeout_s: float, every_s: float = 1.0) -> None:
         """A worker whose agent stops sending heartbeats leaves the routing table within seconds;
         Redis coming back empty is noticed within seconds too."""
+        swept = time.monotonic()
         while True:
             await asyncio.sleep(every_s)
             try:
@@ -254,9 +259,31 @@ class Fleet:
                     if session.record.healthy and time.monotonic() - session.last_seen > timeout_s:
                         log.warning("worker %s sent no heartbeat for %.0fs", session.record.id, timeout_s)
                         await self.report(session, session.record.resident, healthy=False, seen=False)
+                if time.monotonic() - swept > ACTIVITY_REFRESH_S:
+                    swept = time.monotonic()
+                    await self.sweep()
             except redis.RedisError as err:  # Redis is away: try again next round
                 telemetry.REDIS_UP.set("controlplane", value=0)
                 log.warning("watching the workers: Redis is unreachable: %s", err)
+
+    async def sweep(self) -> list[str]:
+        """Workers left healthy by a replica that died with their streams (this one before a
+        restart, or another that does not answer), whose agents did not come back anywhere:
+        their activity record, refreshed with their heartbeats and written before the worker's
+        record at registration, has expired. They leave routing ACTIVITY_TTL_S or a little more
+        after their last heartbeat. Returns the workers marked."""
+        orphans = [w for w in await self._store.list_workers() if w.healthy and w.id not in self.sessions]
+        alive = await self._store.activity([w.id for w in orphans])
+        marked = []
+        for w in orphans:
+            if w.id in alive or (w.owner not in ("", self._self_addr) and await self._peers.alive(w.owner)):
+                continue  # a live replica's worker is that replica's to judge (its Redis writes may lag)
+            if await self._store.abandon_worker(w):
+                marked.append(w.id)
+        for wid in marked:
+            log.warning("worker %s: no agent connected anywhere and no heartbeat for %ds; out of routing",
+                        wid, ACTIVITY_TTL_S)  # fmt: skip
+        return marked
 
     async def detach(self, session: AgentSession) -> None:
         session.fail_all("worker disconnected")
@@ -304,7 +331,7 @@ class Fleet:
         now = time.monotonic()
         changed = (frozenset(busy), in_flight) != (session.busy, session.in_flight)
         if changed or now - session.activity_written > ACTIVITY_REFRESH_S:
-            await self._store.put_activity(session.record.id, frozenset(busy), in_flight)  # for other replicas
+            await self._store.put_activity(session.record.id, frozenset(busy), in_flight, ACTIVITY_TTL_S)
             session.activity_written = now
         session.in_flight = in_flight
         await self.report(session, resident, healthy, frozenset(busy))

@@ -4,6 +4,7 @@ that holds its agent's stream (its `owner`); the others forward placements there
 from __future__ import annotations
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.errors import NoCapacity
 from loraplane import logs
@@ -19,10 +20,22 @@ class Peers:
         self._timeout = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, addr: str) -> admin_pb2_grpc.AdminServiceStub:
+    def _channel(self, addr: str) -> grpc.aio.Channel:
         if addr not in self._channels:
             self._channels[addr] = grpc.aio.insecure_channel(addr)
-        return admin_pb2_grpc.AdminServiceStub(self._channels[addr])
+        return self._channels[addr]
+
+    def _stub(self, addr: str) -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(self._channel(addr))
+
+    async def alive(self, addr: str, timeout_s: float = 2.0) -> bool:
+        """Whether the replica at `addr` answers its health check."""
+        try:
+            health = health_pb2_grpc.HealthStub(self._channel(addr))
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     async def load(self, addr: str, adapter_id: str, worker_id: str) -> tuple[str, bool, int]:
         try:

@@ -23,6 +23,7 @@ import asyncio
 import functools
 import json
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -278,6 +279,23 @@ class Store:
             pipe.incr(P + "routing:version")
             _, _, version = await pipe.execute()
         await self.r.publish(ROUTING_CHANNEL, str(version))
+
+    @optimistic
+    async def abandon_worker(self, seen: WorkerRecord) -> bool:
+        """Mark a worker unhealthy and unowned, unless its record changed since `seen` was read
+        (its agent registered again meanwhile). True if it was marked."""
+        key = f"{P}worker:{seen.id}"
+        async with self.r.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            raw = await pipe.get(key)
+            if not raw or (now := WorkerRecord.from_json(raw)).updated_at != seen.updated_at or not now.healthy:
+                return False
+            pipe.multi()
+            pipe.set(key, replace(now, healthy=False, owner="", updated_at=time.time()).to_json())
+            pipe.incr(P + "routing:version")
+            _, version = await pipe.execute()
+        await self.r.publish(ROUTING_CHANNEL, str(version))
+        return True
 
     async def list_workers(self) -> list[WorkerRecord]:
         return await read_workers(self.r)

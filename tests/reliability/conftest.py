@@ -76,14 +76,14 @@ class FaultStack:
         body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, **fields}
         return httpx.post(self.url + "/v1/chat/completions", headers=headers, json=body, timeout=timeout)
 
-    def wait_connected(self, within_s: float = 30) -> None:
-        """Until both agents have a stream open to the control plane (the data plane's table may
+    def wait_connected(self, within_s: float = 30, agents: int = 2) -> None:
+        """Until the agents have a stream open to the control plane (the data plane's table may
         still show a worker whose agent is reconnecting: its record outlives the stream)."""
         deadline = time.monotonic() + within_s
         while True:
             try:
                 page = scrape(self.stack.metrics_urls["controlplane"])
-                if metric([page], "loraplane_agents_connected", base_model="tiny-llama") == 2:
+                if metric([page], "loraplane_agents_connected", base_model="tiny-llama") == agents:
                     return
             except httpx.HTTPError:
                 pass

@@ -326,6 +326,34 @@ def test_resident_adapters_keep_serving_while_a_control_component_is_dead(
     assert rate == 1.0 and reloads == 0, traffic.failures[:3]
 
 
+def test_a_worker_that_died_with_the_control_plane_leaves_routing(fault_stack: FaultStack) -> None:
+    """A whole worker node (engine and agent) and the control plane `kill -9`'d at once, the
+    control plane restarted alone: nobody is left to see the worker's stream break, so its record
+    still says healthy. The control plane marks it unhealthy once its activity record expires
+    (30 s after its last heartbeat); meanwhile the other worker serves and takes cold adapters."""
+    fs = fault_stack
+    fs.wait_connected()
+    headers = fs.tenant("node-lost")
+    killed = time.monotonic()
+    for component in ("controlplane", "agent-2"):
+        fs.stack.procs[component].kill()
+        fs.stack.procs[component].wait()
+    fs.kill_sim(1)
+    fs.stack.restart("controlplane")
+    try:
+        fs.wait_connected(agents=1)
+        assert fs.upload(headers, "after-the-loss").status_code == 201
+        wait_for(lambda: fs.chat(headers, "tiny-llama:after-the-loss").status_code == 200, 30)
+        wait_for(lambda: httpx.get(fs.url + "/readyz").json()["workers"] == 1, 60)
+        gone_s = time.monotonic() - killed
+        figure("seconds until a worker that died with the control plane leaves routing", f"{gone_s:.0f}")
+        assert gone_s < 45
+    finally:
+        fs.start_sim(1)
+        fs.stack.restart("agent-2")
+        fs.wait_connected()
+
+
 def test_quota_races_admit_exactly_the_quota(fault_stack: FaultStack) -> None:
     """Tenants one slot short of their quota; N uploads race for the slot: one wins, the others
     are 429 and leave no bytes behind."""
