@@ -648,7 +648,7 @@ def test_every_components_metrics_move_with_the_traffic(
             assert metric(up, "loraplane_redis_up", component=component) == len(up)
         if component != "controlplane":
             assert metric(up, "loraplane_controlplane_up", component=component) == len(up)
-    assert metric(after, "loraplane_agents_connected", base_model="tiny-llama") == 2  # on whichever replica each agent chose
+    assert metric(after, "loraplane_agents_connected", base_model="tiny-llama") == 2  # on either replica
     slots = {w: metric(after, "loraplane_worker_lora_slots", worker=w) for w in (W1, W2)}
     assert slots == {W1: 8, W2: 8}
     holder = next(iter(_holders(full_stack, _adapter_id(full_stack, key, "m1"))))

@@ -397,6 +397,8 @@ def test_slow_clients_are_cut_off_on_time(fault_stack: FaultStack, what: str) ->
     """A client that trickles its request (one byte a second: never idle) or stops halfway gets
     a 408 and its connection closed, within the data plane's budget for that part."""
     fs = fault_stack
+    log = Path(fs.stack.config.log_dir or "") / "dataplane.log"
+    logged_before = log.read_text().count(" 408 ")
     key = fs.tenant(f"slow-{what.replace(' ', '-')}")["Authorization"].encode()
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: " + key + b"\r\n"
     if what == "json body":
@@ -429,6 +431,7 @@ def test_slow_clients_are_cut_off_on_time(fault_stack: FaultStack, what: str) ->
     )
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert answered_s < SLOW_CLIENT_S + 1.5 and closed_s < SLOW_CLIENT_S + 2
+    wait_for(lambda: log.read_text().count(" 408 ") == logged_before + 1, 5)  # its access line
 
 
 def test_a_client_that_leaves_a_stream_has_it_cancelled_upstream(fault_stack: FaultStack) -> None:
