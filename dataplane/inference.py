@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 BASE_MODEL = "loraplane.base_model"  # the scope key: the resolved base model, for the metrics
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/embeddings": "embedding"}
 REPLICA_LINGER_S = 2.0
+SSE_DONE = b"data: [DONE]\n\n"  # a stream's last event
 # Headers of the worker's answer that are the connection's, not the answer's.
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"content-encoding", b"server", b"date",
@@ -214,7 +215,9 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
 
 class Departure:
     """Cancels a request's task when its client disconnects, unless the answer's last message is
-    already on its way (a cancellation then would land outside the request, in the server)."""
+    already on its way (a cancellation then would land outside the request, in the server) or a
+    stream's last event (`data: [DONE]`) was sent: clients close once they read it, and the
+    answer they got was whole."""
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
@@ -230,7 +233,9 @@ class Departure:
 
     def guarded(self, send: Send) -> Send:
         async def guarded_send(message: Message) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body"):
+            if message["type"] == "http.response.body" and (
+                not message.get("more_body") or message["body"].endswith(SSE_DONE)
+            ):
                 self._finishing = True
             await send(message)
 

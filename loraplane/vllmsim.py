@@ -118,7 +118,9 @@ def create_app(config: SimConfig) -> Any:
             rate = float(body.get("sim_tokens_per_s", config.tokens_per_s))  # a benchmark's override
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             if body.get("stream"):
-                return StreamingResponse(_stream(sim, rid, model, tokens, chat, rate), media_type="text/event-stream")
+                linger = float(body.get("sim_linger_s", 0))  # between `[DONE]` and the body's end
+                stream = _stream(sim, rid, model, tokens, chat, rate, linger)
+                return StreamingResponse(stream, media_type="text/event-stream")
             sim.running[model] += 1
             try:
                 if rate and await _client_left_within(request, tokens / rate):
@@ -242,7 +244,9 @@ async def _client_left_within(request: Request, seconds: float) -> bool:
     return True
 
 
-async def _stream(sim: Sim, rid: str, model: str, tokens: int, chat: bool, rate: float) -> AsyncIterator[bytes]:
+async def _stream(
+    sim: Sim, rid: str, model: str, tokens: int, chat: bool, rate: float, linger: float = 0.0
+) -> AsyncIterator[bytes]:
     """Chunks carry `sim_t`, when they were sent, so a benchmark can measure what a proxy adds."""
     sim.running[model] += 1
     try:
@@ -261,6 +265,7 @@ async def _stream(sim: Sim, rid: str, model: str, tokens: int, chat: bool, rate:
                      "sim_t": time.time()}  # fmt: skip
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
         yield b"data: [DONE]\n\n"
+        await asyncio.sleep(linger)
     finally:
         sim.running[model] -= 1
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import SimStack, new_tenant
-from tests.support import lora_tensors, safetensors_bytes
+from tests.support import lora_tensors, safetensors_bytes, scrape
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,28 @@ def test_a_client_that_leaves_a_stream_cancels_it_upstream(sim_stack: SimStack, 
         assert '"model":"tiny-llama:p1"' in first
         assert sim_stack.state()["running"] == 1
     assert wait_idle(sim_stack, within_s=1.0) < 1.0
+
+
+def test_a_client_that_leaves_after_the_last_event_got_a_whole_answer(
+    sim_stack: SimStack, tenant: dict[str, str]
+) -> None:
+    """Clients (the OpenAI SDK among them) close a stream once they read `data: [DONE]`, maybe
+    before the body's end arrives: that answer was whole, a 200, not a 499."""
+    body = {"model": "tiny-llama:p1", "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "max_tokens": 2, "sim_linger_s": 1}  # fmt: skip
+    before = dataplane_requests(sim_stack)
+    with httpx.stream("POST", sim_stack.stack.http_url + "/v1/chat/completions", headers=tenant, json=body) as r:
+        assert any(line == "data: [DONE]" for line in r.iter_lines())
+    time.sleep(1.5)  # the data plane's handler ends when the worker's body does
+    after = dataplane_requests(sim_stack)
+    assert (after.get("200", 0) - before.get("200", 0), after.get("499", 0) - before.get("499", 0)) == (1, 0)
+
+
+def dataplane_requests(sim_stack: SimStack) -> dict[str, float]:
+    """The data plane's chat completions answered so far, by status."""
+    page = scrape(sim_stack.stack.http_url + "/metrics")
+    return {dict(labels)["status"]: value for (name, labels), value in page.items()
+            if name == "loraplane_requests_total" and ("base_model", "tiny-llama") in labels}  # fmt: skip
 
 
 @pytest.mark.parametrize(
