@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -148,3 +149,16 @@ def metric(pages: list[dict[tuple[str, frozenset[tuple[str, str]]], float]], nam
     """A series summed over the pages (components) and over the labels not named."""
     want = set(labels.items())
     return sum(v for page in pages for (n, ls), v in page.items() if n == name and want <= ls)
+
+
+def wait_for(done: Callable[[], bool], within_s: float, what: str = "did not recover") -> float:
+    """Seconds until `done()` is true (an HTTP error counts as not yet), polled every 0.1 s."""
+    started = time.monotonic()
+    while True:
+        try:
+            if done():
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - started < within_s, what
+        time.sleep(0.1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,16 @@ import pytest
 from loraplane.controlplane.v1 import tenant_pb2
 from loraplane.stack import Stack, WorkerSpec
 from tests.conftest import running_stack
-from tests.support import RedisServer, lora_tensors, metric, safetensors_bytes, scrape, start_simulator, with_metadata
+from tests.support import (
+    RedisServer,
+    lora_tensors,
+    metric,
+    safetensors_bytes,
+    scrape,
+    start_simulator,
+    wait_for,
+    with_metadata,
+)
 
 LONG = os.environ.get("LORAPLANE_RELIABILITY_LONG") == "1"
 SLOW_CLIENT_S = 2  # the data plane's header, body and upload-idle budgets here
@@ -79,28 +87,14 @@ class FaultStack:
     def wait_connected(self, within_s: float = 30, agents: int = 2) -> None:
         """Until the agents have a stream open to the control plane (the data plane's table may
         still show a worker whose agent is reconnecting: its record outlives the stream)."""
-        deadline = time.monotonic() + within_s
-        while True:
-            try:
-                page = scrape(self.stack.metrics_urls["controlplane"])
-                if metric([page], "loraplane_agents_connected", base_model="tiny-llama") == agents:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"the agents did not reconnect within {within_s}s"
-            time.sleep(0.1)
+        page = self.stack.metrics_urls["controlplane"]
+        wait_for(lambda: metric([scrape(page)], "loraplane_agents_connected", base_model="tiny-llama") == agents,
+                 within_s, f"the agents did not reconnect within {within_s}s")  # fmt: skip
 
     def wait_serving(self, headers: dict[str, str], model: str, within_s: float) -> float:
         """Seconds until a chat through `model` succeeds again."""
-        started = time.monotonic()
-        while True:
-            try:
-                if self.chat(headers, model, timeout=5).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() - started < within_s, f"{model} is not served again within {within_s}s"
-            time.sleep(0.1)
+        return wait_for(lambda: self.chat(headers, model, timeout=5).status_code == 200,
+                        within_s, f"{model} is not served again within {within_s}s")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

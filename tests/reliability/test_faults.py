@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import pytest
 
 from loraplane.controlplane.v1 import tenant_pb2
 from tests.reliability.conftest import LONG, QUOTA, SLOW_CLIENT_S, FaultStack, logs
-from tests.support import figure
+from tests.support import figure, wait_for
 
 
 class Traffic:
@@ -201,18 +201,6 @@ def test_with_redis_down_resident_adapters_keep_serving_and_writes_fail_fast(
     figure(f"seconds until writes succeed after Redis is back ({fault})", f"{recovered:.1f}")
     assert rate == 1.0, traffic.failures[:5]
     assert write_s < 8
-
-
-def wait_for(done: Callable[[], bool], within_s: float) -> float:
-    started = time.monotonic()
-    while True:
-        try:
-            if done():
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() - started < within_s, "did not recover"
-        time.sleep(0.2)
 
 
 def test_a_dead_worker_is_avoided_and_load_recovers(fault_stack: FaultStack) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import SimStack, new_tenant
-from tests.support import figure, lora_tensors, safetensors_bytes
+from tests.support import figure, lora_tensors, safetensors_bytes, wait_for
 
 EXAMPLES = int(os.environ.get("LORAPLANE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
@@ -92,10 +91,7 @@ def port(sim_stack: SimStack) -> Iterator[int]:
     assert {p.name for p in (artifacts / "blobs").rglob("*") if p.is_file()} <= blobs_before
     # A refused upload's staging file goes when the control plane's end of its stream does, which
     # may be just after the data plane answered.
-    deadline = time.monotonic() + 10
-    while staged := [p for p in (artifacts / "tmp").rglob("*") if p.is_file()]:
-        assert time.monotonic() < deadline, staged
-        time.sleep(0.1)
+    wait_for(lambda: not any(p.is_file() for p in (artifacts / "tmp").rglob("*")), 10, "staged upload files left")
 
 
 @pytest.fixture(scope="module")
