@@ -37,8 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from controlplane.keys import key_hash, key_prefix, new_api_key, new_id  # noqa: E402
 from controlplane.placement import WorkerView, decide  # noqa: E402
-from controlplane.store import AdapterRecord, Store, WorkerRecord, read_workers  # noqa: E402
-from controlplane.tenantstore import Tenant  # noqa: E402
+from controlplane.store import Store  # noqa: E402
 from dataplane import events  # noqa: E402
 from dataplane.routing import RoutingTable  # noqa: E402
 from loraplane import tinymodel  # noqa: E402
@@ -46,6 +45,8 @@ from loraplane.catalog import Catalog  # noqa: E402
 from loraplane.controlplane.v1 import adapter_pb2 as apb  # noqa: E402
 from loraplane.controlplane.v1 import adapter_pb2_grpc  # noqa: E402
 from loraplane.stack import port_open, wait_until  # noqa: E402
+from loraplane.state import queries  # noqa: E402
+from loraplane.state.records import AdapterRecord, Tenant, WorkerRecord  # noqa: E402
 from tests.support import RedisServer, free_port  # noqa: E402
 
 WORKERS = 1000
@@ -99,7 +100,7 @@ async def routing_change(client: redis.Redis, store: Store, url: str) -> tuple[d
     table_bytes = sum(s.size_diff for s in after.compare_to(before, "filename"))
     took = []
     for n in range(1, 51):
-        target = int(await client.get("lp:routing:version") or 0) + 1
+        target = await queries.routing_version(client) + 1
         started = time.perf_counter()
         await store.put_worker(_worker(random.randrange(WORKERS), n))
         while table.version < target:
@@ -118,7 +119,7 @@ def _worker(i: int, n: int) -> WorkerRecord:
 
 
 async def placement(client: redis.Redis) -> dict[str, Any]:
-    workers = await read_workers(client)
+    workers = await queries.read_workers(client)
     views = [WorkerView(w.id, w.base_model, w.healthy, w.max_adapters, frozenset(w.resident),
                         in_flight=random.randrange(20)) for w in workers]  # fmt: skip
     last_used = {a: random.random() for v in views for a in v.resident}
@@ -129,7 +130,7 @@ async def placement(client: redis.Redis) -> dict[str, Any]:
         pure.append(time.perf_counter() - started)
     for _ in range(50):
         started = time.perf_counter()
-        ws = await read_workers(client)
+        ws = await queries.read_workers(client)
         vs = [WorkerView(w.id, w.base_model, w.healthy, w.max_adapters, frozenset(w.resident)) for w in ws]
         decide(vs, "tiny-llama", "adp_new", last_used)
         with_read.append(time.perf_counter() - started)

@@ -9,14 +9,14 @@ from controlplane.errors import BadRequest, Context, NotFound, grpc_errors
 from controlplane.fleet import Fleet
 from controlplane.keys import key_hash, key_prefix, new_api_key, new_id
 from controlplane.peers import forwarded
-from controlplane.registry import NAME
 from controlplane.service import Auth, timestamp
 from controlplane.settings import Settings
 from controlplane.store import Store
-from controlplane.tenantstore import Tenant
 from loraplane.controlplane.v1 import admin_pb2 as adpb
 from loraplane.controlplane.v1 import admin_pb2_grpc, tenant_pb2_grpc
 from loraplane.controlplane.v1 import tenant_pb2 as tpb
+from loraplane.limits import NAME
+from loraplane.state.records import Tenant
 
 log = logging.getLogger(__name__)
 

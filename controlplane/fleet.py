@@ -15,9 +15,10 @@ from controlplane import telemetry
 from controlplane.errors import LoadFailed, NoCapacity, NotFound
 from controlplane.peers import Peers
 from controlplane.placement import LoadBudget, WorkerView, decide
-from controlplane.store import AdapterRecord, Store, WorkerRecord
+from controlplane.store import Store
 from loraplane import logs
 from loraplane.controlplane.v1 import worker_pb2 as pb
+from loraplane.state.records import Activity, AdapterRecord, WorkerRecord
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 64
@@ -148,7 +149,7 @@ class Fleet:
         self.sessions[reg.worker_id] = session
         self._count_agents()
         # Before the record: a replica that sees this record sees a live worker (`sweep`).
-        await self._store.put_activity(record.id, frozenset(), 0, ACTIVITY_TTL_S)
+        await self._store.put_activity(record.id, Activity(), ACTIVITY_TTL_S)
         session.activity_written = time.monotonic()
         await self._store.put_worker(record)
         log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))
@@ -331,7 +332,7 @@ class Fleet:
         now = time.monotonic()
         changed = (frozenset(busy), in_flight) != (session.busy, session.in_flight)
         if changed or now - session.activity_written > ACTIVITY_REFRESH_S:
-            await self._store.put_activity(session.record.id, frozenset(busy), in_flight, ACTIVITY_TTL_S)
+            await self._store.put_activity(session.record.id, Activity(frozenset(busy), in_flight), ACTIVITY_TTL_S)
             session.activity_written = now
         session.in_flight = in_flight
         await self.report(session, resident, healthy, frozenset(busy))
@@ -406,9 +407,9 @@ class Fleet:
                 owners[w.id] = w.owner
         activity = await self._store.activity([w.id for w in remote])
         for w in remote:
-            busy, in_flight = activity.get(w.id, (frozenset(), 0))
+            act = activity.get(w.id, Activity())
             views.append(WorkerView(w.id, w.base_model, w.healthy, w.max_adapters, frozenset(w.resident),
-                                    draining=w.draining, in_flight=in_flight, busy=busy))  # fmt: skip
+                                    draining=w.draining, in_flight=act.in_flight, busy=act.busy))  # fmt: skip
         return views, owners
 
     async def _place(

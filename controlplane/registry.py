@@ -18,13 +18,13 @@ from controlplane.errors import BadRequest, ControlPlaneError, NotFound
 from controlplane.fleet import Fleet
 from controlplane.keys import new_id
 from controlplane.settings import Settings
-from controlplane.store import AdapterRecord, Store
-from controlplane.tenantstore import Tenant
+from controlplane.store import Store
 from loraplane.catalog import BaseModel, Catalog
+from loraplane.limits import NAME
+from loraplane.state.records import AdapterRecord, Tenant
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 

@@ -25,13 +25,14 @@ from controlplane.errors import (
 )
 from controlplane.fleet import AgentSession, Fleet
 from controlplane.keys import bearer, key_hash, same_secret
-from controlplane.registry import NAME, Registry
+from controlplane.registry import Registry
 from controlplane.settings import Settings
-from controlplane.store import AdapterRecord, Store
-from controlplane.tenantstore import Tenant
+from controlplane.store import Store
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 from loraplane.controlplane.v1 import adapter_pb2_grpc, worker_pb2_grpc
 from loraplane.controlplane.v1 import worker_pb2 as wpb
+from loraplane.limits import NAME
+from loraplane.state.records import AdapterRecord, Tenant
 
 log = logging.getLogger(__name__)
 

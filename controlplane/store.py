@@ -1,43 +1,24 @@
-"""The Redis state layer. The control plane is its only writer.
-
-Keys (prefix `lp:`; tenants and keys: see `controlplane/tenantstore.py`):
-    adapter:<aid>           string JSON record (status pending | ready | failed | deleting)
-    tenant:<tid>:adapters   hash   name -> aid of live (pending or ready) adapters: names and quota
-    tenant:<tid>:ids        zset   aid -> created_at of every adapter the tenant sees (+ failed)
-    blob:<sha256>           set    ids of the adapters whose bytes are that blob
-    pending                 set    ids of adapters whose bytes are still being fetched
-    deleting                set    ids being deleted (eviction and garbage collection pending)
-    worker:<wid>            string JSON record (endpoint, base model, resident adapter ids)
-    workers                 set    worker ids
-    draining                set    ids of workers that take no new placements
-    desired:<wid>           set    adapter ids the worker should hold; its owner converges it to that
-    generation:<wid>        int    bumped with every change of desired:<wid>; commands carry it
-    routing:version         int    bumped on every routing change; published on `lp:routing`
-    activity:<wid>          string JSON {busy, in_flight} from the worker's last heartbeats (expires)
-    used                    hash   aid -> when a request last used it (data planes write it each second)
-"""
+"""The control plane's writes and reads of the state in Redis: the keys, records and messages
+of `loraplane.state`, changed atomically (Lua or WATCH/MULTI)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import ParamSpec, TypeVar
 
 import redis.asyncio as redis
 
 from controlplane.errors import AlreadyExists, QuotaExceeded
 from controlplane.tenantstore import TenantStore
+from loraplane.state import keys, messages, queries
+from loraplane.state.records import Activity, AdapterRecord, WorkerRecord
 
-P = "lp:"
-ROUTING_CHANNEL = P + "routing"
-# Messages "adapter:<tenant id>:<name>" and "key:<key hash>": drop cached entries now.
-INVALIDATE_CHANNEL = P + "invalidate"
 FAILED_TTL_S = 7 * 24 * 3600
 WATCH_ATTEMPTS = 8
 Params = ParamSpec("Params")
@@ -79,57 +60,6 @@ return 1
 """
 
 
-@dataclass(frozen=True)
-class AdapterRecord:
-    id: str
-    tenant_id: str
-    name: str
-    base_model: str
-    status: str
-    status_reason: str
-    source: dict[str, str]
-    rank: int
-    target_modules: list[str]
-    lora_alpha: float
-    size_bytes: int
-    sha256: str
-    created_at: float
-    adapter_config: str  # the clean adapter_config.json workers get
-    placement_error: str = ""  # why the last placement failed on every worker tried
-    placement_failed_at: float = 0.0
-
-    @property
-    def vllm_name(self) -> str:
-        return self.id
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> AdapterRecord:
-        return cls(**json.loads(raw))
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    id: str
-    base_model: str
-    endpoint: str
-    max_adapters: int
-    resident: list[str] = field(default_factory=list)
-    healthy: bool = True
-    updated_at: float = 0.0
-    draining: bool = False  # read from the `draining` set, never from the record
-    owner: str = ""  # address of the control plane replica holding the agent's stream
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> WorkerRecord:
-        return cls(**json.loads(raw))
-
-
 class Store:
     """Over a client made with decode_responses=True."""
 
@@ -143,11 +73,11 @@ class Store:
     async def create_adapter(self, rec: AdapterRecord, max_adapters: int) -> None:
         res = await self._create_adapter(
             keys=[
-                f"{P}tenant:{rec.tenant_id}:adapters",
-                f"{P}adapter:{rec.id}",
-                f"{P}tenant:{rec.tenant_id}:ids",
-                f"{P}blob:{rec.sha256}",
-                P + "pending",
+                keys.tenant_adapters(rec.tenant_id),
+                keys.adapter(rec.id),
+                keys.tenant_ids(rec.tenant_id),
+                keys.blob(rec.sha256),
+                keys.PENDING,
             ],
             args=[rec.name, rec.id, rec.to_json(), max_adapters, rec.created_at, rec.sha256],
         )
@@ -157,30 +87,30 @@ class Store:
             raise QuotaExceeded(f"the tenant's tier allows at most {max_adapters} adapters")
 
     async def get_adapter(self, adapter_id: str) -> AdapterRecord | None:
-        raw = await self.r.get(f"{P}adapter:{adapter_id}")
+        raw = await self.r.get(keys.adapter(adapter_id))
         return AdapterRecord.from_json(raw) if raw else None
 
     async def list_adapters(self, tenant_id: str) -> list[AdapterRecord]:
-        ids = await self.r.zrevrange(f"{P}tenant:{tenant_id}:ids", 0, -1)
+        ids = await self.r.zrevrange(keys.tenant_ids(tenant_id), 0, -1)
         if not ids:
             return []
-        raws = await self.r.mget([P + "adapter:" + str(i) for i in ids])
+        raws = await self.r.mget([keys.adapter(str(i)) for i in ids])
         return [AdapterRecord.from_json(r) for r in raws if r]
 
     @optimistic
     async def complete_adapter(self, done: AdapterRecord) -> bool:
         """pending -> ready, with its bytes; False if the adapter was deleted meanwhile."""
-        key = f"{P}adapter:{done.id}"
+        key = keys.adapter(done.id)
         async with self.r.pipeline(transaction=True) as pipe:
             await pipe.watch(key)
             raw = await pipe.get(key)
             if not raw or AdapterRecord.from_json(raw).status != "pending":
-                await self.r.srem(P + "pending", done.id)
+                await self.r.srem(keys.PENDING, done.id)
                 return False
             pipe.multi()
             pipe.set(key, done.to_json())
-            pipe.sadd(f"{P}blob:{done.sha256}", done.id)
-            pipe.srem(P + "pending", done.id)
+            pipe.sadd(keys.blob(done.sha256), done.id)
+            pipe.srem(keys.PENDING, done.id)
             await pipe.execute()
         await self.invalidate_adapter(done)
         return True
@@ -188,24 +118,24 @@ class Store:
     @optimistic
     async def fail_adapter(self, adapter_id: str, reason: str) -> None:
         """pending -> failed: still visible with its reason; its name and quota are free again."""
-        key = f"{P}adapter:{adapter_id}"
+        key = keys.adapter(adapter_id)
         async with self.r.pipeline(transaction=True) as pipe:
             await pipe.watch(key)
             raw = await pipe.get(key)
             rec = AdapterRecord.from_json(raw) if raw else None
             pipe.multi()
-            pipe.srem(P + "pending", adapter_id)
+            pipe.srem(keys.PENDING, adapter_id)
             if rec is None or rec.status != "pending":
                 await pipe.execute()
                 return
             pipe.set(key, replace(rec, status="failed", status_reason=reason).to_json(), ex=FAILED_TTL_S)
-            pipe.hdel(f"{P}tenant:{rec.tenant_id}:adapters", rec.name)
+            pipe.hdel(keys.tenant_adapters(rec.tenant_id), rec.name)
             await pipe.execute()
 
     @optimistic
     async def set_placement_error(self, adapter_id: str, reason: str, at: float) -> None:
         """Record (or, with reason "", clear) why the adapter could not be placed."""
-        key = f"{P}adapter:{adapter_id}"
+        key = keys.adapter(adapter_id)
         async with self.r.pipeline(transaction=True) as pipe:
             await pipe.watch(key)
             raw = await pipe.get(key)
@@ -216,75 +146,84 @@ class Store:
             await pipe.execute()
 
     async def touch(self, adapter_id: str, at: float) -> None:
-        await self.r.hset(P + "used", adapter_id, at)
+        """A placement asked for the adapter (requests' use is the data planes' to record)."""
+        await self.r.hset(keys.PLACED, adapter_id, at)
 
     async def last_used(self, adapter_ids: list[str]) -> dict[str, float]:
+        """When each adapter was last asked for, by a request or a placement."""
         if not adapter_ids:
             return {}
-        values = await self.r.hmget(P + "used", adapter_ids)
-        return {a: float(v) for a, v in zip(adapter_ids, values, strict=True) if v}
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.USED, adapter_ids)
+            pipe.hmget(keys.PLACED, adapter_ids)
+            used, placed = await pipe.execute()
+        return {
+            a: max(float(u or 0), float(p or 0)) for a, u, p in zip(adapter_ids, used, placed, strict=True) if u or p
+        }
 
     @optimistic
     async def mark_deleting(self, rec: AdapterRecord) -> None:
         """The adapter is gone for its tenant at once (name, quota, lists); eviction and
         garbage collection follow. Idempotent."""
-        names = f"{P}tenant:{rec.tenant_id}:adapters"
+        names = keys.tenant_adapters(rec.tenant_id)
         async with self.r.pipeline(transaction=True) as pipe:
             await pipe.watch(names)
             owner = await pipe.hget(names, rec.name)
             pipe.multi()
             if owner == rec.id:
                 pipe.hdel(names, rec.name)
-            pipe.set(f"{P}adapter:{rec.id}", replace(rec, status="deleting").to_json())
-            pipe.zrem(f"{P}tenant:{rec.tenant_id}:ids", rec.id)
-            pipe.sadd(P + "deleting", rec.id)
+            pipe.set(keys.adapter(rec.id), replace(rec, status="deleting").to_json())
+            pipe.zrem(keys.tenant_ids(rec.tenant_id), rec.id)
+            pipe.sadd(keys.DELETING, rec.id)
             await pipe.execute()
         await self.invalidate_adapter(rec)
 
     async def deleting(self) -> list[AdapterRecord]:
-        return await self._members(P + "deleting")
+        return await self._members(keys.DELETING)
 
     async def pending(self) -> list[AdapterRecord]:
-        return await self._members(P + "pending")
+        return await self._members(keys.PENDING)
 
     async def _members(self, key: str) -> list[AdapterRecord]:
         ids = sorted(await self.r.smembers(key))
-        raws = await self.r.mget([P + "adapter:" + str(i) for i in ids]) if ids else []
+        raws = await self.r.mget([keys.adapter(str(i)) for i in ids]) if ids else []
         return [AdapterRecord.from_json(r) for r in raws if r]
 
     async def finish_delete(self, rec: AdapterRecord) -> bool:
         """Forget the adapter; True if no adapter references its bytes any more."""
-        blob = f"{P}blob:{rec.sha256}"
+        blob = keys.blob(rec.sha256)
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(f"{P}adapter:{rec.id}")
-            pipe.hdel(P + "used", rec.id)
-            pipe.srem(P + "deleting", rec.id)
+            pipe.delete(keys.adapter(rec.id))
+            pipe.hdel(keys.USED, rec.id)
+            pipe.hdel(keys.PLACED, rec.id)
+            pipe.srem(keys.DELETING, rec.id)
             pipe.srem(blob, rec.id)
             pipe.scard(blob)
             *_, remaining = await pipe.execute()
         return bool(rec.sha256) and remaining == 0
 
     async def blob_referenced(self, sha256: str) -> bool:
-        return bool(await self.r.scard(f"{P}blob:{sha256}"))
+        return bool(await self.r.scard(keys.blob(sha256)))
 
     async def invalidate_adapter(self, rec: AdapterRecord) -> None:
-        await self.r.publish(INVALIDATE_CHANNEL, f"adapter:{rec.tenant_id}:{rec.name}")
+        message = messages.AdapterChanged(rec.tenant_id, rec.name)
+        await self.r.publish(keys.INVALIDATE_CHANNEL, message.encode())
 
     # workers and routing
 
     async def put_worker(self, w: WorkerRecord) -> None:
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.set(f"{P}worker:{w.id}", w.to_json())
-            pipe.sadd(P + "workers", w.id)
-            pipe.incr(P + "routing:version")
+            pipe.set(keys.worker(w.id), w.to_json())
+            pipe.sadd(keys.WORKERS, w.id)
+            pipe.incr(keys.ROUTING_VERSION)
             _, _, version = await pipe.execute()
-        await self.r.publish(ROUTING_CHANNEL, str(version))
+        await self.r.publish(keys.ROUTING_CHANNEL, messages.encode_routing_version(version))
 
     @optimistic
     async def abandon_worker(self, seen: WorkerRecord) -> bool:
         """Mark a worker unhealthy and unowned, unless its record changed since `seen` was read
         (its agent registered again meanwhile). True if it was marked."""
-        key = f"{P}worker:{seen.id}"
+        key = keys.worker(seen.id)
         async with self.r.pipeline(transaction=True) as pipe:
             await pipe.watch(key)
             raw = await pipe.get(key)
@@ -292,74 +231,55 @@ class Store:
                 return False
             pipe.multi()
             pipe.set(key, replace(now, healthy=False, owner="", updated_at=time.time()).to_json())
-            pipe.incr(P + "routing:version")
+            pipe.incr(keys.ROUTING_VERSION)
             _, version = await pipe.execute()
-        await self.r.publish(ROUTING_CHANNEL, str(version))
+        await self.r.publish(keys.ROUTING_CHANNEL, messages.encode_routing_version(version))
         return True
 
     async def list_workers(self) -> list[WorkerRecord]:
-        return await read_workers(self.r)
+        return await queries.read_workers(self.r)
 
     async def get_worker(self, worker_id: str) -> WorkerRecord | None:
         return next((w for w in await self.list_workers() if w.id == worker_id), None)
 
     async def routing_table(self) -> tuple[int, list[WorkerRecord]]:
-        version = int(await self.r.get(P + "routing:version") or 0)
-        return version, await self.list_workers()
+        return await queries.routing_version(self.r), await self.list_workers()
 
     async def desire(self, worker_id: str, adapter_id: str, wanted: bool = True) -> int:
         """Change what the worker should hold; returns the worker's new desired-state generation,
         which the command carrying out the change bears."""
         async with self.r.pipeline(transaction=True) as pipe:
             if wanted:
-                pipe.sadd(f"{P}desired:{worker_id}", adapter_id)
+                pipe.sadd(keys.desired(worker_id), adapter_id)
             else:
-                pipe.srem(f"{P}desired:{worker_id}", adapter_id)
-            pipe.incr(f"{P}generation:{worker_id}")
+                pipe.srem(keys.desired(worker_id), adapter_id)
+            pipe.incr(keys.generation(worker_id))
             _, generation = await pipe.execute()
         return int(generation)
 
     async def desired(self, worker_id: str) -> set[str]:
-        return {str(a) for a in await self.r.smembers(f"{P}desired:{worker_id}")}
+        return {str(a) for a in await self.r.smembers(keys.desired(worker_id))}
 
-    async def put_activity(self, worker_id: str, busy: frozenset[str], in_flight: int, ttl_s: int = 30) -> None:
-        value = json.dumps({"busy": sorted(busy), "in_flight": in_flight})
-        await self.r.set(f"{P}activity:{worker_id}", value, ex=ttl_s)
+    async def put_activity(self, worker_id: str, activity: Activity, ttl_s: int = 30) -> None:
+        await self.r.set(keys.activity(worker_id), activity.to_json(), ex=ttl_s)
 
-    async def activity(self, worker_ids: list[str]) -> dict[str, tuple[frozenset[str], int]]:
-        """What other replicas' workers are busy with: adapters with requests in flight, requests."""
-        raws = await self.r.mget([f"{P}activity:{w}" for w in worker_ids]) if worker_ids else []
-        out = {}
-        for wid, raw in zip(worker_ids, raws, strict=True):
-            if raw:
-                a = json.loads(raw)
-                out[wid] = (frozenset(a["busy"]), int(a["in_flight"]))
-        return out
+    async def activity(self, worker_ids: list[str]) -> dict[str, Activity]:
+        """What other replicas' workers are busy with."""
+        raws = await self.r.mget([keys.activity(w) for w in worker_ids]) if worker_ids else []
+        return {wid: Activity.from_json(raw) for wid, raw in zip(worker_ids, raws, strict=True) if raw}
 
     async def epoch(self) -> tuple[str, bool]:
         """This Redis's data epoch, and whether this call made it: made by the first control
         plane to ask, and gone only when Redis lost its data (restarted without AOF, a wiped
         volume, FLUSHALL)."""
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.set(P + "epoch", uuid.uuid4().hex, nx=True)
-            pipe.get(P + "epoch")
+            pipe.set(keys.EPOCH, uuid.uuid4().hex, nx=True)
+            pipe.get(keys.EPOCH)
             made, epoch = await pipe.execute()
         return str(epoch), bool(made)
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
         if draining:
-            await self.r.sadd(P + "draining", worker_id)
+            await self.r.sadd(keys.DRAINING, worker_id)
         else:
-            await self.r.srem(P + "draining", worker_id)
-
-
-async def read_workers(client: redis.Redis) -> list[WorkerRecord]:
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.smembers(P + "workers")
-        pipe.smembers(P + "draining")
-        ids, draining = await pipe.execute()
-    if not ids:
-        return []
-    raws = await client.mget([P + "worker:" + str(i) for i in sorted(ids)])
-    records = [WorkerRecord.from_json(r) for r in raws if r]
-    return [replace(w, draining=w.id in draining) for w in records]
+            await self.r.srem(keys.DRAINING, worker_id)

@@ -9,6 +9,8 @@ import redis.asyncio as redis
 
 from dataplane.breaker import Breaker
 from dataplane.errors import Forbidden, Unauthorized, Unavailable
+from loraplane.state import queries
+from loraplane.state.messages import Invalidation, KeyChanged
 
 MAX_HEADER = 512
 
@@ -20,9 +22,9 @@ class KeyCache:
         self._ttl = ttl_s
         self._cache: dict[str, tuple[str, float]] = {}
 
-    def invalidate(self, what: str) -> None:
-        if what.startswith("key:"):
-            self._cache.pop(what[4:], None)
+    def invalidate(self, message: Invalidation) -> None:
+        if isinstance(message, KeyChanged):
+            self._cache.pop(message.key_hash, None)
 
     def clear(self) -> None:
         self._cache.clear()
@@ -38,8 +40,7 @@ class KeyCache:
         if hit and (hit[1] > now or self.redis_down.open):
             return hit[0]
         try:
-            tid = await self._r.hget(f"lp:apikey:{digest}", "tenant_id")
-            suspended = await self._r.hget("lp:tenant:" + str(tid), "suspended") if tid else None
+            tid, suspended = await queries.key_tenant(self._r, digest)
         except (redis.ConnectionError, redis.TimeoutError):
             self.redis_down.trip()
             if hit:  # Redis is down: a key we knew stays good until Redis is back.
@@ -48,8 +49,8 @@ class KeyCache:
         if tid is None:
             self._cache.pop(digest, None)
             raise Unauthorized()
-        if suspended == "1":
+        if suspended:
             self._cache.pop(digest, None)
             raise Forbidden("this tenant is suspended")
-        self._cache[digest] = (str(tid), now + self._ttl)
-        return str(tid)
+        self._cache[digest] = (tid, now + self._ttl)
+        return tid

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -11,6 +10,8 @@ import redis.asyncio as redis
 from dataplane.breaker import Breaker
 from dataplane.errors import BadRequest, NotFound, Unavailable
 from loraplane.catalog import BaseModel, Catalog
+from loraplane.state import queries
+from loraplane.state.messages import AdapterChanged, Invalidation
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,9 @@ class Resolver:
         self._ttl = ttl_s
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}
 
-    def invalidate(self, what: str) -> None:
-        kind, _, rest = what.partition(":")
-        tenant_id, _, name = rest.partition(":")
-        if kind == "adapter":
-            self._cache.pop((tenant_id, name), None)
+    def invalidate(self, message: Invalidation) -> None:
+        if isinstance(message, AdapterChanged):
+            self._cache.pop((message.tenant_id, message.name), None)
 
     def forget_id(self, adapter_id: str) -> None:
         for key in [k for k, (aid, _) in self._cache.items() if aid == adapter_id]:
@@ -69,20 +68,16 @@ class Resolver:
         if hit and (hit[1] > now or self.redis_down.open):
             return hit[0]
         try:
-            aid = await self._r.hget(f"lp:tenant:{tenant_id}:adapters", name)
-            raw = await self._r.get("lp:adapter:" + str(aid)) if aid else None
+            rec = await queries.adapter_named(self._r, tenant_id, name)
         except (redis.ConnectionError, redis.TimeoutError):
             self.redis_down.trip()
             if hit:
                 return hit[0]
             raise Unavailable("the adapter registry is unavailable right now") from None
-        if raw is None:
+        if rec is None or rec.status != "ready" or rec.base_model != base or rec.tenant_id != tenant_id:
             return None
-        rec = json.loads(raw)
-        if rec["status"] != "ready" or rec["base_model"] != base or rec["tenant_id"] != tenant_id:
-            return None
-        self._cache[key] = (rec["id"], now + self._ttl)
-        return str(rec["id"])
+        self._cache[key] = (rec.id, now + self._ttl)
+        return rec.id
 
 
 def _missing(model: str) -> NotFound:

@@ -4,7 +4,6 @@ functions over it."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -12,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as redis
+
+from loraplane.state import queries
 
 log = logging.getLogger(__name__)
 SUSPECT_S = 5.0
@@ -67,18 +68,8 @@ class RoutingTable:
         return next((w for w in self.workers if w.id == worker_id), None)
 
     async def refresh(self) -> None:
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.get("lp:routing:version")
-            pipe.smembers("lp:workers")
-            raw_version, ids = await pipe.execute()
-        version = int(raw_version or 0)
-        if version == self.version:
+        version, records = await queries.routing_table(self._r, self.version)
+        if records is None:
             return
-        ids = sorted(str(i) for i in ids)
-        raws = await self._r.mget([f"lp:worker:{i}" for i in ids]) if ids else []
-        workers = []
-        for raw in raws:
-            if raw:
-                w = json.loads(raw)
-                workers.append(Worker(w["id"], w["base_model"], w["endpoint"], frozenset(w["resident"]), w["healthy"]))
+        workers = (Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident), w.healthy) for w in records)
         self.workers, self.version = tuple(workers), version

@@ -10,8 +10,9 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from controlplane.fleet import Fleet
 from controlplane.peers import Peers
-from controlplane.store import Store, WorkerRecord
+from controlplane.store import Store
 from loraplane.controlplane.v1 import worker_pb2 as pb
+from loraplane.state.records import Activity, WorkerRecord
 from tests.controlplane.test_store import record
 from tests.support import RedisServer
 
@@ -87,7 +88,7 @@ async def test_workers_whose_agents_are_nowhere_leave_routing(redis_server: Redi
     cases = {"mine": "cp-me", "dead-replica": "127.0.0.1:1", "live-replica": live_replica, "beating": "127.0.0.1:1"}
     for wid, owner in cases.items():
         await store.put_worker(worker(wid, owner))
-    await store.put_activity("beating", frozenset(), 0)
+    await store.put_activity("beating", Activity())
     version = (await store.routing_table())[0]
     assert sorted(await fleet.sweep()) == ["dead-replica", "mine"]
     after = {w.id: w for w in await store.list_workers()}

@@ -10,8 +10,8 @@ import redis.asyncio as redis
 
 from controlplane.errors import AlreadyExists, QuotaExceeded
 from controlplane.keys import key_hash, new_api_key, new_id
-from controlplane.store import AdapterRecord, Store
-from controlplane.tenantstore import Tenant
+from controlplane.store import Store
+from loraplane.state.records import AdapterRecord, Tenant
 from tests.support import RedisServer
 
 

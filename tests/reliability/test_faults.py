@@ -9,7 +9,6 @@ last, since it forgets every tenant.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -24,6 +23,8 @@ import httpx
 import pytest
 
 from loraplane.controlplane.v1 import tenant_pb2
+from loraplane.state import keys
+from loraplane.state.records import AdapterRecord
 from tests.reliability.conftest import LONG, QUOTA, SLOW_CLIENT_S, FaultStack, logs
 from tests.support import figure, wait_for
 
@@ -374,7 +375,7 @@ def orphan_blobs(fs: FaultStack) -> list[str]:
     import redis
 
     client = redis.Redis.from_url(fs.redis.url, decode_responses=True)
-    named = {json.loads(raw)["sha256"] for key in client.scan_iter("lp:adapter:*") if (raw := client.get(key))}
+    named = {AdapterRecord.from_json(raw).sha256 for k in client.scan_iter(keys.adapter("*")) if (raw := client.get(k))}
     client.close()
     blobs = Path(fs.stack.config.data_dir) / "artifacts" / "blobs"
     return sorted(p.name for p in blobs.rglob("*") if p.is_file() and p.name not in named)

@@ -1,0 +1,45 @@
+"""What the control plane publishes on the channels in `keys`, and how it reads back.
+
+`keys.ROUTING_CHANNEL` carries routing table versions (a decimal integer). `keys.INVALIDATE_CHANNEL`
+carries `Invalidation`s: "adapter:<tenant id>:<name>" (the tenant's adapter of that name changed)
+and "key:<sha256 of the key>" (the key was revoked or its tenant suspended).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AdapterChanged:
+    tenant_id: str
+    name: str
+
+    def encode(self) -> str:
+        return f"adapter:{self.tenant_id}:{self.name}"
+
+
+@dataclass(frozen=True)
+class KeyChanged:
+    key_hash: str
+
+    def encode(self) -> str:
+        return "key:" + self.key_hash
+
+
+Invalidation = AdapterChanged | KeyChanged
+
+
+def decode_invalidation(raw: str) -> Invalidation | None:
+    """The message, or None for one this version does not know."""
+    kind, _, rest = raw.partition(":")
+    if kind == "key" and rest:
+        return KeyChanged(rest)
+    tenant_id, sep, name = rest.partition(":")
+    if kind == "adapter" and sep:
+        return AdapterChanged(tenant_id, name)
+    return None
+
+
+def encode_routing_version(version: int) -> str:
+    return str(version)

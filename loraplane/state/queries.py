@@ -1,0 +1,66 @@
+"""The reads that more than one component makes, and the data plane's one write.
+
+Over clients made with decode_responses=True.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import redis.asyncio as redis
+
+from loraplane.state import keys
+from loraplane.state.records import AdapterRecord, WorkerRecord
+
+
+async def read_workers(client: redis.Redis) -> list[WorkerRecord]:
+    """Every worker record, with `draining` from the draining set."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.smembers(keys.WORKERS)
+        pipe.smembers(keys.DRAINING)
+        ids, draining = await pipe.execute()
+    records = await _workers(client, ids)
+    return [replace(w, draining=w.id in draining) for w in records]
+
+
+async def routing_version(client: redis.Redis) -> int:
+    return int(await client.get(keys.ROUTING_VERSION) or 0)
+
+
+async def routing_table(client: redis.Redis, known_version: int) -> tuple[int, list[WorkerRecord] | None]:
+    """The routing version and, unless it is `known_version`, the worker records of that version."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.get(keys.ROUTING_VERSION)
+        pipe.smembers(keys.WORKERS)
+        raw_version, ids = await pipe.execute()
+    version = int(raw_version or 0)
+    if version == known_version:
+        return version, None
+    return version, await _workers(client, ids)
+
+
+async def _workers(client: redis.Redis, ids: set[str]) -> list[WorkerRecord]:
+    if not ids:
+        return []
+    raws = await client.mget([keys.worker(str(i)) for i in sorted(ids)])
+    return [WorkerRecord.from_json(r) for r in raws if r]
+
+
+async def key_tenant(client: redis.Redis, key_hash: str) -> tuple[str | None, bool]:
+    """The tenant id the key belongs to (None: no such key), and whether that tenant is suspended."""
+    tenant_id = await client.hget(keys.apikey(key_hash), "tenant_id")
+    if tenant_id is None:
+        return None, False
+    return str(tenant_id), await client.hget(keys.tenant(str(tenant_id)), "suspended") == "1"
+
+
+async def adapter_named(client: redis.Redis, tenant_id: str, name: str) -> AdapterRecord | None:
+    """The tenant's live adapter of that name."""
+    adapter_id = await client.hget(keys.tenant_adapters(tenant_id), name)
+    raw = await client.get(keys.adapter(str(adapter_id))) if adapter_id else None
+    return AdapterRecord.from_json(raw) if raw else None
+
+
+async def record_use(client: redis.Redis, used: dict[str, float]) -> None:
+    """When each adapter was last asked for by a request (the data plane's write)."""
+    await client.hset(keys.USED, mapping=used)  # type: ignore[arg-type]

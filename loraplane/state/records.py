@@ -1,0 +1,115 @@
+"""The records stored in Redis (see `keys.SCHEMA` for where), each with its codec: JSON strings
+for adapters, workers and activity, hashes for tenants and API keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def _json(record: object) -> str:
+    return json.dumps(asdict(record), separators=(",", ":"))  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    id: str
+    tenant_id: str
+    name: str
+    base_model: str
+    status: str  # pending | ready | failed | deleting
+    status_reason: str
+    source: dict[str, str]
+    rank: int
+    target_modules: list[str]
+    lora_alpha: float
+    size_bytes: int
+    sha256: str
+    created_at: float
+    adapter_config: str  # the clean adapter_config.json workers get
+    placement_error: str = ""  # why the last placement failed on every worker tried
+    placement_failed_at: float = 0.0
+
+    @property
+    def vllm_name(self) -> str:
+        return self.id
+
+    def to_json(self) -> str:
+        return _json(self)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> AdapterRecord:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    id: str
+    base_model: str
+    endpoint: str
+    max_adapters: int
+    resident: list[str] = field(default_factory=list)
+    healthy: bool = True
+    updated_at: float = 0.0
+    draining: bool = False  # read from the `draining` set, never from the record
+    owner: str = ""  # address of the control plane replica holding the agent's stream
+
+    def to_json(self) -> str:
+        return _json(self)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkerRecord:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What a worker is busy with, from its agent's last heartbeats."""
+
+    busy: frozenset[str] = frozenset()  # adapters with requests in flight
+    in_flight: int = 0  # requests running or waiting in its vLLM
+
+    def to_json(self) -> str:
+        return json.dumps({"busy": sorted(self.busy), "in_flight": self.in_flight})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Activity:
+        a = json.loads(raw)
+        return cls(frozenset(a["busy"]), int(a["in_flight"]))
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    name: str
+    tier: str
+    created_at: float
+    suspended: bool = False
+
+    @classmethod
+    def from_hash(cls, h: Mapping[Any, Any]) -> Tenant:
+        return cls(
+            id=str(h["id"]),
+            name=str(h["name"]),
+            tier=str(h["tier"]),
+            created_at=float(h["created_at"]),
+            suspended=h.get("suspended") == "1",
+        )
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: under the sha256 of the key, never the key itself."""
+
+    prefix: str  # the key's public beginning, shown to operators
+    tenant_id: str
+    created_at: float
+
+    def to_hash(self) -> dict[str, str]:
+        return {"tenant_id": self.tenant_id, "prefix": self.prefix, "created_at": str(self.created_at)}
+
+    @classmethod
+    def from_hash(cls, h: Mapping[Any, Any]) -> ApiKey:
+        return cls(prefix=str(h["prefix"]), tenant_id=str(h["tenant_id"]), created_at=float(h["created_at"]))
