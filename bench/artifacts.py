@@ -116,6 +116,7 @@ def main() -> None:
                    LORAPLANE_CONTROLPLANE_ADDR=f"127.0.0.1:{grpc_port}", LORAPLANE_HTTP_PORT=str(http_port),
                    LORAPLANE_CATALOG=str(catalog), LORAPLANE_ARTIFACT_DIR=str(tmp / "artifacts"),
                    LORAPLANE_OPERATOR_TOKEN=OPERATOR_TOKEN, LORAPLANE_AGENT_TOKEN=AGENT_TOKEN,
+                   LORAPLANE_PEER_TOKEN="p" * 32,
                    LORAPLANE_LOG_LEVEL="WARNING", LORAPLANE_METRICS_ADDR="")  # fmt: skip
         cp = subprocess.Popen([sys.executable, "-m", "controlplane.server"], env=env)
         dp = subprocess.Popen([sys.executable, "-m", "dataplane.app"], env=env)

@@ -193,7 +193,7 @@ def main() -> None:
         port = free_port()
         env = dict(os.environ, LORAPLANE_REDIS_URL=server.url, LORAPLANE_GRPC_ADDR=f"127.0.0.1:{port}",
                    LORAPLANE_CATALOG=str(Path(tmp) / "catalog.json"), LORAPLANE_ARTIFACT_DIR=str(Path(tmp) / "a"),
-                   LORAPLANE_OPERATOR_TOKEN="o" * 32, LORAPLANE_AGENT_TOKEN="a" * 32,
+                   LORAPLANE_OPERATOR_TOKEN="o" * 32, LORAPLANE_AGENT_TOKEN="a" * 32, LORAPLANE_PEER_TOKEN="p" * 32,
                    LORAPLANE_LOG_LEVEL="WARNING", LORAPLANE_METRICS_ADDR="")  # fmt: skip
         cp = subprocess.Popen([sys.executable, "-m", "controlplane.server"], env=env)
         try:

@@ -1,80 +1,93 @@
+"""The control plane's settings, each field with the variable it is read from (docs/configuration.md)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from loraplane.s3 import S3Settings
+from loraplane import config
+from loraplane.config import ConfigError, derived, var
+from loraplane.limits import MAX_ADAPTER_BYTES
+from loraplane.s3 import BUCKET_ENV, STORE, S3Settings, bucket_from_env
 
-TIER_LIMITS = {"shared": 20, "reserved": 200, "dedicated": 200}
+TIER_LIMITS = {"shared": 20, "reserved": 200, "dedicated": 200}  # adapters per tenant
+ARTIFACT_DIR = "LORAPLANE_ARTIFACT_DIR"
 
 
-@dataclass(frozen=True)
+def _tier_var(tier: str, what: str) -> str:
+    return f"LORAPLANE_TIER_{tier.upper()}_{what}"
+
+
+def _tier_limits(environ: Mapping[str, str], _: Mapping[str, Any]) -> dict[str, int]:
+    return {t: config.get(environ, _tier_var(t, "MAX_ADAPTERS"), int, n) for t, n in TIER_LIMITS.items()}
+
+
+def _tier_max_bytes(environ: Mapping[str, str], values: Mapping[str, Any]) -> dict[str, int]:
+    default: int = values["max_adapter_bytes"]
+    return {t: config.get(environ, _tier_var(t, "MAX_BYTES"), int, default) for t in TIER_LIMITS}
+
+
+def _advertise_addr(environ: Mapping[str, str], values: Mapping[str, Any]) -> str:
+    addr: str = environ.get("LORAPLANE_ADVERTISE_ADDR") or values["grpc_addr"]
+    return addr
+
+
+def _artifact_dir(environ: Mapping[str, str], _: Mapping[str, Any]) -> Path:
+    location = environ.get(STORE, "")
+    if location and "://" not in location:
+        return Path(location)
+    return config.get(environ, ARTIFACT_DIR, Path, Path(".loraplane/artifacts"))
+
+
+def _artifact_s3(environ: Mapping[str, str], _: Mapping[str, Any]) -> S3Settings | None:
+    location = environ.get(STORE, "")
+    if "://" in location and not location.startswith("s3://"):
+        raise ConfigError(f"{STORE}={location!r}: not a directory or an s3://bucket/prefix URL")
+    return bucket_from_env(environ)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    grpc_addr: str
-    advertise_addr: str  # where the other replicas reach this one
-    redis_url: str
-    artifact_dir: Path  # the filesystem store; with an S3 store, where uploads are staged
-    catalog_path: Path
-    operator_token: str
-    agent_token: str
-    max_adapter_bytes: int = 500 * 1000 * 1000
-    tier_limits: Mapping[str, int] = field(default_factory=lambda: dict(TIER_LIMITS))
-    tier_max_bytes: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(TIER_LIMITS, 500 * 1000 * 1000))
-    load_timeout_s: float = 60.0
-    heartbeat_timeout_s: float = 6.0
-    max_loads_per_s: int = 10
-    placement_failed_hold_s: float = 30.0
-    upload_idle_timeout_s: float = 60.0
-    metrics_addr: str = "127.0.0.1:9090"  # host:port of /metrics; empty: none
-    orphan_grace_s: float = 3600.0  # a blob no adapter names, this old, is deleted by the sweep
-    orphan_sweep_s: float = 600.0
-    hf_endpoint: str = "https://huggingface.co"
-    hub_timeout_s: float = 30.0
-    hub_total_timeout_s: float = 900.0
-    artifact_s3: S3Settings | None = None  # set: blobs live in this bucket, not in artifact_dir
+    grpc_addr: str = field(default="127.0.0.1:50051", metadata=var("LORAPLANE_GRPC_ADDR"))
+    # where the other replicas reach this one
+    advertise_addr: str = field(metadata=derived(("LORAPLANE_ADVERTISE_ADDR",), _advertise_addr))
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=var("LORAPLANE_REDIS_URL"))
+    # the filesystem store; with an S3 store, where uploads are staged
+    artifact_dir: Path = field(metadata=derived((STORE, ARTIFACT_DIR), _artifact_dir))
+    catalog_path: Path = field(default=Path(".loraplane/catalog.json"), metadata=var("LORAPLANE_CATALOG"))
+    operator_token: str = field(repr=False, metadata=var("LORAPLANE_OPERATOR_TOKEN", secret=True))
+    agent_token: str = field(repr=False, metadata=var("LORAPLANE_AGENT_TOKEN", secret=True))
+    # what replicas forwarding to each other present; no operator or agent holds it
+    peer_token: str = field(repr=False, metadata=var("LORAPLANE_PEER_TOKEN", secret=True))
+    max_adapter_bytes: int = field(default=MAX_ADAPTER_BYTES, metadata=var("LORAPLANE_MAX_ADAPTER_BYTES"))
+    tier_limits: Mapping[str, int] = field(
+        default_factory=lambda: dict(TIER_LIMITS),
+        metadata=derived([_tier_var(t, "MAX_ADAPTERS") for t in TIER_LIMITS], _tier_limits),
+    )
+    tier_max_bytes: Mapping[str, int] = field(
+        default_factory=lambda: dict.fromkeys(TIER_LIMITS, MAX_ADAPTER_BYTES),
+        metadata=derived([_tier_var(t, "MAX_BYTES") for t in TIER_LIMITS], _tier_max_bytes),
+    )
+    load_timeout_s: float = field(default=60.0, metadata=var("LORAPLANE_LOAD_TIMEOUT_S"))
+    heartbeat_timeout_s: float = field(default=6.0, metadata=var("LORAPLANE_HEARTBEAT_TIMEOUT_S"))
+    max_loads_per_s: int = field(default=10, metadata=var("LORAPLANE_MAX_LOADS_PER_S"))
+    placement_failed_hold_s: float = field(default=30.0, metadata=var("LORAPLANE_PLACEMENT_FAILED_HOLD_S"))
+    upload_idle_timeout_s: float = 60.0  # not read from the environment
+    # host:port of /metrics; empty: none
+    metrics_addr: str = field(default="127.0.0.1:9090", metadata=var("LORAPLANE_METRICS_ADDR"))
+    # a blob no adapter names, this old, is deleted by the sweep
+    orphan_grace_s: float = field(default=3600.0, metadata=var("LORAPLANE_ORPHAN_GRACE_S"))
+    orphan_sweep_s: float = field(default=600.0, metadata=var("LORAPLANE_ORPHAN_SWEEP_S"))
+    hf_endpoint: str = field(
+        default="https://huggingface.co", metadata=var("HF_ENDPOINT", parse=lambda url: url.rstrip("/"))
+    )
+    hub_timeout_s: float = field(default=30.0, metadata=var("LORAPLANE_HUB_TIMEOUT_S"))
+    hub_total_timeout_s: float = field(default=900.0, metadata=var("LORAPLANE_HUB_TOTAL_TIMEOUT_S"))
+    # set: blobs live in this bucket, not in artifact_dir
+    artifact_s3: S3Settings | None = field(default=None, metadata=derived(BUCKET_ENV, _artifact_s3))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        limits = dict(TIER_LIMITS)
-        max_bytes = int(env.get("LORAPLANE_MAX_ADAPTER_BYTES", 500 * 1000 * 1000))
-        sizes = dict.fromkeys(TIER_LIMITS, max_bytes)
-        for tier in TIER_LIMITS:
-            limits[tier] = int(env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_ADAPTERS", limits[tier]))
-            sizes[tier] = int(env.get(f"LORAPLANE_TIER_{tier.upper()}_MAX_BYTES", max_bytes))
-        location = env.get("LORAPLANE_ARTIFACT_STORE", "")
-        s3 = S3Settings.from_env(location, env) if location.startswith("s3://") else None
-        if "://" in location and s3 is None:
-            raise ValueError("LORAPLANE_ARTIFACT_STORE must be a directory or an s3://bucket/prefix URL")
-        return cls(
-            grpc_addr=env.get("LORAPLANE_GRPC_ADDR", "127.0.0.1:50051"),
-            advertise_addr=env.get("LORAPLANE_ADVERTISE_ADDR") or env.get("LORAPLANE_GRPC_ADDR", "127.0.0.1:50051"),
-            redis_url=env.get("LORAPLANE_REDIS_URL", "redis://127.0.0.1:6379/0"),
-            artifact_dir=Path(
-                location if location and s3 is None else env.get("LORAPLANE_ARTIFACT_DIR", ".loraplane/artifacts")
-            ),
-            artifact_s3=s3,
-            catalog_path=Path(env.get("LORAPLANE_CATALOG", ".loraplane/catalog.json")),
-            operator_token=_required(env, "LORAPLANE_OPERATOR_TOKEN"),
-            agent_token=_required(env, "LORAPLANE_AGENT_TOKEN"),
-            max_adapter_bytes=max_bytes,
-            tier_limits=limits,
-            tier_max_bytes=sizes,
-            hf_endpoint=env.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
-            hub_timeout_s=float(env.get("LORAPLANE_HUB_TIMEOUT_S", 30)),
-            hub_total_timeout_s=float(env.get("LORAPLANE_HUB_TOTAL_TIMEOUT_S", 900)),
-            load_timeout_s=float(env.get("LORAPLANE_LOAD_TIMEOUT_S", 60)),
-            heartbeat_timeout_s=float(env.get("LORAPLANE_HEARTBEAT_TIMEOUT_S", 6)),
-            max_loads_per_s=int(env.get("LORAPLANE_MAX_LOADS_PER_S", 10)),
-            placement_failed_hold_s=float(env.get("LORAPLANE_PLACEMENT_FAILED_HOLD_S", 30)),
-            metrics_addr=env.get("LORAPLANE_METRICS_ADDR", "127.0.0.1:9090"),
-            orphan_grace_s=float(env.get("LORAPLANE_ORPHAN_GRACE_S", 3600)),
-            orphan_sweep_s=float(env.get("LORAPLANE_ORPHAN_SWEEP_S", 600)),
-        )
-
-
-def _required(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "")
-    if len(value) < 16:
-        raise ValueError(f"{name} must be set to a secret of at least 16 characters")
-    return value
+        return config.from_env(cls, env)

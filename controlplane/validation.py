@@ -16,11 +16,11 @@ from typing import BinaryIO
 
 from controlplane.errors import InvalidAdapter
 from loraplane.catalog import Architecture
+from loraplane.limits import DTYPE_BYTES
 
 MAX_HEADER_BYTES = 8 << 20
 MAX_TENSORS = 4096
 MAX_CONFIG_BYTES = 64 << 10
-DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
 SAFETENSORS_MAGIC_GUARD = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 # base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight

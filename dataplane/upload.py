@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -24,13 +23,13 @@ from loraplane import logs
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 from loraplane.controlplane.v1 import adapter_pb2_grpc
+from loraplane.limits import NAME
 
 CHUNK = 1 << 20
 MAX_FIELD = 64 << 10
 MULTIPART_OVERHEAD = 256 << 10
 DRAIN_BYTES, DRAIN_S = 16 << 20, 5.0  # the most of a refused upload read before answering
 FIELDS = {"name", "base_model", "lora_alpha", "config", "file"}
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass

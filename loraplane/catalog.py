@@ -12,12 +12,11 @@ the model's own `config.json` there unless given inline as `architecture`.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from loraplane.limits import NAME
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class Catalog:
         models: dict[str, BaseModel] = {}
         for entry in raw["models"]:
             name = str(entry["name"])
-            if not MODEL_NAME.match(name):
+            if not NAME.match(name):
                 raise ValueError(f"catalog: bad model name {name!r}")
             kind = str(entry.get("kind", "chat"))
             if kind not in ("chat", "embedding"):

@@ -18,7 +18,11 @@ import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+from loraplane import config
+from loraplane.config import var
 
 HEADER = "x-request-id"  # the HTTP header and the gRPC metadata key
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("loraplane_request_id", default="")
@@ -109,11 +113,18 @@ def handler(component: str, fmt: str, stream: TextIO | None = None) -> logging.H
     return out
 
 
+@dataclass(frozen=True)
+class LogSettings:
+    """What every component's entry point reads for its logs."""
+
+    format: str = field(default="text", metadata=var("LORAPLANE_LOG_FORMAT"))  # text or json
+    level: str = field(default="INFO", metadata=var("LORAPLANE_LOG_LEVEL"))
+
+
 def setup(component: str, environ: Mapping[str, str] | None = None) -> None:
     """Configure the root logger for an entry point: `LORAPLANE_LOG_FORMAT`, `LORAPLANE_LOG_LEVEL`."""
-    env = os.environ if environ is None else environ
-    fmt = env.get("LORAPLANE_LOG_FORMAT", "text")
+    settings = config.from_env(LogSettings, os.environ if environ is None else environ)
+    fmt, level = settings.format, settings.level
     if fmt not in ("text", "json"):
         raise SystemExit(f"LORAPLANE_LOG_FORMAT must be text or json, not {fmt!r}")
-    level = env.get("LORAPLANE_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level, handlers=[handler(component, fmt)], force=True)

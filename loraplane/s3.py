@@ -11,6 +11,14 @@ from urllib.parse import urlsplit
 import boto3
 from botocore.config import Config
 
+from loraplane.config import ConfigError, derived, env_names, from_env, var
+
+STORE = "LORAPLANE_ARTIFACT_STORE"  # where artifacts live: a directory, or s3://bucket/prefix
+
+
+def _region(environ: Mapping[str, str], _: Mapping[str, Any]) -> str:
+    return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION", "")
+
 
 @dataclass(frozen=True)
 class S3Settings:
@@ -19,27 +27,35 @@ class S3Settings:
 
     bucket: str
     prefix: str  # no leading or trailing slash; may be empty
-    endpoint_url: str = ""  # empty: AWS; set for MinIO, Ceph, moto and other S3-compatible stores
-    region: str = ""
-    access_key_id: str = ""
-    secret_access_key: str = field(default="", repr=False)
-    session_token: str = field(default="", repr=False)
+    # empty: AWS; set for MinIO, Ceph, moto and other S3-compatible stores
+    endpoint_url: str = field(default="", metadata=var("LORAPLANE_S3_ENDPOINT_URL"))
+    region: str = field(default="", metadata=derived(("AWS_REGION", "AWS_DEFAULT_REGION"), _region))
+    access_key_id: str = field(default="", metadata=var("AWS_ACCESS_KEY_ID"))
+    secret_access_key: str = field(default="", repr=False, metadata=var("AWS_SECRET_ACCESS_KEY"))
+    session_token: str = field(default="", repr=False, metadata=var("AWS_SESSION_TOKEN"))
 
     @classmethod
     def from_env(cls, url: str, env: Mapping[str, str]) -> S3Settings:
         """`url` is `s3://bucket[/prefix]`; the rest is the standard AWS variables."""
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-            raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
-        return cls(
-            bucket=parts.netloc,
-            prefix=parts.path.strip("/"),
-            endpoint_url=env.get("LORAPLANE_S3_ENDPOINT_URL", ""),
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", ""),
-            access_key_id=env.get("AWS_ACCESS_KEY_ID", ""),
-            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", ""),
-            session_token=env.get("AWS_SESSION_TOKEN", ""),
-        )
+            raise ConfigError(f"{url!r} is not an s3://bucket/prefix URL")
+        return from_env(cls, env, bucket=parts.netloc, prefix=parts.path.strip("/"))
+
+
+def bucket_from_env(environ: Mapping[str, str]) -> S3Settings | None:
+    """The bucket LORAPLANE_ARTIFACT_STORE names when it is an s3:// URL, else None."""
+    location = environ.get(STORE, "")
+    if not location.startswith("s3://"):
+        return None
+    try:
+        return S3Settings.from_env(location, environ)
+    except ConfigError as err:
+        raise ConfigError(f"{STORE}: {err}") from None
+
+
+# The variables bucket_from_env reads.
+BUCKET_ENV = (STORE, *sorted(env_names(S3Settings)))
 
 
 def connect(s3: S3Settings, max_pool_connections: int = 10) -> Any:

@@ -146,6 +146,7 @@ class Stack:
             LORAPLANE_CACHE_DIR=str(d / "agent-cache"),
             LORAPLANE_OPERATOR_TOKEN=self.secrets["operator_token"],
             LORAPLANE_AGENT_TOKEN=self.secrets["agent_token"],
+            LORAPLANE_PEER_TOKEN=self.secrets["peer_token"],
             LORAPLANE_WORKER_API_KEY=self.secrets["worker_api_key"],
             LORAPLANE_WORKER_ID=f"embedded-{BASE_MODEL}",
             LORAPLANE_BASE_MODEL=BASE_MODEL,
@@ -252,12 +253,18 @@ def _vllm_cpu() -> bool:
 
 
 def _secrets(path: Path) -> dict[str, str]:
-    if path.exists():
-        return dict(json.loads(path.read_text()))
-    values = {k: secrets.token_urlsafe(32) for k in ("operator_token", "agent_token", "worker_api_key")}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """The stack's secrets, each generated once; one a newer version needs is added to an older file."""
+    values: dict[str, str] = dict(json.loads(path.read_text())) if path.exists() else {}
+    missing = [k for k in ("operator_token", "agent_token", "worker_api_key", "peer_token") if k not in values]
+    if not missing:
+        return values
+    values |= {k: secrets.token_urlsafe(32) for k in missing}
+    staged = path.with_name(path.name + ".tmp")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
         json.dump(values, f)
+    os.replace(staged, path)
     return values
 
 

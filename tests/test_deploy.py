@@ -32,8 +32,14 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+import controlplane.settings
+import dataplane.settings
+import workeragent.settings
 from loraplane.catalog import Catalog
+from loraplane.config import env_names
 from loraplane.controlplane.v1 import admin_pb2, tenant_pb2, worker_pb2
+from loraplane.limits import MAX_ADAPTER_BYTES
+from loraplane.logs import LogSettings
 from loraplane.stack import http_ok, wait_until
 from tests.conftest import SimStack, new_tenant, upload
 from tests.support import free_port, lora_tensors, safetensors_bytes
@@ -45,12 +51,28 @@ OPS_DOC = ROOT / "docs" / "operations.md"
 
 # The package whose code runs in each `python -m` module, and so reads its settings.
 PACKAGE = {"controlplane.server": "controlplane", "dataplane.app": "dataplane", "workeragent.agent": "workeragent"}
+SETTINGS: dict[str, type[Any]] = {
+    "controlplane": controlplane.settings.Settings,
+    "dataplane": dataplane.settings.Settings,
+    "workeragent": workeragent.settings.Settings,
+}
 # Variables read by libraries the components run, not by loraplane's own code.
 THIRD_PARTY = {"HF_HUB_OFFLINE": "huggingface_hub, under vLLM", "HF_HOME": "huggingface_hub"}
 # The secrets each component may hold: none other (a data plane forwards each user's own key).
-SECRETS = {"LORAPLANE_OPERATOR_TOKEN", "LORAPLANE_AGENT_TOKEN", "LORAPLANE_WORKER_API_KEY", "AWS_SECRET_ACCESS_KEY"}
+SECRETS = {
+    "LORAPLANE_OPERATOR_TOKEN",
+    "LORAPLANE_AGENT_TOKEN",
+    "LORAPLANE_PEER_TOKEN",
+    "LORAPLANE_WORKER_API_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+}
 ALLOWED_SECRETS = {
-    "controlplane": {"LORAPLANE_OPERATOR_TOKEN", "LORAPLANE_AGENT_TOKEN", "AWS_SECRET_ACCESS_KEY"},
+    "controlplane": {
+        "LORAPLANE_OPERATOR_TOKEN",
+        "LORAPLANE_AGENT_TOKEN",
+        "LORAPLANE_PEER_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+    },
     "dataplane": {"LORAPLANE_WORKER_API_KEY"},
     "workeragent": {"LORAPLANE_AGENT_TOKEN", "LORAPLANE_WORKER_API_KEY", "AWS_SECRET_ACCESS_KEY"},
 }
@@ -146,14 +168,9 @@ def component(command: list[str]) -> str | None:
 
 
 def reads(package: str) -> set[str]:
-    """Environment variable names the package's code reads (string literals), with those of the
-    log setup every component's entry point calls (`loraplane/logs.py`) and, for the control plane
-    and the agent, of the S3 settings they share (`loraplane/s3.py`)."""
-    shared = [ROOT / "loraplane" / "logs.py"]
-    if package in ("controlplane", "workeragent"):
-        shared.append(ROOT / "loraplane" / "s3.py")
-    source = "".join(p.read_text() for p in [*(ROOT / package).glob("*.py"), *shared])
-    return set(re.findall(r'"((?:LORAPLANE|AWS|HF)_[A-Z0-9_]+)"', source))
+    """Environment variable names the package reads, as its settings declare them (the S3 ones
+    included), with those of the log setup every component's entry point calls."""
+    return env_names(SETTINGS[package]) | env_names(LogSettings)
 
 
 def documented() -> set[str]:
@@ -261,7 +278,7 @@ def test_compose_data_planes_are_behind_the_balancer() -> None:
     for directive in ("proxy_buffering off;", "proxy_request_buffering off;", "proxy_http_version 1.1;"):
         assert directive in conf
     size = re.search(r"client_max_body_size\s+(\d+)m;", conf)
-    assert size is not None and int(size.group(1)) * 1_000_000 >= 500_000_000
+    assert size is not None and int(size.group(1)) * 1_000_000 >= MAX_ADAPTER_BYTES
     assert "lb" in svc and any(p.endswith(":8080") for p in svc["lb"]["ports"])
 
 
@@ -403,6 +420,11 @@ def test_every_variable_is_read_by_its_component_and_documented() -> None:
                 continue
             assert var in read, f"{where}: {var} is set but {package} never reads it"
             assert var in docs, f"{where}: {var} is not in docs/configuration.md"
+
+
+def test_every_variable_a_component_reads_is_documented() -> None:
+    missing = {package: reads(package) - documented() for package in SETTINGS}
+    assert missing == dict.fromkeys(SETTINGS, set()), f"not in docs/configuration.md: {missing}"
 
 
 def test_every_process_holds_only_its_own_secrets() -> None:

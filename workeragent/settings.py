@@ -1,61 +1,53 @@
+"""The agent's settings, each field with the variable it is read from (docs/configuration.md)."""
+
 from __future__ import annotations
 
-import shlex
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from loraplane.s3 import S3Settings
+from loraplane import config
+from loraplane.config import derived, var
+from loraplane.s3 import BUCKET_ENV, S3Settings, bucket_from_env
 
 
-@dataclass(frozen=True)
+def _worker_id(environ: Mapping[str, str], values: Mapping[str, Any]) -> str:
+    return environ.get("LORAPLANE_WORKER_ID") or f"{socket.gethostname()}-{values['base_model']}"
+
+
+def _artifact_s3(environ: Mapping[str, str], _: Mapping[str, Any]) -> S3Settings | None:
+    return bucket_from_env(environ)  # else the agent fetches blobs through the control plane
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    controlplane_addr: str
-    agent_token: str
-    worker_id: str
-    base_model: str
-    catalog_path: Path
-    cache_dir: Path
-    vllm_host: str
-    vllm_port: int
-    vllm_api_key: str
-    vllm_agent_secret: str  # the attached vLLM's guard secret; a vLLM we start gets a generated one
-    vllm_url: str  # attach to this vLLM instead of starting one
-    advertise_url: str  # where data planes reach this worker's vLLM
-    vllm_args: tuple[str, ...]
-    heartbeat_s: float = 2.0
-    metrics_addr: str = "127.0.0.1:9091"  # host:port of /metrics; empty: none
-    drain_timeout_s: float = 30.0
-    cache_max_bytes: int = 20 << 30
-    startup_timeout_s: float = 300.0
-    artifact_s3: S3Settings | None = None  # set: fetch blobs from this bucket, not from the control plane
+    controlplane_addr: str = field(default="127.0.0.1:50051", metadata=var("LORAPLANE_CONTROLPLANE_ADDR"))
+    agent_token: str = field(repr=False, metadata=var("LORAPLANE_AGENT_TOKEN", secret=True))
+    worker_id: str = field(metadata=derived(("LORAPLANE_WORKER_ID",), _worker_id))  # default: <host>-<base model>
+    base_model: str = field(default="tiny-llama", metadata=var("LORAPLANE_BASE_MODEL"))
+    catalog_path: Path = field(default=Path(".loraplane/catalog.json"), metadata=var("LORAPLANE_CATALOG"))
+    cache_dir: Path = field(default=Path(".loraplane/agent-cache"), metadata=var("LORAPLANE_CACHE_DIR"))
+    vllm_host: str = field(default="127.0.0.1", metadata=var("LORAPLANE_VLLM_HOST"))
+    vllm_port: int = field(default=8100, metadata=var("LORAPLANE_VLLM_PORT"))
+    vllm_api_key: str = field(default="", repr=False, metadata=var("LORAPLANE_WORKER_API_KEY"))
+    # the attached vLLM's guard secret; a vLLM we start gets a generated one
+    vllm_agent_secret: str = field(default="", repr=False, metadata=var("LORAPLANE_VLLM_AGENT_SECRET"))
+    # attach to this vLLM instead of starting one
+    vllm_url: str = field(default="", metadata=var("LORAPLANE_VLLM_URL"))
+    # where data planes reach this worker's vLLM
+    advertise_url: str = field(default="", metadata=var("LORAPLANE_ADVERTISE_URL"))
+    vllm_args: tuple[str, ...] = field(default=(), metadata=var("LORAPLANE_VLLM_ARGS"))  # split like a shell
+    heartbeat_s: float = field(default=2.0, metadata=var("LORAPLANE_HEARTBEAT_S"))
+    # host:port of /metrics; empty: none
+    metrics_addr: str = field(default="127.0.0.1:9091", metadata=var("LORAPLANE_METRICS_ADDR"))
+    drain_timeout_s: float = field(default=30.0, metadata=var("LORAPLANE_DRAIN_TIMEOUT_S"))
+    cache_max_bytes: int = field(default=20 << 30, metadata=var("LORAPLANE_CACHE_MAX_BYTES"))
+    startup_timeout_s: float = field(default=300.0, metadata=var("LORAPLANE_VLLM_STARTUP_TIMEOUT_S"))
+    # set: fetch blobs from this bucket, not from the control plane
+    artifact_s3: S3Settings | None = field(default=None, metadata=derived(BUCKET_ENV, _artifact_s3))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        token = env.get("LORAPLANE_AGENT_TOKEN", "")
-        if len(token) < 16:
-            raise ValueError("LORAPLANE_AGENT_TOKEN must be set to a secret of at least 16 characters")
-        base_model = env.get("LORAPLANE_BASE_MODEL", "tiny-llama")
-        store = env.get("LORAPLANE_ARTIFACT_STORE", "")  # a directory (the control plane's) or s3://
-        return cls(
-            controlplane_addr=env.get("LORAPLANE_CONTROLPLANE_ADDR", "127.0.0.1:50051"),
-            agent_token=token,
-            worker_id=env.get("LORAPLANE_WORKER_ID") or f"{socket.gethostname()}-{base_model}",
-            base_model=base_model,
-            catalog_path=Path(env.get("LORAPLANE_CATALOG", ".loraplane/catalog.json")),
-            cache_dir=Path(env.get("LORAPLANE_CACHE_DIR", ".loraplane/agent-cache")),
-            vllm_host=env.get("LORAPLANE_VLLM_HOST", "127.0.0.1"),
-            vllm_port=int(env.get("LORAPLANE_VLLM_PORT", "8100")),
-            vllm_api_key=env.get("LORAPLANE_WORKER_API_KEY", ""),
-            vllm_agent_secret=env.get("LORAPLANE_VLLM_AGENT_SECRET", ""),
-            vllm_url=env.get("LORAPLANE_VLLM_URL", ""),
-            advertise_url=env.get("LORAPLANE_ADVERTISE_URL", ""),
-            vllm_args=tuple(shlex.split(env.get("LORAPLANE_VLLM_ARGS", ""))),
-            heartbeat_s=float(env.get("LORAPLANE_HEARTBEAT_S", "2")),
-            metrics_addr=env.get("LORAPLANE_METRICS_ADDR", "127.0.0.1:9091"),
-            drain_timeout_s=float(env.get("LORAPLANE_DRAIN_TIMEOUT_S", "30")),
-            cache_max_bytes=int(env.get("LORAPLANE_CACHE_MAX_BYTES", 20 << 30)),
-            startup_timeout_s=float(env.get("LORAPLANE_VLLM_STARTUP_TIMEOUT_S", "300")),
-            artifact_s3=S3Settings.from_env(store, env) if store.startswith("s3://") else None,
-        )
+        return config.from_env(cls, env)
