@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -14,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 
 @dataclass
@@ -47,8 +46,7 @@ class HubServer:
 
     def start(self) -> HubServer:
         self._thread.start()
-        while not self._server.started:
-            time.sleep(0.02)
+        wait_for(lambda: self._server.started, 30, "the hub server did not start", every_s=0.02)
         return self
 
     def stop(self) -> None:

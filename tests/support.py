@@ -18,9 +18,10 @@ import httpx
 
 from loraplane import tinymodel
 from loraplane.catalog import Architecture
+from loraplane.limits import DTYPE_BYTES
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository: `python -m tests.…` runs from here
 TINY = Architecture.from_model_config(tinymodel.DIMENSIONS)
-DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
 
 
 def free_port() -> int:
@@ -91,14 +92,14 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
+
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, 10, "redis-server did not start", every_s=0.05)
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
@@ -127,7 +128,9 @@ def start_simulator(model: str, *args: str, port: int = 0) -> tuple[subprocess.P
 
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    sim = subprocess.Popen([sys.executable, "-m", "loraplane.vllmsim", "--port", str(port), "--model", model, *args])
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "tests.vllmsim", "--port", str(port), "--model", model, *args], cwd=ROOT
+    )
     wait_until(lambda: http_ok(url + "/health"), 30, "the simulator", sim)
     return sim, url, port
 
@@ -151,8 +154,9 @@ def metric(pages: list[dict[tuple[str, frozenset[tuple[str, str]]], float]], nam
     return sum(v for page in pages for (n, ls), v in page.items() if n == name and want <= ls)
 
 
-def wait_for(done: Callable[[], bool], within_s: float, what: str = "did not recover") -> float:
-    """Seconds until `done()` is true (an HTTP error counts as not yet), polled every 0.1 s."""
+def wait_for(done: Callable[[], bool], within_s: float, what: str = "did not recover", every_s: float = 0.1) -> float:
+    """Seconds until `done()` is true (an HTTP error counts as not yet), polled every `every_s`:
+    the one way tests wait for a condition."""
     started = time.monotonic()
     while True:
         try:
@@ -161,4 +165,4 @@ def wait_for(done: Callable[[], bool], within_s: float, what: str = "did not rec
         except httpx.HTTPError:
             pass
         assert time.monotonic() - started < within_s, what
-        time.sleep(0.1)
+        time.sleep(every_s)

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from loraplane.vllmsim import SimConfig, create_app
+from tests.vllmsim import SimConfig, create_app
 
 
 async def test_concurrent_loads_never_take_more_slots_than_max_loras() -> None:

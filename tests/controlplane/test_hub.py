@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import httpx
@@ -11,7 +10,7 @@ import httpx
 from loraplane.stack import Stack
 from tests.conftest import new_tenant
 from tests.hubserver import HubServer, Repo
-from tests.support import lora_tensors, safetensors_bytes
+from tests.support import lora_tensors, safetensors_bytes, wait_for
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}).encode()
 WEIGHTS = safetensors_bytes(lora_tensors(rank=8))
@@ -23,14 +22,15 @@ def register(stack: Stack, key: str, name: str, repo: str, revision: str = "main
 
 
 def settle(stack: Stack, key: str, adapter_id: str) -> dict[str, object]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    adapter: dict[str, object] = {}
+
+    def settled() -> bool:
         r = httpx.get(f"{stack.http_url}/v1/adapters/{adapter_id}", headers={"Authorization": f"Bearer {key}"})
-        adapter: dict[str, object] = r.json()
-        if adapter["status"] != "pending":
-            return adapter
-        time.sleep(0.1)
-    raise AssertionError("adapter stayed pending")
+        adapter.update(r.json())
+        return adapter["status"] != "pending"
+
+    wait_for(settled, 30, "adapter stayed pending")
+    return adapter
 
 
 def new_repo(hub: HubServer, files: dict[str, bytes], token: str | None = None) -> tuple[str, Repo]:

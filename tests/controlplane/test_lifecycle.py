@@ -10,7 +10,7 @@ import httpx
 
 from loraplane.stack import Stack
 from tests.conftest import CONTROL_STACK_MAX_BYTES, new_tenant, upload
-from tests.support import lora_tensors, safetensors_bytes, with_metadata
+from tests.support import lora_tensors, safetensors_bytes, wait_for, with_metadata
 
 ADAPTER = safetensors_bytes(lora_tensors(rank=8))
 
@@ -20,9 +20,7 @@ def blob(stack: Stack, sha256: str) -> Path:
 
 
 def wait_gone(path: Path) -> None:
-    deadline = time.monotonic() + 10
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not path.exists(), 10, f"{path} is still there")
 
 
 def test_delete_is_immediate_and_the_bytes_are_collected(control_stack: Stack) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from loraplane.controlplane.v1 import worker_pb2, worker_pb2_grpc
 from loraplane.stack import Stack, StackConfig, http_ok, wait_until
 from tests.conftest import new_tenant, upload
 from tests.s3server import MotoServer
-from tests.support import free_port, lora_tensors, safetensors_bytes
+from tests.support import ROOT, free_port, lora_tensors, safetensors_bytes, wait_for
 
 PREFIX = "prod/artifacts"
 
@@ -40,7 +39,7 @@ def s3_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Stack]:
     sim_port = free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     sim = subprocess.Popen(
-        [sys.executable, "-m", "loraplane.vllmsim", "--port", str(sim_port), "--model", "tiny-llama"]
+        [sys.executable, "-m", "tests.vllmsim", "--port", str(sim_port), "--model", "tiny-llama"], cwd=ROOT
     )
     try:
         wait_until(lambda: http_ok(sim_url + "/health"), 30, "the simulator", sim)
@@ -123,7 +122,8 @@ def test_a_deleted_adapters_object_is_removed_from_the_bucket(s3_stack: S3Stack)
         f"{s3_stack.stack.http_url}/v1/adapters/{r.json()['id']}", headers={"Authorization": f"Bearer {key}"}
     )
     assert deleted.status_code == 200, deleted.text
-    deadline = time.monotonic() + 30
-    while object_key in s3_stack.moto.keys(s3_stack.bucket):
-        assert time.monotonic() < deadline, "the deleted adapter's object is still in the bucket"
-        time.sleep(0.2)
+    wait_for(
+        lambda: object_key not in s3_stack.moto.keys(s3_stack.bucket),
+        30,
+        "the deleted adapter's object is still in the bucket",
+    )

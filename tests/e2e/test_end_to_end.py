@@ -28,7 +28,7 @@ from tests.conftest import (
     new_tenant,
     upload,
 )
-from tests.support import figure, lora_tensors, metric, safetensors_bytes, scrape, with_metadata
+from tests.support import figure, lora_tensors, metric, safetensors_bytes, scrape, wait_for, with_metadata
 
 PROMPT = "hello"
 MAX_TOKENS = 16
@@ -53,10 +53,7 @@ def healthy_worker(full_stack: Stack) -> None:
     for name in ("controlplane", "controlplane-2", *full_stack.agents, "dataplane"):
         if full_stack.procs[name].poll() is not None:
             full_stack.restart(name)
-    deadline = time.monotonic() + 120
-    while not _serving(full_stack):
-        assert time.monotonic() < deadline, "no healthy worker"
-        time.sleep(0.2)
+    wait_for(lambda: _serving(full_stack), 120, "no healthy worker", every_s=0.2)
 
 
 def _serving(stack: Stack) -> bool:
@@ -285,10 +282,7 @@ def test_a_crashed_vllm_is_restarted_and_no_request_fails_meanwhile(
     assert answers and set(answers) == {"red apple river"}  # every request served, none failed
     assert _vllm_pid(full_stack) != old
     assert W2 in _holders(full_stack, adapter_id)
-    deadline = time.monotonic() + 10
-    while W1 not in _holders(full_stack, adapter_id):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(lambda: W1 in _holders(full_stack, adapter_id), 10, "the restarted worker did not reload", every_s=0.2)
     assert ask() == "red apple river"
     figure("vLLM kill -9 (real vLLM): requests served while it restarted, failed", f"{len(answers)}, 0")
     figure("vLLM kill -9 (real vLLM): seconds until restarted and reloaded", f"{took:.0f}")
@@ -309,10 +303,7 @@ def test_a_killed_agent_comes_back_without_reloading(
     assert _vllm_holds(full_stack) >= {adapter["id"]}  # vLLM lives on with what it holds
     # (the worker leaves the routing table while its agent is away: nothing could load or evict there)
     full_stack.restart("agent")
-    deadline = time.monotonic() + 60
-    while not _serving(full_stack):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(lambda: _serving(full_stack), 60, "the agent did not come back", every_s=0.2)
     time.sleep(3)  # a heartbeat or two: time for any (needless) reconcile to happen
     assert _vllm_pid(full_stack) == vllm
     assert _loads_logged(full_stack, adapter["id"]) == loads
@@ -345,19 +336,24 @@ def test_the_control_plane_killed_mid_placement_converges(
                 during.result()
         full_stack.restart("controlplane")
     finally:
-        while True:
+
+        def undrained() -> bool:
             with contextlib.suppress(grpc.RpcError):
                 full_stack.operator().drain(W2, draining=False)
-                break
-            time.sleep(0.5)
-    deadline = time.monotonic() + 60
-    while True:
+                return True
+            return False
+
+        wait_for(undrained, 60, "the worker could not be undrained", every_s=0.5)
+
+    def served() -> bool:
         try:
-            assert ask() == "red apple river"
-            break
+            answer = ask()
         except openai.APIStatusError:
-            assert time.monotonic() < deadline, "never served after the restart"
-            time.sleep(0.5)
+            return False
+        assert answer == "red apple river"
+        return True
+
+    wait_for(served, 60, "never served after the restart", every_s=0.5)
     holders = [w for w in full_stack.operator().list_workers().workers if adapter["id"] in w.resident_adapter_ids]
     assert len(holders) == 1
 
@@ -453,14 +449,10 @@ def test_delete_during_traffic_finishes_running_requests_then_evicts(
     rest = list(chunks)
     assert rest[-1].choices[0].finish_reason == "length"  # the running request finished whole
 
-    deadline = time.monotonic() + 60
-    while any(adapter["id"] in w.resident_adapter_ids for w in full_stack.operator().list_workers().workers):
-        assert time.monotonic() < deadline, "not evicted"
-        time.sleep(0.2)
+    workers = full_stack.operator().list_workers
+    wait_for(lambda: all(adapter["id"] not in w.resident_adapter_ids for w in workers().workers), 60, "not evicted")
     blob = full_stack.config.data_dir / "artifacts" / "blobs" / adapter["sha256"][:2] / adapter["sha256"]
-    while blob.exists():
-        assert time.monotonic() < deadline, "bytes not collected"
-        time.sleep(0.2)
+    wait_for(lambda: not blob.exists(), 60, "bytes not collected")
 
 
 def test_operator_drain_and_forced_placements(
@@ -624,12 +616,13 @@ def test_every_components_metrics_move_with_the_traffic(
         return metric(after, name, **labels) - metric(before, name, **labels)
 
     ok = {"component": "dataplane", "base_model": "tiny-llama", "status": "200"}
-    deadline = time.monotonic() + 5  # a stream is counted once its handler has finished, just after its last byte
-    after = [scrape(u) for u in urls.values()]
-    while moved("loraplane_requests_total", **ok) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-        after = [scrape(u) for u in urls.values()]
+    after: list[dict[tuple[str, frozenset[tuple[str, str]]], float]] = []
+
+    def counted() -> bool:  # a stream is counted once its handler has finished, just after its last byte
+        after[:] = [scrape(u) for u in urls.values()]
+        return moved("loraplane_requests_total", **ok) >= 3
+
+    wait_for(counted, 5, "the requests were not counted", every_s=0.2)
     assert moved("loraplane_requests_total", **ok) == 3
     assert moved("loraplane_request_seconds_count", base_model="tiny-llama") == 3
     assert moved("loraplane_time_to_first_token_seconds_count", base_model="tiny-llama") == 3
@@ -653,10 +646,9 @@ def test_every_components_metrics_move_with_the_traffic(
     assert slots == {W1: 8, W2: 8}
     holder = next(iter(_holders(full_stack, _adapter_id(full_stack, key, "m1"))))
     agent = urls["agent" if holder == W1 else "agent-2"]
-    deadline = time.monotonic() + 10  # the agent measures at each heartbeat
-    while metric([scrape(agent)], "loraplane_worker_lora_slots_used", worker=holder) < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_for(  # the agent measures at each heartbeat
+        lambda: metric([scrape(agent)], "loraplane_worker_lora_slots_used", worker=holder) >= 1, 10, every_s=0.5
+    )
     assert ("loraplane_worker_requests_waiting", frozenset({("worker", holder)})) in scrape(agent)
 
 

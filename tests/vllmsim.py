@@ -1,10 +1,11 @@
-"""A vLLM simulator, for benchmarks and load tests only: it speaks the parts of vLLM's HTTP API
-loraplane uses (OpenAI completions and chat, streaming or not; runtime LoRA load and unload;
-`/v1/models`, `/health`, `/metrics`), holds at most `max_loras` adapters, streams tokens at a set
-rate and takes a load time proportional to the adapter's size. No model runs, so many simulated
-workers fit on one machine.
+"""A vLLM simulator, a test fake for the tests and benchmarks (not part of the runtime package):
+it speaks the parts of vLLM's HTTP API loraplane uses (OpenAI completions and chat, streaming or
+not; runtime LoRA load and unload; `/v1/models`, `/health`, `/metrics`), holds at most
+`max_loras` adapters, streams tokens at a set rate and takes a load time proportional to the
+adapter's size. No model runs, so many simulated workers fit on one machine. From the
+repository's root:
 
-    python -m loraplane.vllmsim --port 8100 --max-loras 8 --tokens-per-s 50 --load-ms-per-mb 20
+    python -m tests.vllmsim --port 8100 --max-loras 8 --tokens-per-s 50 --load-ms-per-mb 20
 """
 
 from __future__ import annotations
