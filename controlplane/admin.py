@@ -1,4 +1,5 @@
-"""Operator servicers: tenants and keys, workers and placements. Operator token only."""
+"""Operator servicers: tenants and keys, workers and placements. Operator token only, except
+ForceLoadAdapter and ForceEvictAdapter forwarded by another replica, which take the peer token."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import logging
 import time
 
 from controlplane.errors import BadRequest, Context, NotFound, grpc_errors
-from controlplane.fleet import Fleet
 from controlplane.keys import key_hash, key_prefix, new_api_key, new_id
-from controlplane.peers import forwarded
+from controlplane.placer import Placer
 from controlplane.service import Auth, timestamp
 from controlplane.settings import Settings
 from controlplane.store import Store
@@ -115,43 +115,41 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, store: Store, fleet: Fleet, auth: Auth) -> None:
+    def __init__(self, store: Store, placer: Placer, auth: Auth) -> None:
         self._store = store
-        self._fleet = fleet
+        self._placer = placer
         self._auth = auth
 
     @grpc_errors
     async def DrainWorker(self, request: adpb.DrainWorkerRequest, context: Context) -> adpb.DrainWorkerResponse:
         self._auth.operator(context)
-        await self._fleet.set_draining(request.worker_id, True)
+        await self._placer.set_draining(request.worker_id, True)
         return adpb.DrainWorkerResponse(worker_id=request.worker_id)
 
     @grpc_errors
     async def UndrainWorker(self, request: adpb.UndrainWorkerRequest, context: Context) -> adpb.UndrainWorkerResponse:
         self._auth.operator(context)
-        await self._fleet.set_draining(request.worker_id, False)
+        await self._placer.set_draining(request.worker_id, False)
         return adpb.UndrainWorkerResponse(worker_id=request.worker_id)
 
     @grpc_errors
     async def ForceLoadAdapter(
         self, request: adpb.ForceLoadAdapterRequest, context: Context
     ) -> adpb.ForceLoadAdapterResponse:
-        self._auth.operator(context)
+        is_forwarded = self._auth.peer(context)
         rec = await self._store.get_adapter(request.adapter_id)
         if rec is None or rec.status != "ready":
             raise NotFound(f"no ready adapter {request.adapter_id!r}")
-        worker_id, already, _ = await self._fleet.place(
-            rec, worker_id=request.worker_id or None, forwarded=forwarded(context.invocation_metadata())
-        )
-        return adpb.ForceLoadAdapterResponse(worker_id=worker_id, already_loaded=already)
+        placed = await self._placer.place(rec, worker_id=request.worker_id or None, forwarded=is_forwarded)
+        return adpb.ForceLoadAdapterResponse(worker_id=placed.worker_id, already_loaded=placed.already_loaded)
 
     @grpc_errors
     async def ForceEvictAdapter(
         self, request: adpb.ForceEvictAdapterRequest, context: Context
     ) -> adpb.ForceEvictAdapterResponse:
-        self._auth.operator(context)
-        evicted = await self._fleet.evict_everywhere(
-            request.adapter_id, worker_id=request.worker_id or None, forwarded=forwarded(context.invocation_metadata())
+        is_forwarded = self._auth.peer(context)
+        evicted = await self._placer.evict_everywhere(
+            request.adapter_id, worker_id=request.worker_id or None, forwarded=is_forwarded
         )
         return adpb.ForceEvictAdapterResponse(worker_ids=evicted)
 

@@ -1,5 +1,7 @@
 """Calls to the other control plane replicas. A worker's commands go through the replica
-that holds its agent's stream (its `owner`); the others forward placements there."""
+that holds its agent's stream (its `owner`); the others forward placements there, with the
+replicas' own credential (the peer token) and the `lp-forwarded` marker: a forwarded call is
+never forwarded again, and the peer token opens only the forwarded verbs (`Auth.peer`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.errors import NoCapacity
+from controlplane.sessions import Placement
 from loraplane import logs
 from loraplane.controlplane.v1 import admin_pb2 as adpb
 from loraplane.controlplane.v1 import admin_pb2_grpc
@@ -15,8 +18,8 @@ FORWARDED = "lp-forwarded"
 
 
 class Peers:
-    def __init__(self, operator_token: str, timeout_s: float) -> None:
-        self._metadata = (("authorization", f"Bearer {operator_token}"), (FORWARDED, "1"))
+    def __init__(self, peer_token: str, timeout_s: float) -> None:
+        self._metadata = (("authorization", f"Bearer {peer_token}"), (FORWARDED, "1"))
         self._timeout = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -37,7 +40,7 @@ class Peers:
             return False
         return True
 
-    async def load(self, addr: str, adapter_id: str, worker_id: str) -> tuple[str, bool, int]:
+    async def load(self, addr: str, adapter_id: str, worker_id: str) -> Placement:
         try:
             resp: adpb.ForceLoadAdapterResponse = await self._stub(addr).ForceLoadAdapter(
                 adpb.ForceLoadAdapterRequest(adapter_id=adapter_id, worker_id=worker_id),
@@ -46,7 +49,7 @@ class Peers:
             )
         except grpc.aio.AioRpcError as err:
             raise NoCapacity(err.details() or f"placing on worker {worker_id} failed") from None
-        return resp.worker_id, resp.already_loaded, 0
+        return Placement(resp.worker_id, resp.already_loaded)  # the owner does not say how long it took
 
     async def evict(self, addr: str, adapter_id: str, worker_id: str) -> list[str]:
         try:

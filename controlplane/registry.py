@@ -15,8 +15,9 @@ import redis.asyncio as redis
 from controlplane import hub, validation
 from controlplane.artifacts import ArtifactStore, PendingArtifact
 from controlplane.errors import BadRequest, ControlPlaneError, NotFound
-from controlplane.fleet import Fleet
 from controlplane.keys import new_id
+from controlplane.liveness import Liveness
+from controlplane.placer import Placer
 from controlplane.settings import Settings
 from controlplane.store import Store
 from loraplane.catalog import BaseModel, Catalog
@@ -31,13 +32,20 @@ REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 
 class Registry:
     def __init__(
-        self, settings: Settings, store: Store, artifacts: ArtifactStore, catalog: Catalog, fleet: Fleet
+        self,
+        settings: Settings,
+        store: Store,
+        artifacts: ArtifactStore,
+        catalog: Catalog,
+        placer: Placer,
+        liveness: Liveness,
     ) -> None:
         self._s = settings
         self._store = store
         self._artifacts = artifacts
         self._catalog = catalog
-        self._fleet = fleet
+        self._placer = placer
+        self._liveness = liveness
         self._tasks: set[asyncio.Task[None]] = set()
         self._retiring: set[str] = set()
 
@@ -168,7 +176,7 @@ class Registry:
     async def _retire(self, rec: AdapterRecord) -> None:
         self._retiring.add(rec.id)
         try:
-            await self._fleet.evict_everywhere(rec.id)
+            await self._placer.evict_everywhere(rec.id)
             if await self._store.finish_delete(rec):
                 self._artifacts.delete(rec.sha256)
             log.info("adapter %s deleted", rec.id)
@@ -181,7 +189,7 @@ class Registry:
         swept = time.monotonic()
         while True:
             try:
-                if time.monotonic() - swept > self._s.orphan_sweep_s and self._fleet.redis_trusted:
+                if time.monotonic() - swept > self._s.orphan_sweep_s and self._liveness.redis_trusted:
                     await self._sweep_orphans()
                     swept = time.monotonic()
                 for rec in await self._store.deleting():
@@ -197,11 +205,11 @@ class Registry:
     async def _sweep_orphans(self) -> None:
         """Delete blobs no adapter names, past a grace period: the bytes of an upload whose
         record never got written (Redis failed between the two). Young blobs are left alone:
-        their record may be on its way. Never after Redis was seen empty (see Fleet)."""
+        their record may be on its way. Never after Redis was seen empty (see Liveness)."""
         for sha in await asyncio.to_thread(lambda: list(self._artifacts.blobs(self._s.orphan_grace_s))):
             if not await self._store.blob_referenced(sha):
-                await self._fleet.check_epoch()  # an empty Redis references nothing: asked each time
-                if not self._fleet.redis_trusted:
+                await self._liveness.check_epoch()  # an empty Redis references nothing: asked each time
+                if not self._liveness.redis_trusted:
                     return
                 log.info("deleting orphan blob %s", sha)
                 self._artifacts.delete(sha)

@@ -17,11 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from controlplane import telemetry
 from controlplane.admin import AdminService, TenantService
 from controlplane.artifacts import ArtifactStore, FileArtifactStore
-from controlplane.fleet import Fleet
+from controlplane.liveness import Liveness
 from controlplane.peers import Peers
+from controlplane.placer import Placer
+from controlplane.reconcile import Reconciler
 from controlplane.registry import Registry
 from controlplane.s3store import S3ArtifactStore
 from controlplane.service import AdapterService, Auth, WorkerService
+from controlplane.sessions import Sessions
 from controlplane.settings import Settings
 from controlplane.store import Store
 from loraplane import logs, metrics, nopickle
@@ -92,18 +95,13 @@ async def start(settings: Settings) -> ControlPlane:
     await asyncio.to_thread(artifacts.check)
     artifacts.clean_temp()
     catalog = Catalog.load(settings.catalog_path)
-    peers = Peers(settings.operator_token, settings.load_timeout_s * 2)
-    fleet = Fleet(
-        store,
-        settings.load_timeout_s,
-        settings.advertise_addr,
-        peers,
-        settings.max_loads_per_s,
-        settings.placement_failed_hold_s,
-    )
+    peers = Peers(settings.peer_token, settings.load_timeout_s * 2)
+    sessions = Sessions(store, settings.advertise_addr, settings.load_timeout_s, settings.max_loads_per_s)
+    placer = Placer(store, sessions, peers, settings.placement_failed_hold_s)
+    liveness = Liveness(store, sessions, peers)
     auth = Auth(store, settings)
-    registry = Registry(settings, store, artifacts, catalog, fleet)
-    await fleet.check_epoch()
+    registry = Registry(settings, store, artifacts, catalog, placer, liveness)
+    await liveness.check_epoch()
 
     server = grpc.aio.server(
         options=[
@@ -115,11 +113,12 @@ async def start(settings: Settings) -> ControlPlane:
         ]
     )
     adapter_pb2_grpc.add_AdapterServiceServicer_to_server(
-        AdapterService(settings, store, registry, fleet, auth), server
+        AdapterService(settings, store, registry, placer, auth), server
     )
     tenant_pb2_grpc.add_TenantServiceServicer_to_server(TenantService(settings, store, auth), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, fleet, auth), server)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(store, artifacts, fleet, auth), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, placer, auth), server)
+    worker = WorkerService(store, artifacts, sessions, Reconciler(store, sessions), auth)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -130,7 +129,7 @@ async def start(settings: Settings) -> ControlPlane:
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s", settings.grpc_addr)
-    maintenance = asyncio.gather(registry.maintain(), fleet.watch(settings.heartbeat_timeout_s))
+    maintenance = asyncio.gather(registry.maintain(), liveness.watch(settings.heartbeat_timeout_s))
     metrics_server = await metrics.serve(telemetry.REGISTRY, settings.metrics_addr)
     return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers, artifacts, metrics_server)
 

@@ -23,9 +23,12 @@ from controlplane.errors import (
     Unauthenticated,
     grpc_errors,
 )
-from controlplane.fleet import AgentSession, Fleet
 from controlplane.keys import bearer, key_hash, same_secret
+from controlplane.peers import forwarded
+from controlplane.placer import Placer
+from controlplane.reconcile import Reconciler
 from controlplane.registry import Registry
+from controlplane.sessions import AgentSession, Sessions
 from controlplane.settings import Settings
 from controlplane.store import Store
 from loraplane.controlplane.v1 import adapter_pb2 as apb
@@ -61,6 +64,17 @@ class Auth:
         if not same_secret(bearer(context.invocation_metadata()), self._settings.operator_token):
             raise Unauthenticated("missing or invalid credentials")
 
+    def peer(self, context: Context) -> bool:
+        """For the verbs replicas forward to each other (ForceLoadAdapter, ForceEvictAdapter):
+        the operator token, or the peer token on a forwarded call. True: the call is forwarded."""
+        metadata = context.invocation_metadata()
+        token, is_forwarded = bearer(metadata), forwarded(metadata)
+        if same_secret(token, self._settings.operator_token):
+            return is_forwarded
+        if is_forwarded and same_secret(token, self._settings.peer_token):
+            return True
+        raise Unauthenticated("missing or invalid credentials")
+
     def agent(self, context: Context) -> None:
         if not same_secret(bearer(context.invocation_metadata()), self._settings.agent_token):
             raise Unauthenticated("missing or invalid credentials")
@@ -95,11 +109,11 @@ UPLOAD_DRAIN_S = 30.0
 
 
 class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
-    def __init__(self, settings: Settings, store: Store, registry: Registry, fleet: Fleet, auth: Auth) -> None:
+    def __init__(self, settings: Settings, store: Store, registry: Registry, placer: Placer, auth: Auth) -> None:
         self._settings = settings
         self._store = store
         self._registry = registry
-        self._fleet = fleet
+        self._placer = placer
         self._auth = auth
 
     @grpc_errors
@@ -198,17 +212,20 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
         rec = await self._own(tenant, request.adapter_id)
         if rec.status != "ready":
             raise InvalidAdapter(f"adapter is {rec.status}, not ready")
-        worker_id, already, load_ms = await self._fleet.place(
-            rec, replicate=request.replicate, avoid=frozenset(request.avoid_worker_ids)
+        placed = await self._placer.place(rec, replicate=request.replicate, avoid=frozenset(request.avoid_worker_ids))
+        return apb.PlaceAdapterResponse(
+            worker_id=placed.worker_id, already_loaded=placed.already_loaded, load_ms=placed.load_ms
         )
-        return apb.PlaceAdapterResponse(worker_id=worker_id, already_loaded=already, load_ms=load_ms)
 
 
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, store: Store, artifacts: ArtifactStore, fleet: Fleet, auth: Auth) -> None:
+    def __init__(
+        self, store: Store, artifacts: ArtifactStore, sessions: Sessions, reconciler: Reconciler, auth: Auth
+    ) -> None:
         self._store = store
         self._artifacts = artifacts
-        self._fleet = fleet
+        self._sessions = sessions
+        self._reconciler = reconciler
         self._auth = auth
 
     @grpc_errors
@@ -222,10 +239,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             raise BadRequest("the first message must be a Register")
         if not NAME.match(first.register.worker_id):
             raise BadRequest("bad worker id")
-        session = await self._fleet.attach(first.register)
+        session = await self._sessions.attach(first.register)
         reader = asyncio.create_task(self._read(session, it))
         ended = asyncio.create_task(session.ended.wait())
-        self._fleet.converge(session)
+        self._reconciler.converge(session)
         try:
             while True:
                 get = asyncio.create_task(session.outbox.get())
@@ -239,7 +256,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             ended.cancel()
             if session.reconciling:
                 session.reconciling.cancel()
-            await self._fleet.detach(session)
+            await self._sessions.detach(session)
 
     async def _read(self, session: AgentSession, it: AsyncIterator[wpb.ConnectRequest]) -> None:
         """Results are resolved as they come; heartbeats are recorded by `_beats`, newest first
@@ -262,9 +279,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         while True:
             hb = await newest.get()
             try:
-                await self._fleet.heartbeat(
+                await self._sessions.heartbeat(
                     session, list(hb.resident), hb.healthy, list(hb.busy), hb.requests_in_flight, hb.commands_done
                 )
+                await self._reconciler.converge_if_drifted(session)
             except redis.RedisError as err:  # the session outlives Redis's absence; the next beat writes
                 log.warning("heartbeat of %s not recorded: %s", session.record.id, err)
 

@@ -5,16 +5,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 
 import grpc
 import httpx
 import pytest
 
-from loraplane.controlplane.v1 import tenant_pb2
+from controlplane.peers import FORWARDED
+from loraplane.controlplane.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    tenant_pb2,
+    tenant_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from loraplane.stack import Stack
 from tests.conftest import new_tenant, upload
-from tests.support import lora_tensors, safetensors_bytes
+from tests.support import lora_tensors, safetensors_bytes, wait_for
 
 ADAPTER = safetensors_bytes(lora_tensors(rank=2))
 
@@ -41,11 +49,8 @@ def status(stack: Stack, key: str) -> int:
 
 
 def wait_for_status(stack: Stack, key: str, expected: int, within_s: float = 5.0) -> float:
-    started = time.monotonic()
-    while status(stack, key) != expected:
-        assert time.monotonic() - started < within_s, f"not {expected} within {within_s}s"
-        time.sleep(0.02)
-    return time.monotonic() - started
+    what = f"not {expected} within {within_s}s"
+    return wait_for(lambda: status(stack, key) == expected, within_s, what, every_s=0.02)
 
 
 def test_tenants_through_the_cli(control_stack: Stack) -> None:
@@ -102,3 +107,31 @@ def test_tier_changes_apply_to_quotas(control_stack: Stack) -> None:
     control_stack.operator().set_tier(tenant_id, tenant_pb2.TIER_RESERVED)
     for i in range(21):  # one more than the shared tier allows
         assert upload(control_stack, key, f"n{i}", safetensors_bytes(lora_tensors(rank=1 + i % 8))).status_code == 201
+
+
+def test_the_peer_token_opens_only_what_replicas_forward(control_stack: Stack) -> None:
+    """Replicas forward ForceLoadAdapter and ForceEvictAdapter to each other with their own
+    token, marked forwarded; that token opens no other verb, and those two only when marked."""
+    peer = ("authorization", f"Bearer {control_stack.secrets['peer_token']}")
+    forwarded = (peer, (FORWARDED, "1"))
+    with grpc.insecure_channel(control_stack.grpc_addr) as ch:
+        admin, tenants = admin_pb2_grpc.AdminServiceStub(ch), tenant_pb2_grpc.TenantServiceStub(ch)
+        load, evict = admin_pb2.ForceLoadAdapterRequest(adapter_id="adp_x"), admin_pb2.ForceEvictAdapterRequest()
+        refused: list[tuple[Callable[..., object], object, tuple[tuple[str, str], ...]]] = [
+            (tenants.CreateTenant, tenant_pb2.CreateTenantRequest(name="by-a-peer"), forwarded),
+            (tenants.ListTenants, tenant_pb2.ListTenantsRequest(), forwarded),
+            (worker_pb2_grpc.WorkerServiceStub(ch).ListWorkers, worker_pb2.ListWorkersRequest(), forwarded),
+            (admin.DrainWorker, admin_pb2.DrainWorkerRequest(worker_id="w"), forwarded),
+            (admin.GetRoutingTable, admin_pb2.GetRoutingTableRequest(), forwarded),
+            (admin.ForceLoadAdapter, load, (peer,)),  # not marked forwarded: an operator's call
+            (admin.ForceEvictAdapter, evict, (peer,)),
+        ]
+        for method, request, metadata in refused:
+            with pytest.raises(grpc.RpcError) as err:
+                method(request, metadata=metadata, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+        with pytest.raises(grpc.RpcError) as err:  # let in: the adapter does not exist
+            admin.ForceLoadAdapter(load, metadata=forwarded, timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert list(admin.ForceEvictAdapter(evict, metadata=forwarded, timeout=5).worker_ids) == []
+    assert "by-a-peer" not in cli(control_stack, "tenant", "list")

@@ -1,0 +1,84 @@
+"""Which workers are alive, and whether Redis still holds what it held: the heartbeat-timeout
+watch over this replica's agents, the sweep of workers whose agents are connected nowhere, and
+the Redis epoch that tells an emptied Redis from a quiet one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis.asyncio as redis
+
+from controlplane import telemetry
+from controlplane.peers import Peers
+from controlplane.sessions import ACTIVITY_REFRESH_S, ACTIVITY_TTL_S, Sessions
+from controlplane.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Liveness:
+    def __init__(self, store: Store, sessions: Sessions, peers: Peers) -> None:
+        self._store = store
+        self._sessions = sessions
+        self._peers = peers
+        self._epoch = ""
+        # False once Redis was seen empty (when this process started, or since): its records
+        # then say nothing about which bytes are unused, and no orphan sweep may trust them.
+        self.redis_trusted = True
+
+    async def check_epoch(self) -> bool:
+        """False when Redis lost its data since the last check. Then every agent session is
+        ended: the agents reconnect and register what their vLLMs hold (worker records, command
+        generations and routing come back), and reconciling leaves adapters Redis has no record
+        of alone, so an empty Redis never evicts anything."""
+        epoch, made = await self._store.epoch()
+        lost = bool(self._epoch) and epoch != self._epoch
+        self._epoch = epoch
+        self.redis_trusted = self.redis_trusted and not made and not lost
+        if lost:
+            log.error("Redis lost its data (its epoch changed); agents re-register, nothing is evicted")
+            for session in self._sessions.all():
+                session.ended.set()
+        return not lost
+
+    async def watch(self, timeout_s: float, every_s: float = 1.0) -> None:
+        """A worker whose agent stops sending heartbeats leaves the routing table within seconds;
+        Redis coming back empty is noticed within seconds too."""
+        swept = time.monotonic()
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.check_epoch()
+                telemetry.REDIS_UP.set("controlplane", value=1)
+                for session in self._sessions.all():
+                    if session.record.healthy and time.monotonic() - session.last_seen > timeout_s:
+                        log.warning("worker %s sent no heartbeat for %.0fs", session.record.id, timeout_s)
+                        await self._sessions.report(session, session.record.resident, healthy=False, seen=False)
+                if time.monotonic() - swept > ACTIVITY_REFRESH_S:
+                    swept = time.monotonic()
+                    await self.sweep()
+            except redis.RedisError as err:  # Redis is away: try again next round
+                telemetry.REDIS_UP.set("controlplane", value=0)
+                log.warning("watching the workers: Redis is unreachable: %s", err)
+
+    async def sweep(self) -> list[str]:
+        """Workers left healthy by a replica that died with their streams (this one before a
+        restart, or another that does not answer), whose agents did not come back anywhere:
+        their activity record, refreshed with their heartbeats and written before the worker's
+        record at registration, has expired. They leave routing ACTIVITY_TTL_S or a little more
+        after their last heartbeat. Returns the workers marked."""
+        me = self._sessions.addr
+        orphans = [w for w in await self._store.list_workers() if w.healthy and w.id not in self._sessions]
+        alive = await self._store.activity([w.id for w in orphans])
+        marked = []
+        for w in orphans:
+            if w.id in alive or (w.owner not in ("", me) and await self._peers.alive(w.owner)):
+                continue  # a live replica's worker is that replica's to judge (its Redis writes may lag)
+            if await self._store.abandon_worker(w):
+                marked.append(w.id)
+        for wid in marked:
+            log.warning("worker %s: no agent connected anywhere and no heartbeat for %ds; out of routing",
+                        wid, ACTIVITY_TTL_S)  # fmt: skip
+        return marked
