@@ -88,6 +88,10 @@ class Settings:
     # set: blobs live in this bucket, not in artifact_dir
     artifact_s3: S3Settings | None = field(default=None, metadata=derived(BUCKET_ENV, _artifact_s3))
 
+    def __post_init__(self) -> None:
+        if self.peer_token in (self.operator_token, self.agent_token):
+            raise config.ConfigError("LORAPLANE_PEER_TOKEN must differ from the operator and agent tokens")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         return config.from_env(cls, env)

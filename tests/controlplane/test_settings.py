@@ -107,3 +107,9 @@ def test_a_bad_value_names_its_variable_and_the_value(name: str, value: str, err
     with pytest.raises(ValueError) as raised:
         settings(**{name: value})
     assert str(raised.value) == error
+
+
+@pytest.mark.parametrize("other", ["LORAPLANE_OPERATOR_TOKEN", "LORAPLANE_AGENT_TOKEN"])
+def test_a_peer_token_equal_to_another_secret_is_refused(other: str) -> None:
+    with pytest.raises(ValueError, match="LORAPLANE_PEER_TOKEN must differ"):
+        Settings.from_env({**SECRETS, "LORAPLANE_PEER_TOKEN": SECRETS[other]})
