@@ -1,6 +1,8 @@
-"""Request ids and the access log: every request gets an id (the client's `X-Request-Id` if it
-is sane, else a new one), echoed in the `x-request-id` response header and on every log line
-logged while the request is handled, and one `loraplane.access` line when it ends.
+"""What every request goes through, on the hot path and the Starlette routes alike: its id (the
+client's `X-Request-Id` if it is sane, else a new one), echoed in the `x-request-id` response
+header and on every log line logged while the request is handled; its status and the time of its
+first body byte; one count in the metrics and one `loraplane.access` line when it ends. The
+`Exchange` does all of it, once per request.
 
 The line names the method, path, status, duration, tenant id, the `model` the client sent and
 the worker that answered; never the key, the body or anything else the client sent.
@@ -12,8 +14,9 @@ import logging
 import time
 from collections.abc import Iterable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Scope, Send
 
+from dataplane.metrics import Metrics, path_label
 from loraplane import logs
 
 log = logging.getLogger("loraplane.access")
@@ -22,6 +25,7 @@ log = logging.getLogger("loraplane.access")
 TENANT = "loraplane.tenant_id"
 MODEL = "loraplane.model"
 WORKER = "loraplane.worker_id"
+BASE_MODEL = "loraplane.base_model"  # the resolved base model of an inference request, for the metrics
 HEADER = logs.HEADER.encode()
 
 
@@ -60,19 +64,35 @@ def line(scope: Scope, status: int, seconds: float) -> None:
     )  # fmt: skip
 
 
-async def logged(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Run `app` with the request id echoed in its response, then log the access line."""
-    started = time.perf_counter()
-    status = 500
+class Exchange:
+    """One request, from its first byte in to its last byte out. Its `send` echoes the request
+    id in the response and notes the status and when the body began; `finish()` counts it in the
+    metrics and writes its access line. `inference`: counted by base model too, and a request
+    that ends without an answer is a 499 (its client left; the hot path answers everything
+    else), where elsewhere it is a 500."""
 
-    async def send_with_id(message: Message) -> None:
-        nonlocal status
+    __slots__ = ("scope", "status", "started", "first_byte", "inference", "_send", "_metrics")
+
+    def __init__(self, scope: Scope, send: Send, metrics: Metrics, *, inference: bool = False) -> None:
+        self.scope, self._send, self._metrics, self.inference = scope, send, metrics, inference
+        self.status = 499 if inference else 500
+        self.started = time.perf_counter()
+        self.first_byte = 0.0
+        metrics.in_flight.add(by=1)
+
+    async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            status = message["status"]
+            self.status = message["status"]
             message = {**message, "headers": [*message.get("headers", ()), header()]}
-        await send(message)
+        elif not self.first_byte:
+            self.first_byte = time.perf_counter()
+        await self._send(message)
 
-    try:
-        await app(scope, receive, send_with_id)
-    finally:
-        line(scope, status, time.perf_counter() - started)
+    def finish(self) -> None:
+        took = time.perf_counter() - self.started
+        m = self._metrics
+        m.in_flight.add(by=-1)
+        base = self.scope.get(BASE_MODEL, "") if self.inference else None
+        first_byte = self.first_byte - self.started if self.first_byte else None
+        m.ended(path_label(self.scope["path"]), self.status, took, base, first_byte)
+        line(self.scope, self.status, took)

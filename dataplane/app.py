@@ -14,9 +14,8 @@ import grpc
 import redis.asyncio as redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -26,18 +25,18 @@ from dataplane.breaker import Breaker
 from dataplane.cpclient import ControlPlaneClient
 from dataplane.errors import ApiError, BadRequest, RequestTimeout, TooLarge
 from dataplane.inference import State, bearer, read_json
-from dataplane.metrics import Metrics, MetricsMiddleware
+from dataplane.metrics import Metrics
 from dataplane.resolve import Resolver
 from dataplane.routing import RoutingTable
 from dataplane.settings import Settings
 from dataplane.upload import UploadStream
 from dataplane.upstream import Pool
-from loraplane import logs, nopickle
+from loraplane import logs, metrics, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
+from loraplane.state import queries
 
 log = logging.getLogger(__name__)
-USED_KEY = "lp:used"
 MAX_HEADER_BYTES = 16 << 10
 REJECTED = {400: "bad_request", 404: "unknown_base_model", 408: "timeout", 409: "name_taken", 413: "too_large",
             422: "invalid_adapter", 429: "quota", 503: "unavailable"}  # fmt: skip
@@ -103,7 +102,7 @@ async def flush_used(client: redis.Redis, used: dict[str, float], every_s: float
         batch = dict(used)
         used.clear()
         try:
-            await client.hset(USED_KEY, mapping=batch)  # type: ignore[arg-type]
+            await queries.record_use(client, batch)
         except redis.RedisError as err:
             log.debug("recording adapter use failed: %s", err)
 
@@ -205,20 +204,20 @@ async def readyz(request: Request) -> Response:
 
 async def metrics_endpoint(request: Request) -> Response:
     st = _state(request)
-    gauges = {
-        "loraplane_dataplane_routing_version": float(st.routing.version),
-        "loraplane_dataplane_healthy_workers": float(sum(w.healthy for w in st.routing.workers)),
-        "loraplane_dataplane_placements_waiting": float(len(st.placing)),
-    }
-    st.metrics.redis_up.set("dataplane", value=0.0 if st.keys.redis_down.open else 1.0)
+    m = st.metrics
+    m.routing_version.set(value=st.routing.version)
+    m.healthy_workers.set(value=sum(w.healthy for w in st.routing.workers))
+    m.placements_waiting.set(value=len(st.placing))
+    m.redis_up.set("dataplane", value=0.0 if st.keys.redis_down.open else 1.0)
     channel = st.cp.channel.get_state(try_to_connect=True)
-    st.metrics.controlplane_up.set("dataplane", value=float(channel in CHANNEL_UP))
-    return PlainTextResponse(st.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+    m.controlplane_up.set("dataplane", value=float(channel in CHANNEL_UP))
+    return Response(m.render(), media_type=metrics.CONTENT_TYPE)
 
 
 class DataPlane:
     """The ASGI app: inference requests go straight to `dataplane/inference.py`; the rest
-    (adapters, models, health, metrics) and the lifespan to Starlette."""
+    (adapters, models, health, metrics) and the lifespan to Starlette. Each request, whichever
+    way it goes, through one `access.Exchange` (its id, status, count and access line)."""
 
     def __init__(self, settings: Settings) -> None:
         self.metrics = Metrics()
@@ -235,28 +234,26 @@ class DataPlane:
             Route("/v1/adapters/{adapter_id}", delete_adapter, methods=["DELETE"]),
         ]
         handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
-        self.starlette = Starlette(
-            routes=routes,
-            lifespan=self._lifespan(settings),
-            exception_handlers=handlers,
-            middleware=[Middleware(MetricsMiddleware, metrics=self.metrics)],
-        )
+        self.starlette = Starlette(routes=routes, lifespan=self._lifespan(settings), exception_handlers=handlers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.starlette(scope, receive, send)
             return
         token = logs.REQUEST_ID.set(access.request_id(scope["headers"]))
+        too_large = sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES
+        hot = not too_large and scope["path"] in inference.PATHS and scope["method"] == "POST"
+        exchange = access.Exchange(scope, send, self.metrics, inference=hot and self.state is not None)
         try:
-            if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            if too_large:
                 err = TooLarge(f"request headers are larger than {MAX_HEADER_BYTES} bytes")
-                await inference.send_error(send, err)
-                access.line(scope, err.status, 0.0)
-            elif scope["path"] in inference.PATHS and scope["method"] == "POST" and self.state is not None:
-                await inference.handle(self.state, scope, receive, send)  # its own header and access line
+                await errors.envelope(err)(scope, receive, exchange.send)
+            elif hot and self.state is not None:
+                await inference.handle(self.state, scope, receive, exchange)
             else:
-                await access.logged(self.starlette, scope, receive, send)
+                await self.starlette(scope, receive, exchange.send)
         finally:
+            exchange.finish()
             logs.REQUEST_ID.reset(token)
 
     def _lifespan(self, settings: Settings) -> Callable[[Starlette], AbstractAsyncContextManager[dict[str, State]]]:

@@ -129,6 +129,7 @@ def from_grpc(err: grpc.aio.AioRpcError) -> ApiError:
 
 
 def envelope(err: ApiError) -> JSONResponse:
+    """The answer to `err`, for Starlette's handlers and, called as an ASGI app, the hot path."""
     body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from dataplane import access
+from dataplane import access, errors
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
 from dataplane.errors import (
@@ -45,7 +45,6 @@ from loraplane.controlplane.v1 import adapter_pb2 as apb
 log = logging.getLogger(__name__)
 
 
-BASE_MODEL = "loraplane.base_model"  # the scope key: the resolved base model, for the metrics
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/embeddings": "embedding"}
 REPLICA_LINGER_S = 2.0
 SSE_DONE = b"data: [DONE]\n\n"  # a stream's last event
@@ -122,51 +121,15 @@ async def read_json(receive: Receive, content_length: bytes | None, limit: int, 
     return body
 
 
-async def send_error(send: Send, err: ApiError) -> None:
-    body = orjson.dumps({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    headers.append(access.header())
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def handle(st: State, scope: Scope, receive: Receive, send: Send) -> None:
-    """One inference request, start to end; counted in the metrics."""
-    started = time.perf_counter()
+async def handle(st: State, scope: Scope, receive: Receive, exchange: access.Exchange) -> None:
+    """One inference request, start to end; `exchange` counts it and logs it when it ends."""
     path = scope["path"]
-    status = 499  # the client left before an answer started
-    first_byte = 0.0
-    m = st.metrics
-    m.in_flight += 1
-
-    async def timed_send(message: Message) -> None:
-        nonlocal first_byte, status
-        if message["type"] == "http.response.start":
-            status = message["status"]  # what a client that leaves mid-answer is counted with
-        elif not first_byte:
-            first_byte = time.perf_counter()
-        await send(message)
-
     try:
-        status = await _answer(st, scope, receive, timed_send, path, PATHS[path])
+        exchange.status = await _answer(st, scope, receive, exchange.send, path, PATHS[path])
     except ApiError as err:
-        status = err.status
-        await send_error(send, err)
+        await errors.envelope(err)(scope, receive, exchange.send)
     except ClientGone:
         pass
-    finally:
-        took = time.perf_counter() - started
-        m.in_flight -= 1
-        m.requests[path, status] += 1
-        m.seconds[path] += took
-        base = scope.get(BASE_MODEL, "")  # set once `model` is resolved: a catalog name (bounded)
-        m.answered.inc("dataplane", base, str(status))
-        if base:
-            m.latency.observe(base, value=took)
-            if first_byte and status == 200:
-                m.first_byte.observe(base, value=first_byte - started)
-        access.line(scope, status, took)
 
 
 async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: str, kind: str) -> int:
@@ -181,7 +144,7 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant_id)
     client_model = body.get("model")
     target = await st.resolver.resolve(tenant_id, client_model)
-    scope[BASE_MODEL] = target.base.name
+    scope[access.BASE_MODEL] = target.base.name  # a catalog name: a bounded label
     assert isinstance(client_model, str)
     scope[access.MODEL] = client_model  # a name that resolved: the catalog's and the tenant's, no free text
     if target.base.kind != kind:
@@ -270,7 +233,6 @@ async def _relay(upstream: UpstreamResponse, upstream_model: str, client_model: 
     """The worker's answer to the client, `model` rewritten; SSE line by line as it arrives."""
     old, new = _model_field(upstream_model), _model_field(client_model)
     headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != access.HEADER]
-    headers.append(access.header())
     if not upstream.header(b"content-type").startswith(b"text/event-stream"):
         content = (await upstream.read(timeout)).replace(old, new)
         headers.append((b"content-length", str(len(content)).encode()))

@@ -56,19 +56,20 @@ class Agent:
             )
         self.local_url = settings.vllm_url or f"http://{settings.vllm_host}:{settings.vllm_port}"
         self.endpoint = settings.advertise_url or self.local_url
-        self.metrics, self._slots_used = metrics.Registry(), 0
+        self.metrics, self._slots_used = metrics.CollectorRegistry(), 0
         self._gauge("loraplane_worker_lora_slots_used", "LoRA slots holding an adapter.", lambda: self._slots_used)
         self._gauge("loraplane_worker_lora_slots", "LoRA slots (--max-loras).", lambda: model.max_adapters_per_worker)
         self._gauge("loraplane_worker_requests_running", "Requests vLLM is running.", lambda: self._vllm.running)
         self._gauge("loraplane_worker_requests_waiting", "Requests queued in vLLM.", lambda: self._vllm.waiting)
-        self._cp_up = self.metrics.add(
-            metrics.Gauge("loraplane_controlplane_up", "1 while a control plane session is open.", ("component",))
+        self._cp_up = metrics.Gauge(
+            self.metrics, "loraplane_controlplane_up", "1 while a control plane session is open.", ("component",)
         )
         self._cp_up.set("agent", value=0)
 
     def _gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A gauge of this worker, read at each scrape."""
         worker = (self._s.worker_id,)
-        self.metrics.add(metrics.Gauge(name, help, ("worker",), lambda: {worker: float(read())}))
+        metrics.Sampled(self.metrics, name, help, ("worker",), lambda: {worker: float(read())})
 
     async def run(self, stop: asyncio.Event) -> None:
         channel_options = [

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from workeragent import vllmguard
 
@@ -66,17 +67,10 @@ class VllmClient:
             if r.status != 200:
                 raise VllmError(f"GET /metrics answered {r.status}")
             text = await r.text()
-        newest, names, running, waiting = 0.0, "", 0.0, 0.0
-        for line in text.splitlines():
-            if line.startswith("vllm:lora_requests_info{"):
-                labels, _, value = line.rpartition("} ")
-                if float(value) > newest:
-                    newest = float(value)
-                    names = ",".join(_label(labels, k) for k in ("running_lora_adapters", "waiting_lora_adapters"))
-            elif line.startswith("vllm:num_requests_running{"):
-                running += float(line.rpartition(" ")[2])
-            elif line.startswith("vllm:num_requests_waiting{"):
-                waiting += float(line.rpartition(" ")[2])
+        try:
+            newest, names, running, waiting = parse_activity(text)
+        except ValueError as err:
+            raise VllmError(f"GET /metrics answered an unreadable page: {err}") from None
         self.running, self.waiting = running, waiting  # for the agent's metrics
         in_flight = running + waiting
         if time.time() - newest > IDLE_AFTER_S:
@@ -98,12 +92,21 @@ class VllmClient:
                 raise VllmError(f"{path} answered {r.status}: {text}")
 
 
-def _label(labels: str, key: str) -> str:
-    start = labels.find(f'{key}="')
-    if start < 0:
-        return ""
-    start += len(key) + 2
-    return labels[start : labels.index('"', start)]
+def parse_activity(text: str) -> tuple[float, str, float, float]:
+    """From vLLM's /metrics page: the newest `lora_requests_info` sample's time and its adapters
+    (running and waiting, comma-separated), and the requests running and waiting (summed over
+    engines)."""
+    newest, names, running, waiting = 0.0, "", 0.0, 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:lora_requests_info" and sample.value > newest:
+                newest = sample.value
+                names = ",".join(sample.labels.get(k, "") for k in ("running_lora_adapters", "waiting_lora_adapters"))
+            elif sample.name == "vllm:num_requests_running":
+                running += sample.value
+            elif sample.name == "vllm:num_requests_waiting":
+                waiting += sample.value
+    return newest, names, running, waiting
 
 
 class VllmProcess:
