@@ -9,7 +9,6 @@ import json
 import logging
 import re
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from dataplane import access
 from loraplane import logs
 from loraplane.stack import Stack
 from tests.conftest import running_stack
-from tests.support import lora_tensors, safetensors_bytes, start_simulator
+from tests.support import lora_tensors, safetensors_bytes, start_simulator, wait_for
 
 GENERATED = re.compile(r"req_[0-9a-f]{24}")
 
@@ -172,12 +171,14 @@ def json_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JsonStack]:
 
 def lines_with(js: JsonStack, name: str, request_id: str, within_s: float = 10) -> list[dict[str, Any]]:
     """`name`'s lines carrying `request_id`, once there is one (the access line follows the answer)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        found = [line for line in js.log_lines(name) if line.get("request_id") == request_id]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+    found: list[dict[str, Any]] = []
+
+    def seen() -> bool:
+        found[:] = [line for line in js.log_lines(name) if line.get("request_id") == request_id]
+        return bool(found)
+
+    wait_for(seen, within_s, f"no {name} line with request id {request_id}")
+    return found
 
 
 def test_a_request_id_follows_a_cold_request_and_no_secret_is_logged(json_stack: JsonStack) -> None:
@@ -259,7 +260,8 @@ def test_every_answer_echoes_the_request_id(
     )
     assert resp.status_code == status
     assert resp.headers["x-request-id"] == "echo-1"
-    deadline = time.monotonic() + 5  # the access line is written just after the answer's last byte
-    while not any(x["path"] == path and x["status"] == status for x in lines_with(json_stack, "dataplane", "echo-1")):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(  # the access line is written just after the answer's last byte
+        lambda: any(x["path"] == path and x["status"] == status for x in lines_with(json_stack, "dataplane", "echo-1")),
+        5,
+        "no access line",
+    )

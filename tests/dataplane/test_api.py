@@ -11,7 +11,7 @@ import pytest
 
 from loraplane.stack import Stack
 from tests.conftest import curl_upload, new_tenant, upload
-from tests.support import lora_tensors, safetensors_bytes
+from tests.support import lora_tensors, safetensors_bytes, wait_for
 
 ADAPTER = safetensors_bytes(lora_tensors(rank=8))
 
@@ -189,9 +189,8 @@ def test_an_upload_cut_off_midway_leaves_nothing(control_stack: Stack) -> None:
     with socket.create_connection(("127.0.0.1", control_stack.config.http_port)) as s:
         s.sendall(request)
         time.sleep(0.5)  # the half file is streaming to the control plane; then the client goes away
-    time.sleep(1.0)
     tmp = control_stack.config.data_dir / "artifacts" / "tmp"
-    assert [p for p in tmp.rglob("*") if p.is_file()] == []
+    wait_for(lambda: [p for p in tmp.rglob("*") if p.is_file()] == [], 10, "the cut-off upload's staging file stayed")
     assert blobs(control_stack) == before
     listed = httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()
     assert listed["data"] == []

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import SimStack, new_tenant
-from tests.support import lora_tensors, safetensors_bytes, scrape
+from tests.support import lora_tensors, safetensors_bytes, scrape, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,7 @@ def chat(sim_stack: SimStack, headers: dict[str, str], timeout: float = 30, **fi
 
 
 def wait_idle(sim_stack: SimStack, within_s: float) -> float:
-    started = time.monotonic()
-    while sim_stack.state()["running"]:
-        assert time.monotonic() - started < within_s, "the upstream request is still running"
-        time.sleep(0.02)
-    return time.monotonic() - started
+    return wait_for(lambda: not sim_stack.state()["running"], within_s, "the upstream request is still running", 0.02)
 
 
 def test_a_client_that_leaves_a_non_streaming_request_cancels_it_upstream(
@@ -70,7 +66,12 @@ def test_a_client_that_leaves_after_the_last_event_got_a_whole_answer(
     before = dataplane_requests(sim_stack)
     with httpx.stream("POST", sim_stack.stack.http_url + "/v1/chat/completions", headers=tenant, json=body) as r:
         assert any(line == "data: [DONE]" for line in r.iter_lines())
-    time.sleep(1.5)  # the data plane's handler ends when the worker's body does
+
+    def counted() -> bool:  # the data plane's handler ends when the worker's body does, a second on
+        after = dataplane_requests(sim_stack)
+        return after.get("200", 0) + after.get("499", 0) > before.get("200", 0) + before.get("499", 0)
+
+    wait_for(counted, 10, "the request was never counted")
     after = dataplane_requests(sim_stack)
     assert (after.get("200", 0) - before.get("200", 0), after.get("499", 0) - before.get("499", 0)) == (1, 0)
 
@@ -168,10 +169,7 @@ def test_with_redis_and_the_control_plane_frozen_the_last_snapshot_still_serves(
     finally:
         for proc in frozen:
             os.kill(proc.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 30
-    while httpx.get(stack.http_url + "/readyz").json()["workers"] < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(lambda: httpx.get(stack.http_url + "/readyz").json()["workers"] >= 2, 30, "workers did not come back")
 
 
 def test_oversized_headers_and_bodies_are_413_before_anything_is_routed(
@@ -204,7 +202,6 @@ def test_an_adapter_gone_from_its_worker_behind_the_tables_back_is_never_a_leake
     assert httpx.post(sim_stack.sim_url + "/v1/unload_lora_adapter", json={"lora_name": adapter_id}).status_code == 200
     r = chat(sim_stack, tenant, max_tokens=1)  # the table still says the worker holds it
     assert r.status_code in (200, 503) and adapter_id not in r.text  # never the worker's 404, naming the id
-    deadline = time.monotonic() + 10
-    while chat(sim_stack, tenant, max_tokens=1).status_code != 200:  # the control plane reloads it
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(  # the control plane reloads it
+        lambda: chat(sim_stack, tenant, max_tokens=1).status_code == 200, 10, "not reloaded", every_s=0.2
+    )

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -153,11 +154,15 @@ def test_redis_killed_during_uploads_and_deletes_loses_no_acknowledged_adapter(f
         for f in futures:
             f.result()
 
-    deadline = time.monotonic() + 20
-    while (r := httpx.get(fs.url + "/v1/adapters", headers=headers, timeout=10)).status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    present = {a["name"]: a["status"] for a in r.json()["data"]}
+    listed: list[dict[str, Any]] = []
+
+    def lists() -> bool:
+        r = httpx.get(fs.url + "/v1/adapters", headers=headers, timeout=10)
+        listed[:] = r.json()["data"] if r.status_code == 200 else []
+        return r.status_code == 200
+
+    wait_for(lists, 20, "the adapters could not be listed", every_s=0.2)
+    present = {a["name"]: a["status"] for a in listed}
     lost = sorted(n for n, s in state.items() if s is True and present.get(n) != "ready")
     resurrected = sorted(n for n, s in state.items() if s is False and n in present)
     figure(
