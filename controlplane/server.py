@@ -27,7 +27,7 @@ from controlplane.service import AdapterService, Auth, WorkerService
 from controlplane.sessions import Sessions
 from controlplane.settings import Settings
 from controlplane.store import Store
-from loraplane import logs, metrics, nopickle
+from loraplane import config, logs, metrics, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import (
     adapter_pb2,
@@ -147,7 +147,7 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     nopickle.install()
     logs.setup("controlplane")
-    asyncio.run(serve(Settings.from_env(os.environ)))
+    asyncio.run(serve(config.or_exit(lambda: Settings.from_env(os.environ))))
 
 
 if __name__ == "__main__":

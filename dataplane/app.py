@@ -31,7 +31,7 @@ from dataplane.routing import RoutingTable
 from dataplane.settings import Settings
 from dataplane.upload import UploadStream
 from dataplane.upstream import Pool
-from loraplane import logs, metrics, nopickle
+from loraplane import config, logs, metrics, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 from loraplane.state import queries
@@ -315,7 +315,7 @@ def main() -> None:
     import uvicorn
 
     logs.setup("dataplane")
-    settings = Settings.from_env(os.environ)
+    settings = config.or_exit(lambda: Settings.from_env(os.environ))
     uvicorn.run(
         create_app(settings),
         host=settings.host,

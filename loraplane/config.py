@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import sys
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -94,6 +95,15 @@ def from_env(cls: type[S], environ: Mapping[str, str], **given: Any) -> S:
     for name, source in later:
         values[name] = source.read(environ, values)
     return cls(**values)
+
+
+def or_exit(make: Callable[[], V]) -> V:
+    """For entry points: the settings `make` builds, or one line on stderr naming the variable and
+    its value (no traceback) and exit status 1."""
+    try:
+        return make()
+    except ConfigError as err:
+        sys.exit(f"configuration error: {err}")
 
 
 def env_names(cls: type[DataclassInstance]) -> set[str]:

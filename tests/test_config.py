@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,3 +164,22 @@ def test_the_agent_defaults_are_the_declared_ones(monkeypatch: pytest.MonkeyPatc
     assert (s.vllm_port, s.cache_max_bytes, s.artifact_s3) == (8100, 20 << 30, None)
     named = workeragent.settings.Settings.from_env({"LORAPLANE_AGENT_TOKEN": "a" * 16, "LORAPLANE_BASE_MODEL": "m"})
     assert named.worker_id == "node-1-m"
+
+
+@pytest.mark.parametrize(
+    ("module", "env"),
+    [
+        ("dataplane.app", {"LORAPLANE_HTTP_PORT": "eighty"}),
+        ("controlplane.server", {**SECRETS, "LORAPLANE_MAX_LOADS_PER_S": "many"}),
+        ("workeragent.agent", {"LORAPLANE_AGENT_TOKEN": "a" * 16, "LORAPLANE_HEARTBEAT_S": "2s"}),
+    ],
+)
+def test_a_component_started_with_a_bad_value_says_which_in_one_line(module: str, env: dict[str, str]) -> None:
+    name, value = next((k, v) for k, v in env.items() if k not in SECRETS)
+    out = subprocess.run(
+        [sys.executable, "-m", module], env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(f"configuration error: {name}={value!r}")
+    assert "Traceback" not in out.stderr

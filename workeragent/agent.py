@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from loraplane import logs, metrics, nopickle
+from loraplane import config, logs, metrics, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
@@ -319,7 +319,7 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     nopickle.install()
     logs.setup("agent")
-    asyncio.run(serve(Settings.from_env(os.environ)))
+    asyncio.run(serve(config.or_exit(lambda: Settings.from_env(os.environ))))
 
 
 if __name__ == "__main__":
