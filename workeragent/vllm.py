@@ -19,6 +19,8 @@ from workeragent import vllmguard
 
 log = logging.getLogger(__name__)
 IDLE_AFTER_S = 0.5
+# Variables that start coverage.py in every Python process that inherits them (see scripts/test).
+MEASURING = ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")
 
 
 class VllmError(Exception):
@@ -147,6 +149,8 @@ class VllmProcess:
 
     async def start(self) -> None:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        for name in MEASURING:  # an agent under coverage measurement does not slow its engine down
+            env.pop(name, None)
         env[vllmguard.SECRET_ENV] = self._agent_secret
         if self._api_key:
             env["VLLM_API_KEY"] = self._api_key
