@@ -12,7 +12,7 @@ from botocore.config import Config
 
 from loraplane.s3 import S3Settings
 from loraplane.stack import port_open, wait_until
-from tests.support import free_port
+from tests.support import free_port, unmeasured_env
 
 REGION = "us-east-1"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "loraplane-test", "AWS_SECRET_ACCESS_KEY": "loraplane-test-secret"}
@@ -26,6 +26,7 @@ class MotoServer:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=unmeasured_env(),
         )
         wait_until(lambda: port_open(self.port), 30, "moto's S3 server", self._proc)
         self.client = self.new_client()

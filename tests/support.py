@@ -19,6 +19,7 @@ import httpx
 from loraplane import tinymodel
 from loraplane.catalog import Architecture
 from loraplane.limits import DTYPE_BYTES
+from workeragent.vllm import MEASURING
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: `python -m tests.…` runs from here
 TINY = Architecture.from_model_config(tinymodel.DIMENSIONS)
@@ -122,6 +123,12 @@ def figure(name: str, value: object) -> None:
             f.write(json.dumps({"figure": name, "value": str(value)}) + "\n")
 
 
+def unmeasured_env() -> dict[str, str]:
+    """The environment for the tests' own servers (simulator, moto): coverage measures loraplane's
+    components, and would only slow these down."""
+    return {k: v for k, v in os.environ.items() if k not in MEASURING}
+
+
 def start_simulator(model: str, *args: str, port: int = 0) -> tuple[subprocess.Popen[bytes], str, int]:
     """A vLLM simulator for `model` on `port` (else a free one): (process, URL, port)."""
     from loraplane.stack import http_ok, wait_until
@@ -129,7 +136,9 @@ def start_simulator(model: str, *args: str, port: int = 0) -> tuple[subprocess.P
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     sim = subprocess.Popen(
-        [sys.executable, "-m", "tests.vllmsim", "--port", str(port), "--model", model, *args], cwd=ROOT
+        [sys.executable, "-m", "tests.vllmsim", "--port", str(port), "--model", model, *args],
+        cwd=ROOT,
+        env=unmeasured_env(),
     )
     wait_until(lambda: http_ok(url + "/health"), 30, "the simulator", sim)
     return sim, url, port

@@ -17,7 +17,7 @@ from loraplane.controlplane.v1 import worker_pb2, worker_pb2_grpc
 from loraplane.stack import Stack, StackConfig, http_ok, wait_until
 from tests.conftest import new_tenant, upload
 from tests.s3server import MotoServer
-from tests.support import ROOT, free_port, lora_tensors, safetensors_bytes, wait_for
+from tests.support import ROOT, free_port, lora_tensors, safetensors_bytes, unmeasured_env, wait_for
 
 PREFIX = "prod/artifacts"
 
@@ -39,7 +39,9 @@ def s3_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Stack]:
     sim_port = free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     sim = subprocess.Popen(
-        [sys.executable, "-m", "tests.vllmsim", "--port", str(sim_port), "--model", "tiny-llama"], cwd=ROOT
+        [sys.executable, "-m", "tests.vllmsim", "--port", str(sim_port), "--model", "tiny-llama"],
+        cwd=ROOT,
+        env=unmeasured_env(),
     )
     try:
         wait_until(lambda: http_ok(sim_url + "/health"), 30, "the simulator", sim)
