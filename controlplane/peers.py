@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.errors import NoCapacity
-from controlplane.sessions import Placement
+from controlplane.placement import Placement
 from loraplane import logs
 from loraplane.controlplane.v1 import admin_pb2 as adpb
 from loraplane.controlplane.v1 import admin_pb2_grpc

@@ -45,6 +45,15 @@ class LoadBudget:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where an adapter is now resident, on this replica's worker or another's."""
+
+    worker_id: str
+    already_loaded: bool  # it was resident before: nothing was loaded
+    load_ms: int = 0  # how long the load took; 0 when none was needed or it is not known
+
+
+@dataclass(frozen=True)
 class Decision:
     worker_id: str
     already_loaded: bool

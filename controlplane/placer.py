@@ -11,8 +11,8 @@ from dataclasses import replace
 
 from controlplane.errors import LoadFailed, NoCapacity, NotFound
 from controlplane.peers import Peers
-from controlplane.placement import WorkerView, decide
-from controlplane.sessions import AgentSession, Placement, Sessions, WorkerLoadFailed
+from controlplane.placement import Placement, WorkerView, decide
+from controlplane.sessions import AgentSession, Sessions, WorkerLoadFailed
 from controlplane.store import Store
 from loraplane.state.records import Activity, AdapterRecord
 
@@ -22,7 +22,7 @@ RETRY_BACKOFF_S = (0.2, 1.0)  # first wait between attempts, cap (doubling)
 
 
 class Placer:
-    def __init__(self, store: Store, sessions: Sessions, peers: Peers, failed_hold_s: float = 30.0) -> None:
+    def __init__(self, store: Store, sessions: Sessions, peers: Peers, failed_hold_s: float) -> None:
         self._store = store
         self._sessions = sessions
         self._peers = peers

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from controlplane import telemetry
 from controlplane.errors import NoCapacity
-from controlplane.placement import LoadBudget, WorkerView
+from controlplane.placement import LoadBudget, Placement, WorkerView
 from controlplane.store import Store
 from loraplane import logs
 from loraplane.controlplane.v1 import worker_pb2 as pb
@@ -37,15 +37,6 @@ class WorkerLoadFailed(NoCapacity):
         self.worker_id = worker_id
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where an adapter is now resident, on this replica's worker or another's."""
-
-    worker_id: str
-    already_loaded: bool  # it was resident before: nothing was loaded
-    load_ms: int = 0  # how long the load took; 0 when none was needed or it is not known
-
-
 def _redact(error: str) -> str:
     """A worker's error as tenants may read it: no file system paths, bounded."""
     return re.sub(r"(?<![\w.])/[^\s'\",:]+", "<path>", error)[:300] or "unknown error"
@@ -54,6 +45,7 @@ def _redact(error: str) -> str:
 @dataclass
 class AgentSession:
     record: WorkerRecord
+    budget: LoadBudget  # this worker's loads per second
     outbox: asyncio.Queue[pb.ConnectResponse] = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
     pending: dict[str, asyncio.Future[pb.CommandResult]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
@@ -67,7 +59,6 @@ class AgentSession:
     unsynced: bool = False  # the record's last write to Redis failed
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set: the control plane closes the stream
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
-    budget: LoadBudget = field(default_factory=lambda: LoadBudget(10))
 
     def view(self, draining: bool) -> WorkerView:
         r = self.record
@@ -113,7 +104,7 @@ class Sessions:
     """The agents connected to this replica, by worker id. `addr` is where the other replicas
     reach this one: it is recorded as the `owner` of these workers."""
 
-    def __init__(self, store: Store, addr: str, load_timeout_s: float, max_loads_per_s: int = 10) -> None:
+    def __init__(self, store: Store, addr: str, load_timeout_s: float, max_loads_per_s: int) -> None:
         self._store = store
         self.addr = addr
         self._load_timeout = load_timeout_s
@@ -143,7 +134,7 @@ class Sessions:
             updated_at=time.time(),
             owner=self.addr,
         )
-        session = AgentSession(record, budget=LoadBudget(self._max_loads_per_s))
+        session = AgentSession(record, LoadBudget(self._max_loads_per_s))
         self._by_worker[reg.worker_id] = session
         self._count_agents()
         # Before the record: a replica that sees this record sees a live worker (`Liveness.sweep`).

@@ -260,7 +260,7 @@ class Store:
     async def desired(self, worker_id: str) -> set[str]:
         return {str(a) for a in await self.r.smembers(keys.desired(worker_id))}
 
-    async def put_activity(self, worker_id: str, activity: Activity, ttl_s: int = 30) -> None:
+    async def put_activity(self, worker_id: str, activity: Activity, ttl_s: int) -> None:
         await self.r.set(keys.activity(worker_id), activity.to_json(), ex=ttl_s)
 
     async def activity(self, worker_ids: list[str]) -> dict[str, Activity]:

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from controlplane.liveness import Liveness
 from controlplane.peers import Peers
-from controlplane.sessions import Sessions
+from controlplane.sessions import ACTIVITY_TTL_S, Sessions
 from controlplane.store import Store
 from loraplane.state.records import Activity, WorkerRecord
 from tests.support import RedisServer
@@ -29,7 +29,7 @@ async def test_workers_whose_agents_are_nowhere_leave_routing(redis_server: Redi
     live_replica = f"127.0.0.1:{peer.add_insecure_port('127.0.0.1:0')}"
     await peer.start()
     peers = Peers("t" * 32, 5)
-    liveness = Liveness(store, Sessions(store, "cp-me", 5), peers)
+    liveness = Liveness(store, Sessions(store, "cp-me", 5, 10), peers)
 
     def worker(wid: str, owner: str) -> WorkerRecord:
         return WorkerRecord(wid, "m", "http://w", 8, ["adp_x"], healthy=True, updated_at=time.time(), owner=owner)
@@ -37,7 +37,7 @@ async def test_workers_whose_agents_are_nowhere_leave_routing(redis_server: Redi
     cases = {"mine": "cp-me", "dead-replica": "127.0.0.1:1", "live-replica": live_replica, "beating": "127.0.0.1:1"}
     for wid, owner in cases.items():
         await store.put_worker(worker(wid, owner))
-    await store.put_activity("beating", Activity())
+    await store.put_activity("beating", Activity(), ACTIVITY_TTL_S)
     version = (await store.routing_table())[0]
     assert sorted(await liveness.sweep()) == ["dead-replica", "mine"]
     after = {w.id: w for w in await store.list_workers()}

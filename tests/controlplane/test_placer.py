@@ -20,8 +20,8 @@ async def test_concurrent_placements_on_a_full_worker_evict_different_adapters(r
     worker never holds more than its slots (the same victim chosen twice loaded one too many)."""
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     store = Store(client)
-    sessions = Sessions(store, "cp-test", 5)
-    placer = Placer(store, sessions, Peers("t" * 32, 5))
+    sessions = Sessions(store, "cp-test", 5, 10)
+    placer = Placer(store, sessions, Peers("t" * 32, 5), 30.0)
     old = [record("ten_race", f"old{i}") for i in range(3)]
     new = [record("ten_race", f"new{i}") for i in range(2)]
     register = pb.Register(worker_id="race-w", base_model="tiny-llama", endpoint="http://w", max_adapters=3,

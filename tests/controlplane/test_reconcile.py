@@ -21,7 +21,7 @@ async def test_a_worker_is_brought_to_its_desired_state_and_unknown_adapters_are
     Redis has no record of is neither loaded (its intent is dropped) nor evicted."""
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     store = Store(client)
-    sessions = Sessions(store, "cp-test", 5)
+    sessions = Sessions(store, "cp-test", 5, 10)
     missing, stale = record("ten_rec", "missing"), record("ten_rec", "stale")
     for rec in (missing, stale):
         await store.create_adapter(rec, 20)

@@ -16,7 +16,7 @@ from tests.support import RedisServer
 async def test_a_heartbeat_measured_before_an_applied_result_does_not_undo_it(redis_server: RedisServer) -> None:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     store = Store(client)
-    sessions = Sessions(store, "cp-test", 5)
+    sessions = Sessions(store, "cp-test", 5, 10)
     reconciler = Reconciler(store, sessions)
     register = pb.Register(worker_id="hb-w", base_model="m", endpoint="http://w", max_adapters=8, resident=["adp_x"])
     session = await sessions.attach(register)
