@@ -1,5 +1,6 @@
 """The data plane's Prometheus metrics, on a registry of its own. Every request is counted once,
-when it ends (`access.Exchange.finish`), whichever path answered it; the label sets are bounded:
+when it ends (`access.Exchange.finish`), whichever path answered it (not a connection cut off
+before its headers were whole: that 408 has an access line only); the label sets are bounded:
 unknown paths count as "other", base models are the catalog's."""
 
 from __future__ import annotations

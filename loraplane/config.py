@@ -85,7 +85,7 @@ def from_env(cls: type[S], environ: Mapping[str, str], **given: Any) -> S:
             values[f.name] = secret(environ, source.name)
         elif source.name in environ:
             value = environ[source.name]
-            values[f.name] = source.parse(value) if source.parse else parse(source.name, value, hints[f.name])
+            values[f.name] = _custom(source, value) if source.parse else parse(source.name, value, hints[f.name])
         elif f.default is not dataclasses.MISSING:
             values[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -150,6 +150,14 @@ def parse(name: str, value: str, kind: Any) -> Any:
         except ValueError as err:
             raise ConfigError(f"{name}={value!r}: {err}") from None
     raise TypeError(f"{name}: no conversion to {kind!r}; declare the field with parse= or derived()")
+
+
+def _custom(source: Var, value: str) -> Any:
+    assert source.parse is not None
+    try:
+        return source.parse(value)
+    except ValueError as err:
+        raise ConfigError(f"{source.name}={value!r}: {err}") from None
 
 
 def _convert(name: str, value: str, to: Callable[[str], V], expected: str) -> V:

@@ -113,18 +113,27 @@ def handler(component: str, fmt: str, stream: TextIO | None = None) -> logging.H
     return out
 
 
+def _format(value: str) -> str:
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
+def _level(value: str) -> str:
+    if value not in logging.getLevelNamesMapping():
+        raise ValueError("not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    return value
+
+
 @dataclass(frozen=True)
 class LogSettings:
     """What every component's entry point reads for its logs."""
 
-    format: str = field(default="text", metadata=var("LORAPLANE_LOG_FORMAT"))  # text or json
-    level: str = field(default="INFO", metadata=var("LORAPLANE_LOG_LEVEL"))
+    format: str = field(default="text", metadata=var("LORAPLANE_LOG_FORMAT", parse=_format))
+    level: str = field(default="INFO", metadata=var("LORAPLANE_LOG_LEVEL", parse=_level))
 
 
 def setup(component: str, environ: Mapping[str, str] | None = None) -> None:
     """Configure the root logger for an entry point: `LORAPLANE_LOG_FORMAT`, `LORAPLANE_LOG_LEVEL`."""
-    settings = config.from_env(LogSettings, os.environ if environ is None else environ)
-    fmt, level = settings.format, settings.level
-    if fmt not in ("text", "json"):
-        raise SystemExit(f"LORAPLANE_LOG_FORMAT must be text or json, not {fmt!r}")
-    logging.basicConfig(level=level, handlers=[handler(component, fmt)], force=True)
+    settings = config.or_exit(lambda: config.from_env(LogSettings, os.environ if environ is None else environ))
+    logging.basicConfig(level=settings.level, handlers=[handler(component, settings.format)], force=True)

@@ -170,6 +170,7 @@ def test_the_agent_defaults_are_the_declared_ones(monkeypatch: pytest.MonkeyPatc
     ("module", "env"),
     [
         ("dataplane.app", {"LORAPLANE_HTTP_PORT": "eighty"}),
+        ("dataplane.app", {"LORAPLANE_LOG_LEVEL": "LOUD"}),
         ("controlplane.server", {**SECRETS, "LORAPLANE_MAX_LOADS_PER_S": "many"}),
         ("workeragent.agent", {"LORAPLANE_AGENT_TOKEN": "a" * 16, "LORAPLANE_HEARTBEAT_S": "2s"}),
     ],

@@ -19,6 +19,9 @@ from workeragent import vllmguard
 
 log = logging.getLogger(__name__)
 IDLE_AFTER_S = 0.5
+# The families `parse_activity` reads: parsing only their samples keeps a heartbeat cheap (a whole
+# vLLM page is ~100 kB) and an odd line elsewhere on the page harmless.
+ACTIVITY_FAMILIES = ("vllm:lora_requests_info", "vllm:num_requests_running", "vllm:num_requests_waiting")
 # Variables that start coverage.py in every Python process that inherits them (see scripts/test).
 MEASURING = ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")
 
@@ -99,7 +102,8 @@ def parse_activity(text: str) -> tuple[float, str, float, float]:
     (running and waiting, comma-separated), and the requests running and waiting (summed over
     engines)."""
     newest, names, running, waiting = 0.0, "", 0.0, 0.0
-    for family in text_string_to_metric_families(text):
+    wanted = "".join(line + "\n" for line in text.splitlines() if line.startswith(ACTIVITY_FAMILIES))
+    for family in text_string_to_metric_families(wanted):
         for sample in family.samples:
             if sample.name == "vllm:lora_requests_info" and sample.value > newest:
                 newest = sample.value

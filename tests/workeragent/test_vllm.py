@@ -216,3 +216,10 @@ async def test_an_unreadable_metrics_page_is_a_vllm_error(vllm: FakeVllm, client
     vllm.answers["GET", "/metrics"] = (200, 'vllm:num_requests_running{engine="0"} lots\n', "text/plain")
     with pytest.raises(VllmError):
         await client.activity()
+
+
+async def test_an_odd_line_in_a_family_the_agent_does_not_read_is_harmless(vllm: FakeVllm, client: VllmClient) -> None:
+    page = metrics_page([("a1", "", time.time())], running=(1.0,), waiting=(0.0,))
+    page += 'vllm:some_future_series{engine="0"} NaN-ish\n'
+    vllm.answers["GET", "/metrics"] = (200, page, "text/plain")
+    assert await client.activity() == ({"a1"}, 1)
