@@ -12,7 +12,7 @@ import redis.asyncio as redis
 
 from controlplane import telemetry
 from controlplane.peers import Peers
-from controlplane.sessions import ACTIVITY_REFRESH_S, ACTIVITY_TTL_S, Sessions
+from controlplane.sessions import ACTIVITY_REFRESH_S, Sessions
 from controlplane.store import Store
 
 log = logging.getLogger(__name__)
@@ -63,22 +63,43 @@ class Liveness:
                 telemetry.REDIS_UP.set("controlplane", value=0)
                 log.warning("watching the workers: Redis is unreachable: %s", err)
 
+    async def release_stale(self) -> None:
+        """At startup, before this replica accepts streams: workers left healthy by its previous
+        life (or by a replica that is gone) leave routing now, not ACTIVITY_TTL_S later. Redis
+        away is no reason not to start: the periodic sweep tries again."""
+        try:
+            marked = await self.sweep()
+        except redis.RedisError as err:
+            log.warning("releasing the workers of a previous run: Redis is unreachable: %s", err)
+            return
+        if marked:
+            log.info("released %d worker(s) no agent has registered with since this replica started", len(marked))
+
     async def sweep(self) -> list[str]:
         """Workers left healthy by a replica that died with their streams (this one before a
-        restart, or another that does not answer), whose agents did not come back anywhere:
-        their activity record, refreshed with their heartbeats and written before the worker's
-        record at registration, has expired. They leave routing ACTIVITY_TTL_S or a little more
-        after their last heartbeat. Returns the workers marked."""
-        me = self._sessions.addr
+        restart, or another that does not answer), whose agents did not come back anywhere.
+        Only a live replica other than this one vouches for a worker: as its recorded owner, or
+        as the writer of its activity record (refreshed with its heartbeats, written before the
+        worker's record at registration, expiring ACTIVITY_TTL_S after the last heartbeat). This
+        replica writes activity only for its own sessions, so activity it wrote for a worker it
+        does not hold is from its previous life. Returns the workers marked."""
         orphans = [w for w in await self._store.list_workers() if w.healthy and w.id not in self._sessions]
-        alive = await self._store.activity([w.id for w in orphans])
+        activity = await self._store.activity([w.id for w in orphans])
+        alive = await self._live_peers({w.owner for w in orphans} | {a.owner for a in activity.values()})
         marked = []
         for w in orphans:
-            if w.id in alive or (w.owner not in ("", me) and await self._peers.alive(w.owner)):
+            written = activity.get(w.id)
+            if w.owner in alive or (written is not None and written.owner in alive):
                 continue  # a live replica's worker is that replica's to judge (its Redis writes may lag)
             if await self._store.abandon_worker(w):
                 marked.append(w.id)
         for wid in marked:
-            log.warning("worker %s: no agent connected anywhere and no heartbeat for %ds; out of routing",
-                        wid, ACTIVITY_TTL_S)  # fmt: skip
+            log.warning("worker %s: no agent connected anywhere since its last heartbeat; out of routing", wid)
         return marked
+
+    async def _live_peers(self, addrs: set[str]) -> set[str]:
+        """The replicas among `addrs`, other than this one, that answer their health check; asked
+        all at once, so that a dead one costs one health check timeout, not one each."""
+        others = sorted(addrs - {"", self._sessions.addr})
+        answers = await asyncio.gather(*(self._peers.alive(a) for a in others))
+        return {a for a, up in zip(others, answers, strict=True) if up}

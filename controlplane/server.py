@@ -102,6 +102,8 @@ async def start(settings: Settings) -> ControlPlane:
     auth = Auth(store, settings)
     registry = Registry(settings, store, artifacts, catalog, placer, liveness)
     await liveness.check_epoch()
+    # This replica holds no stream yet: a worker recorded as held by it is held by its previous life.
+    await liveness.release_stale()
 
     server = grpc.aio.server(
         options=[

@@ -242,7 +242,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         session = await self._sessions.attach(first.register)
         reader = asyncio.create_task(self._read(session, it))
         ended = asyncio.create_task(session.ended.wait())
-        self._reconciler.converge(session)
+        if session.record.healthy:  # else the first heartbeat of a serving engine converges it
+            self._reconciler.converge(session)
         try:
             while True:
                 get = asyncio.create_task(session.outbox.get())
@@ -280,8 +281,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             hb = await newest.get()
             try:
                 await self._sessions.heartbeat(
-                    session, list(hb.resident), hb.healthy, list(hb.busy), hb.requests_in_flight, hb.commands_done
-                )
+                    session, list(hb.resident), hb.healthy, list(hb.busy), hb.requests_in_flight, hb.commands_done,
+                    hb.engine if hb.HasField("engine") else None,
+                )  # fmt: skip
                 await self._reconciler.converge_if_drifted(session)
             except redis.RedisError as err:  # the session outlives Redis's absence; the next beat writes
                 log.warning("heartbeat of %s not recorded: %s", session.record.id, err)
@@ -315,6 +317,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     max_adapters=w.max_adapters,
                     resident_adapter_ids=w.resident,
                     healthy=w.healthy and bool(w.owner),
+                    engine_state=w.engine_state,
+                    engine_last_error=w.engine_error,
+                    engine_restarts=w.engine_restarts,
                 )
                 for w in await self._store.list_workers()
             ]

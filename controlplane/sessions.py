@@ -17,12 +17,13 @@ from controlplane.placement import LoadBudget, Placement, WorkerView
 from controlplane.store import Store
 from loraplane import logs
 from loraplane.controlplane.v1 import worker_pb2 as pb
-from loraplane.state.records import Activity, AdapterRecord, WorkerRecord
+from loraplane.state.records import ENGINE_STATES, SERVING, Activity, AdapterRecord, WorkerRecord
 
 log = logging.getLogger(__name__)
 OUTBOX_SIZE = 64
 ACTIVITY_TTL_S = 30  # a worker's activity record expires this long after its last heartbeat
 ACTIVITY_REFRESH_S = 10.0  # well inside ACTIVITY_TTL_S
+ENGINE_ERROR_CHARS = 500  # of the engine's last error line, kept in the worker's record
 
 
 class CommandFailed(Exception):
@@ -35,6 +36,16 @@ class WorkerLoadFailed(NoCapacity):
     def __init__(self, worker_id: str, reason: str) -> None:
         super().__init__(f"{worker_id}: {reason}")
         self.worker_id = worker_id
+
+
+def serving(engine: pb.EngineStatus) -> bool:
+    """Whether the engine takes requests: an agent too old to report its engine is taken at its word."""
+    return engine.state in ("", SERVING)
+
+
+def _engine_label(state: str) -> str:
+    """The engine state as a metric label: one of a bounded set, whatever the agent sent."""
+    return state if state in ENGINE_STATES else "unknown"
 
 
 def _redact(error: str) -> str:
@@ -130,32 +141,43 @@ class Sessions:
             endpoint=reg.endpoint,
             max_adapters=reg.max_adapters,
             resident=sorted(reg.resident),
-            healthy=True,
+            healthy=serving(reg.engine),
             updated_at=time.time(),
             owner=self.addr,
+            engine_state=reg.engine.state,
+            engine_error=reg.engine.last_error[:ENGINE_ERROR_CHARS],
+            engine_restarts=reg.engine.restarts,
         )
         session = AgentSession(record, LoadBudget(self._max_loads_per_s))
         self._by_worker[reg.worker_id] = session
-        self._count_agents()
+        self._count()
         # Before the record: a replica that sees this record sees a live worker (`Liveness.sweep`).
-        await self._store.put_activity(record.id, Activity(), ACTIVITY_TTL_S)
+        await self._store.put_activity(record.id, Activity(owner=self.addr), ACTIVITY_TTL_S)
         session.activity_written = time.monotonic()
         await self._store.put_worker(record)
-        log.info("worker %s registered (%s, %d resident)", reg.worker_id, reg.base_model, len(reg.resident))
+        log.info("worker %s registered (%s, %d resident, engine %s)",
+                 reg.worker_id, reg.base_model, len(reg.resident), reg.engine.state or "not reported")  # fmt: skip
         return session
 
-    def _count_agents(self) -> None:
-        counts = dict.fromkeys(telemetry.AGENTS.values, 0.0)  # a base model left with none shows 0
+    def _count(self) -> None:
+        """The connected agents per base model, and their engines per state (label sets left
+        with none show 0)."""
+        agents = dict.fromkeys(telemetry.AGENTS.values, 0.0)
+        engines = dict.fromkeys(telemetry.ENGINES.values, 0.0)
         for s in self._by_worker.values():
-            counts[(s.record.base_model,)] = counts.get((s.record.base_model,), 0.0) + 1
-        for labels, n in counts.items():
+            model, state = s.record.base_model, _engine_label(s.record.engine_state)
+            agents[(model,)] = agents.get((model,), 0.0) + 1
+            engines[(model, state)] = engines.get((model, state), 0.0) + 1
+        for labels, n in agents.items():
             telemetry.AGENTS.set(*labels, value=n)
+        for labels, n in engines.items():
+            telemetry.ENGINES.set(*labels, value=n)
 
     async def detach(self, session: AgentSession) -> None:
         session.fail_all("worker disconnected")
         if self._by_worker.get(session.record.id) is session:
             del self._by_worker[session.record.id]
-            self._count_agents()
+            self._count()
             current = await self._store.get_worker(session.record.id)
             if current is None or current.owner == self.addr:  # not already taken over elsewhere
                 await self._store.put_worker(replace(session.record, healthy=False, owner="", updated_at=time.time()))
@@ -168,18 +190,26 @@ class Sessions:
         healthy: bool,
         busy: frozenset[str] | None = None,
         seen: bool = True,
+        engine: pb.EngineStatus | None = None,
     ) -> None:
-        """Record what vLLM really holds; writes Redis only when that changed."""
+        """Record what vLLM really holds, and its engine's state (None: unchanged); writes Redis
+        only when that changed."""
         if seen:
             session.last_seen = time.monotonic()
         if busy is not None:
             session.busy = busy
         rec = session.record
-        resident = sorted(resident)
-        if resident != rec.resident or healthy != rec.healthy or session.unsynced:
+        new = replace(rec, resident=sorted(resident), healthy=healthy)
+        if engine is not None:
+            error = engine.last_error[:ENGINE_ERROR_CHARS]
+            new = replace(new, engine_state=engine.state, engine_error=error, engine_restarts=engine.restarts)
+        if new != rec or session.unsynced:
             # A write that failed may still have landed (a timeout): the next report writes again.
             session.unsynced = True
-            session.record = replace(rec, resident=resident, healthy=healthy, updated_at=time.time())
+            session.record = replace(new, updated_at=time.time())
+            if new.engine_state != rec.engine_state:
+                self._count()
+                log.info("worker %s: engine %s", rec.id, new.engine_state or "not reported")
             await self._store.put_worker(session.record)
             session.unsynced = False
 
@@ -191,16 +221,20 @@ class Sessions:
         busy: list[str],
         in_flight: int = 0,
         commands_done: int | None = None,
+        engine: pb.EngineStatus | None = None,
     ) -> None:
+        """`engine`: the engine's state (None: unchanged); the worker is healthy only while it serves."""
         if commands_done is not None and commands_done < session.results_seen:
             resident = session.record.resident  # measured before a result already applied: older news
         now = time.monotonic()
         changed = (frozenset(busy), in_flight) != (session.busy, session.in_flight)
         if changed or now - session.activity_written > ACTIVITY_REFRESH_S:
-            await self._store.put_activity(session.record.id, Activity(frozenset(busy), in_flight), ACTIVITY_TTL_S)
+            activity = Activity(frozenset(busy), in_flight, self.addr)
+            await self._store.put_activity(session.record.id, activity, ACTIVITY_TTL_S)
             session.activity_written = now
         session.in_flight = in_flight
-        await self.report(session, resident, healthy, frozenset(busy))
+        healthy = healthy and (engine is None or serving(engine))
+        await self.report(session, resident, healthy, frozenset(busy), engine=engine)
 
     async def load(self, session: AgentSession, adapter: AdapterRecord, keep_intent: bool = False) -> Placement:
         """Record the intent, then load. A failed placement drops the intent; a failed reload

@@ -21,3 +21,9 @@ REDIS_UP = metrics.Gauge(REGISTRY, "loraplane_redis_up", "1 if Redis answered th
 AGENTS = metrics.Gauge(
     REGISTRY, "loraplane_agents_connected", "Worker agents with a stream open to this replica.", ("base_model",)
 )
+ENGINES = metrics.Gauge(
+    REGISTRY,
+    "loraplane_workers_by_engine_state",
+    "This replica's connected workers, by their engine's state as their agents report it.",
+    ("base_model", "state"),
+)

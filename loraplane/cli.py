@@ -15,7 +15,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from loraplane import tenantcli
-from loraplane.controlplane.v1 import tenant_pb2
+from loraplane.controlplane.v1 import tenant_pb2, worker_pb2
 from loraplane.operator import Operator
 
 TIERS = {"shared": tenant_pb2.TIER_SHARED, "reserved": tenant_pb2.TIER_RESERVED, "dedicated": tenant_pb2.TIER_DEDICATED}
@@ -122,10 +122,19 @@ def cmd_key_revoke(args: argparse.Namespace) -> None:
     print(f"revoked {args.prefix}")
 
 
+def _worker_state(w: worker_pb2.Worker) -> str:
+    """healthy; the engine's state when the agent says it is not serving (crash_loop, …); else down."""
+    if w.healthy:
+        return "healthy"
+    return w.engine_state if w.engine_state not in ("", "serving") else "down"
+
+
 def cmd_worker_list(args: argparse.Namespace) -> None:
     for w in _op(args).list_workers().workers:
-        state = "healthy" if w.healthy else "down"
-        print(f"{w.worker_id}  {w.base_model}  {state}  {len(w.resident_adapter_ids)}/{w.max_adapters}  {w.endpoint}")
+        slots = f"{len(w.resident_adapter_ids)}/{w.max_adapters}"
+        print(f"{w.worker_id}  {w.base_model}  {_worker_state(w)}  {slots}  {w.endpoint}  restarts {w.engine_restarts}")
+        if w.engine_last_error:
+            print(f"    last error: {w.engine_last_error}")
         for adapter_id in w.resident_adapter_ids:
             print(f"    {adapter_id}")
 

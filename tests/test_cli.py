@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -11,12 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+import redis.asyncio as redis
+from grpc_health.v1 import health, health_pb2_grpc
 
+from controlplane.store import Store
 from loraplane.stack import Stack
+from loraplane.state.records import WorkerRecord
 from tests.conftest import SimStack, new_tenant
+from tests.controlplane.test_service import OPERATOR, start_control_plane
 from tests.hubserver import HubServer, Repo
-from tests.support import free_port, lora_tensors, safetensors_bytes
+from tests.support import RedisServer, free_port, lora_tensors, safetensors_bytes
 
 ADAPTER = safetensors_bytes(lora_tensors(rank=4))
 CONFIG = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
@@ -246,3 +253,41 @@ def read_until(fd: int, marker: bytes, timeout: float = 30) -> bytes:
 @pytest.mark.parametrize("args", [["adapters", "list", "--help"], ["adapters", "upload", "--help"], ["chat", "--help"]])
 def test_help(args: list[str], tmp_path: Path) -> None:
     assert loraplane(env(tmp_path), *args).returncode == 0
+
+
+async def test_worker_list_shows_each_engine(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`loraplane worker list`: healthy, the engine's state when it is not serving, or down; its
+    restarts; the engine's last error line below the worker, then what it holds."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushdb()
+    store = Store(client)
+    peer = grpc.aio.server()  # the replica holding the streams: alive, so no sweep takes them meanwhile
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), peer)
+    owner = f"127.0.0.1:{peer.add_insecure_port('127.0.0.1:0')}"
+    await peer.start()
+    cp = await start_control_plane(redis_server.url, tmp_path)
+    try:
+        now = time.time()
+        for w in (
+            WorkerRecord("w-a", "tiny-llama", "http://a", 4, ["adp_1", "adp_2"], True, now, owner=owner,
+                         engine_state="serving"),
+            WorkerRecord("w-b", "tiny-llama", "http://b", 4, [], False, now, owner=owner, engine_state="crash_loop",
+                         engine_error="torch.OutOfMemoryError: CUDA out of memory", engine_restarts=5),
+            WorkerRecord("w-c", "tiny-llama", "http://c", 4, [], False, now, engine_state="serving", engine_restarts=1),
+        ):  # fmt: skip
+            await store.put_worker(w)
+        operator = env(tmp_path, LORAPLANE_CONTROLPLANE_ADDR=f"127.0.0.1:{cp.port}", LORAPLANE_OPERATOR_TOKEN=OPERATOR)
+        out = await asyncio.to_thread(loraplane, operator, "worker", "list")
+    finally:
+        await cp.stop(0)
+        await peer.stop(None)
+        await client.aclose()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "w-a  tiny-llama  healthy  2/4  http://a  restarts 0",
+        "    adp_1",
+        "    adp_2",
+        "w-b  tiny-llama  crash_loop  0/4  http://b  restarts 5",
+        "    last error: torch.OutOfMemoryError: CUDA out of memory",
+        "w-c  tiny-llama  down  0/4  http://c  restarts 1",
+    ]

@@ -30,6 +30,8 @@ DATAPLANE_OWN = {
     "loraplane_dataplane_healthy_workers": ("gauge", set()),
     "loraplane_dataplane_placements_waiting": ("gauge", set()),
 }
+# The control plane's series besides the dashboard's (docs/operations.md lists them).
+CONTROLPLANE_OWN = {"loraplane_workers_by_engine_state": ("gauge", {"base_model", "state"})}
 
 
 def families(page: bytes) -> dict[str, tuple[str, list[Sample]]]:
@@ -86,11 +88,12 @@ def test_the_control_planes_registry() -> None:
     telemetry.REDIS_UP.set("controlplane", value=1)
     telemetry.AGENTS.set("tiny-llama", value=2)
     assert telemetry.AGENTS.values[("tiny-llama",)] == 2
+    telemetry.ENGINES.set("tiny-llama", "crash_loop", value=1)
     expected = dashboard(
         "loraplane_requests_total", "loraplane_adapter_loads_total", "loraplane_adapter_load_seconds",
         "loraplane_adapter_evictions_total", "loraplane_redis_up", "loraplane_agents_connected",
     )  # fmt: skip
-    check(metrics.render(telemetry.REGISTRY), expected)
+    check(metrics.render(telemetry.REGISTRY), expected | CONTROLPLANE_OWN)
 
 
 @pytest.fixture

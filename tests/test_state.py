@@ -90,8 +90,9 @@ def test_records_read_back_what_was_written() -> None:
     assert AdapterRecord.from_json(rec.to_json()) == rec
     worker = WorkerRecord("w1", "tiny-llama", "http://w", 8, ["adp_v1"], healthy=False, updated_at=2.0, owner="cp")
     assert WorkerRecord.from_json(worker.to_json()) == worker
-    activity = Activity(frozenset({"adp_b", "adp_a"}), 3)
+    activity = Activity(frozenset({"adp_b", "adp_a"}), 3, owner="cp-1:50051")
     assert Activity.from_json(activity.to_json()) == activity
+    assert Activity.from_json('{"busy": ["adp_a"], "in_flight": 1}') == Activity(frozenset({"adp_a"}), 1, owner="")
     key = ApiKey("lp_abcdefgh", "ten_a", 3.25)
     assert ApiKey.from_hash(key.to_hash()) == key
     tenant = {"id": "ten_a", "name": "acme", "tier": "shared", "created_at": "4.5", "suspended": "1"}

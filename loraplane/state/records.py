@@ -44,6 +44,13 @@ class AdapterRecord:
         return cls(**json.loads(raw))
 
 
+# A worker's engine as its agent reports it (`EngineStatus.state` in worker.proto): only SERVING
+# takes requests; DOWN is a vLLM the agent attached to (not started) that does not answer.
+ENGINE_STATES = SERVING, STARTING, HUNG, RESTARTING, CRASH_LOOP, DOWN = (
+    "serving", "starting", "hung", "restarting", "crash_loop", "down",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class WorkerRecord:
     id: str
@@ -55,6 +62,9 @@ class WorkerRecord:
     updated_at: float = 0.0
     draining: bool = False  # read from the `draining` set, never from the record
     owner: str = ""  # address of the control plane replica holding the agent's stream
+    engine_state: str = ""  # as the agent reports it (`EngineStatus.state` in worker.proto)
+    engine_error: str = ""  # the engine's last error line
+    engine_restarts: int = 0  # since the agent started
 
     def to_json(self) -> str:
         return _json(self)
@@ -70,14 +80,15 @@ class Activity:
 
     busy: frozenset[str] = frozenset()  # adapters with requests in flight
     in_flight: int = 0  # requests running or waiting in its vLLM
+    owner: str = ""  # address of the control plane replica that wrote it; "": a replica too old to say
 
     def to_json(self) -> str:
-        return json.dumps({"busy": sorted(self.busy), "in_flight": self.in_flight})
+        return json.dumps({"busy": sorted(self.busy), "in_flight": self.in_flight, "owner": self.owner})
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Activity:
         a = json.loads(raw)
-        return cls(frozenset(a["busy"]), int(a["in_flight"]))
+        return cls(frozenset(a["busy"]), int(a["in_flight"]), str(a.get("owner", "")))
 
 
 @dataclass(frozen=True)

@@ -7,32 +7,46 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident")
+    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident", "engine")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     base_model: str
     endpoint: str
     max_adapters: int
     resident: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ...) -> None: ...
+    engine: EngineStatus
+    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ...) -> None: ...
+
+class EngineStatus(_message.Message):
+    __slots__ = ("state", "last_error", "restarts")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    last_error: str
+    restarts: int
+    def __init__(self, state: _Optional[str] = ..., last_error: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("resident", "healthy", "busy", "requests_in_flight", "commands_done")
+    __slots__ = ("resident", "healthy", "busy", "requests_in_flight", "commands_done", "engine")
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     resident: _containers.RepeatedScalarFieldContainer[str]
     healthy: bool
     busy: _containers.RepeatedScalarFieldContainer[str]
     requests_in_flight: int
     commands_done: int
-    def __init__(self, resident: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., busy: _Optional[_Iterable[str]] = ..., requests_in_flight: _Optional[int] = ..., commands_done: _Optional[int] = ...) -> None: ...
+    engine: EngineStatus
+    def __init__(self, resident: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., busy: _Optional[_Iterable[str]] = ..., requests_in_flight: _Optional[int] = ..., commands_done: _Optional[int] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("command_id", "ok", "error", "already_done", "duration_ms", "resident")
@@ -117,20 +131,26 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident_adapter_ids", "healthy")
+    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident_adapter_ids", "healthy", "engine_state", "engine_last_error", "engine_restarts")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_STATE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     base_model: str
     endpoint: str
     max_adapters: int
     resident_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
     healthy: bool
-    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    engine_state: str
+    engine_last_error: str
+    engine_restarts: int
+    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., engine_state: _Optional[str] = ..., engine_last_error: _Optional[str] = ..., engine_restarts: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)

@@ -1,0 +1,120 @@
+"""The worker service on a real control plane in this process, against a real Redis: what
+ListWorkers shows of a worker's engine, and a crash-looping worker's stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from controlplane import server
+from controlplane.settings import Settings
+from controlplane.store import Store
+from loraplane.catalog import Catalog
+from loraplane.controlplane.v1 import worker_pb2 as pb
+from loraplane.controlplane.v1 import worker_pb2_grpc
+from loraplane.state.records import WorkerRecord
+from tests.controlplane.test_peers import eventually
+from tests.controlplane.test_store import record
+from tests.support import RedisServer, free_port
+
+OPERATOR, AGENT, PEER = "o" * 32, "a" * 32, "p" * 32
+
+
+async def start_control_plane(redis_url: str, tmp_path: Path, port: int = 0) -> server.ControlPlane:
+    """A control plane on `port` (0: a free one), with the tokens above and no metrics server."""
+    Catalog.write(tmp_path / "catalog.json", [{"name": "tiny-llama", "path": str(tmp_path), "lora": False}])
+    env = {
+        "LORAPLANE_GRPC_ADDR": f"127.0.0.1:{port or free_port()}",
+        "LORAPLANE_REDIS_URL": redis_url,
+        "LORAPLANE_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        "LORAPLANE_CATALOG": str(tmp_path / "catalog.json"),
+        "LORAPLANE_OPERATOR_TOKEN": OPERATOR,
+        "LORAPLANE_AGENT_TOKEN": AGENT,
+        "LORAPLANE_PEER_TOKEN": PEER,
+        "LORAPLANE_METRICS_ADDR": "",
+        "LORAPLANE_HEARTBEAT_TIMEOUT_S": "60",  # the fake agents send heartbeats only when told
+    }
+    return await server.start(Settings.from_env(env))
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[Store]:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushdb()
+    yield Store(client)
+    await client.aclose()
+
+
+@pytest.fixture
+async def plane(redis_server: RedisServer, store: Store, tmp_path: Path) -> AsyncIterator[server.ControlPlane]:
+    cp = await start_control_plane(redis_server.url, tmp_path)
+    yield cp
+    await cp.stop(0)
+
+
+async def test_list_workers_shows_the_engine(plane: server.ControlPlane, store: Store) -> None:
+    owner = f"127.0.0.1:{plane.port}"
+    await store.put_worker(WorkerRecord("w-loop", "tiny-llama", "http://w", 4, healthy=False, updated_at=time.time(),
+                                        owner=owner, engine_state="crash_loop", engine_restarts=5,
+                                        engine_error="torch.OutOfMemoryError: CUDA out of memory"))  # fmt: skip
+    async with grpc.aio.insecure_channel(owner) as channel:
+        resp = await worker_pb2_grpc.WorkerServiceStub(channel).ListWorkers(
+            pb.ListWorkersRequest(), metadata=(("authorization", f"Bearer {OPERATOR}"),), timeout=5
+        )
+    [w] = resp.workers
+    assert (w.worker_id, w.healthy, w.engine_state, w.engine_restarts) == ("w-loop", False, "crash_loop", 5)
+    assert w.engine_last_error == "torch.OutOfMemoryError: CUDA out of memory"
+
+
+async def test_a_crash_looping_worker_gets_its_adapters_once_its_engine_serves(
+    plane: server.ControlPlane, store: Store
+) -> None:
+    """Nothing is sent to an engine that cannot take it (a failed reload would count against the
+    adapter); the first heartbeat of a serving engine brings the worker to its desired state."""
+    adapter = record("ten_loop", "a1")
+    await store.create_adapter(adapter, 20)
+    await store.desire("w-loop", adapter.id)
+    outgoing: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue()
+    crash_loop = pb.EngineStatus(state="crash_loop", last_error="RuntimeError: boom", restarts=3)
+    register = pb.Register(worker_id="w-loop", base_model="tiny-llama", endpoint="http://w", max_adapters=4,
+                           engine=crash_loop)  # fmt: skip
+    outgoing.put_nowait(pb.ConnectRequest(register=register))
+
+    async def requests() -> AsyncIterator[pb.ConnectRequest]:
+        while True:
+            yield await outgoing.get()
+
+    received: asyncio.Queue[pb.ConnectResponse] = asyncio.Queue()
+
+    async def agent() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
+            stream = worker_pb2_grpc.WorkerServiceStub(channel).Connect(
+                requests(), metadata=(("authorization", f"Bearer {AGENT}"),)
+            )
+            async for msg in stream:
+                received.put_nowait(msg)
+
+    connected = asyncio.create_task(agent())
+
+    async def registered() -> bool:
+        worker = await store.get_worker("w-loop")
+        return worker is not None and worker.engine_state == "crash_loop"
+
+    await eventually(registered, 10, "the agent never registered")
+    worker = await store.get_worker("w-loop")
+    assert worker is not None and not worker.healthy and worker.engine_error == "RuntimeError: boom"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(received.get(), 0.5)  # no load for an engine in a crash loop
+    serving = pb.EngineStatus(state="serving", restarts=3)
+    outgoing.put_nowait(pb.ConnectRequest(heartbeat=pb.Heartbeat(healthy=True, engine=serving)))
+    load = await asyncio.wait_for(received.get(), 10)
+    assert load.load.adapter_id == adapter.id
+    worker = await store.get_worker("w-loop")
+    assert worker is not None and worker.healthy and (worker.engine_state, worker.engine_error) == ("serving", "")
+    connected.cancel()
