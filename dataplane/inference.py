@@ -230,7 +230,8 @@ async def _forward(
 
 
 async def _relay(upstream: UpstreamResponse, upstream_model: str, client_model: str, send: Send, timeout: float) -> int:
-    """The worker's answer to the client, `model` rewritten; SSE line by line as it arrives."""
+    """The worker's answer to the client, `model` rewritten; SSE line by line as it arrives.
+    Unreachable while nothing was sent: a stream's worker that fails before its first byte."""
     old, new = _model_field(upstream_model), _model_field(client_model)
     headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != access.HEADER]
     if not upstream.header(b"content-type").startswith(b"text/event-stream"):
@@ -239,15 +240,22 @@ async def _relay(upstream: UpstreamResponse, upstream_model: str, client_model: 
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
         return upstream.status
+    # vLLM sends a stream's headers at once, before its engine made anything: the client gets
+    # them with the first bytes of the body, so a worker lost (or silent) until then can be replaced.
+    try:
+        chunks = await upstream.chunks(timeout)
+    except Upstream as err:
+        raise Unreachable(f"the worker's stream broke before its first event: {err.message}") from None
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     partial = b""
     try:
-        while chunks := await upstream.chunks(timeout):
+        while chunks:
             data = partial + b"".join(chunks)
             cut = data.rfind(b"\n") + 1  # whole lines only: a `model` field never straddles two sends
             partial = data[cut:]
             if cut:
                 await send({"type": "http.response.body", "body": data[:cut].replace(old, new), "more_body": True})
+            chunks = await upstream.chunks(timeout)
     except Upstream as err:  # the answer has started: all we can do is end it
         log.warning("worker stream broke: %s", err)
     await send({"type": "http.response.body", "body": partial.replace(old, new), "more_body": False})

@@ -71,5 +71,10 @@ class RoutingTable:
         version, records = await queries.routing_table(self._r, self.version)
         if records is None:
             return
-        workers = (Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident), w.healthy) for w in records)
-        self.workers, self.version = tuple(workers), version
+        workers = tuple(Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident), w.healthy) for w in records)
+        if self._suspects:  # a worker whose agent reported it down and then serving again has proved itself
+            was_down = {w.id for w in self.workers if not w.healthy}
+            for w in workers:
+                if w.healthy and w.id in was_down:
+                    self._suspects.pop(w.id, None)
+        self.workers, self.version = workers, version

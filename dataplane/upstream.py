@@ -78,7 +78,10 @@ class _Connection(asyncio.Protocol):
         if not r.started.done():
             r.started.set_exception(err or Unreachable("the worker closed the connection before answering"))
         elif not r.complete:
-            r.finish(err or Upstream("the worker closed the connection mid-answer"))
+            if r.body_started:
+                r.finish(err or Upstream("the worker closed the connection mid-answer"))
+            else:  # nothing of the answer can have been passed on
+                r.finish(err or Unreachable("the worker closed the connection after its headers, before its body"))
 
     def begin(self, response: Response, request: bytes) -> None:
         assert self.transport is not None
@@ -92,7 +95,9 @@ class _Connection(asyncio.Protocol):
 
 
 class Response:
-    """A worker's response: status and headers once `started`, then the body as it comes."""
+    """A worker's response: status and headers once `started`, then the body as it comes. A
+    connection lost before the body's first byte is Unreachable too: none of the answer can
+    have reached the client."""
 
     def __init__(self, pool: Pool, key: tuple[str, int], conn: _Connection) -> None:
         self.status = 0
@@ -100,6 +105,7 @@ class Response:
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.keep_alive = False
         self.complete = False
+        self.body_started = False  # a byte of the body came
         self._pool, self._key, self._conn = pool, key, conn
         self._chunks: deque[bytes] = deque()
         self._error: Exception | None = None
@@ -109,6 +115,7 @@ class Response:
         return next((v for k, v in self.headers if k == name), b"")
 
     def feed(self, data: bytes) -> None:
+        self.body_started = True
         self._chunks.append(data)
         self._wake()
 
@@ -170,8 +177,9 @@ class Pool:
         return target
 
     async def post(self, base_url: str, path: str, body: bytes, timeout: float) -> Response:
-        """Send the request; return once the status and headers are in. Unreachable means no
-        byte of an answer came (safe to try another worker)."""
+        """Send the request; return once the status and headers are in. Unreachable, here or
+        from the body before its first byte, means none of an answer came (safe to try another
+        worker)."""
         host, port, prefix = self._target(base_url)
         key = (host, port)
         request = (

@@ -4,66 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from dataplane.errors import Unreachable, Upstream
 from dataplane.upstream import Pool
+from tests.dataplane.peers import Peer, peer, read_request, reset
 
 OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
-
-
-@dataclass
-class Peer:
-    url: str
-    connections: int = 0
-    requests: list[bytes] = field(default_factory=list)
-    handlers: list[tuple[asyncio.Task[None], asyncio.StreamWriter]] = field(default_factory=list)
-
-
-Handler = Callable[[Peer, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    """One request as sent: its head and its content-length body; b"" once the client closed."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return b""
-    length = next(int(v) for k, _, v in (ln.partition(b": ") for ln in head.split(b"\r\n")) if k == b"Content-Length")
-    return head + await reader.readexactly(length)
-
-
-@asynccontextmanager
-async def peer(handler: Handler) -> AsyncIterator[Peer]:
-    """A server on a free loopback port running `handler` per connection."""
-    state = Peer("")
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        state.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        state.handlers.append((task, writer))
-        try:
-            await handler(state, reader, writer)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
-        async with asyncio.timeout(10):  # no case here may hang
-            yield state
-    finally:
-        server.close()
-        for _, writer in state.handlers:
-            writer.close()  # a handler waiting for the next request sees the end of the stream
-        async with asyncio.timeout(5):
-            await asyncio.gather(*(task for task, _ in state.handlers))
-        await server.wait_closed()
 
 
 async def answer_each(state: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -280,6 +229,7 @@ async def test_a_worker_closing_mid_body_is_an_upstream_error_not_a_retryable_on
         with pytest.raises(Upstream, match="mid-answer") as caught:
             await r.read(5)
         assert not isinstance(caught.value, Unreachable)  # bytes reached the client: no other worker
+        assert r.body_started
         r.release()
         r = await pool.post(server.url, "/x", b"{}", timeout=5)  # the broken connection is not reused
         assert server.connections == 2
@@ -294,6 +244,44 @@ async def test_a_worker_closing_mid_headers_is_unreachable(pool: Pool) -> None:
     async with peer(cut) as server:
         with pytest.raises(Unreachable):
             await pool.post(server.url, "/x", b"{}", timeout=5)
+
+
+async def test_a_worker_reset_before_answering_is_unreachable(pool: Pool) -> None:
+    """A killed worker's connections are reset by the kernel: as retryable as a plain close."""
+
+    async def killed(state: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        reset(writer)
+
+    async with peer(killed) as server:
+        with pytest.raises(Unreachable, match="before answering"):
+            await pool.post(server.url, "/x", b"{}", timeout=5)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", CHUNKED_HEAD, CHUNKED_HEAD + b"a"],
+    ids=["content-length", "chunked", "chunked-inside-a-chunk-size"],
+)
+@pytest.mark.parametrize("hang_up", [asyncio.StreamWriter.close, reset], ids=["close", "reset"])
+async def test_a_worker_lost_after_its_headers_before_its_body_is_unreachable(
+    pool: Pool, head: bytes, hang_up: Callable[[asyncio.StreamWriter], None]
+) -> None:
+    """vLLM sends a stream's headers at once: a worker whose engine dies before the first
+    event leaves an answer of which nothing can have reached the client."""
+
+    async def cut(state: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(head)
+        await writer.drain()
+        hang_up(writer)
+
+    async with peer(cut) as server:
+        r = await pool.post(server.url, "/x", b"{}", timeout=5)
+        with pytest.raises(Unreachable, match="after its headers, before its body"):
+            await r.read(5)
+        assert not r.body_started
+        r.release()
 
 
 async def test_a_malformed_status_line_is_an_upstream_error_not_a_retryable_one(pool: Pool) -> None:
