@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from loraplane import tinymodel
 from loraplane.catalog import Catalog
 from loraplane.operator import Operator
@@ -177,12 +175,14 @@ class Stack:
         return ["agent"] + [f"agent-{i}" for i in range(2, len(self.config.extra_workers) + 2)]
 
     def _worker_ready(self) -> bool:
-        # Each agent registers once its vLLM is healthy.
+        """Whether the data plane's /readyz counts every worker: what `loraplane up` waits for
+        before it says "up" (a worker counts once its engine serves)."""
         try:
-            workers = self.operator(timeout=2).list_workers().workers
-        except grpc.RpcError:
+            with urllib.request.urlopen(self.http_url + "/readyz", timeout=2) as r:
+                workers = json.loads(r.read()).get("workers", 0)
+        except (OSError, ValueError):
             return False
-        return sum(w.healthy for w in workers) == len(self.agents)
+        return bool(workers >= len(self.agents))
 
     def _start_redis(self, d: Path) -> str:
         binary = shutil.which("redis-server")

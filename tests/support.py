@@ -21,6 +21,8 @@ from loraplane.catalog import Architecture
 from loraplane.limits import DTYPE_BYTES
 from workeragent.vllm import MEASURING
 
+# The long reliability suite (`make reliability`): every fault longer and repeated more.
+LONG = os.environ.get("LORAPLANE_RELIABILITY_LONG") == "1"
 ROOT = Path(__file__).resolve().parent.parent  # the repository: `python -m tests.…` runs from here
 TINY = Architecture.from_model_config(tinymodel.DIMENSIONS)
 

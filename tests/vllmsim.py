@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -271,6 +275,17 @@ async def _stream(
         sim.running[model] -= 1
 
 
+# What an engine core does to its API server's SIGTERM: nothing (it outlives a killed parent).
+ENGINE_CORE = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
+
+
+def _exit_with(core: subprocess.Popen[bytes]) -> None:
+    """As vLLM's API server does when its engine core dies."""
+    core.wait()
+    print("ERROR 11-30 12:00:00 [core_client.py:564] Engine core proc EngineCore_DP0 died", file=sys.stderr)
+    os._exit(1)
+
+
 def main() -> None:
     import uvicorn
 
@@ -281,9 +296,21 @@ def main() -> None:
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--tokens-per-s", type=float, default=0.0)
     p.add_argument("--load-ms-per-mb", type=float, default=20.0)
-    p.add_argument("--api-key", default="")
-    a = p.parse_args()
-    config = SimConfig(a.model, a.max_loras, a.tokens_per_s, a.load_ms_per_mb, api_key=a.api_key)
+    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY", ""))
+    # As an agent's engine (LORAPLANE_VLLM_COMMAND): vLLM's name flag; its other flags ignored.
+    p.add_argument("--served-model-name", default="")
+    p.add_argument("--engine-child", action="store_true", help="run a child ignoring SIGTERM, like an engine core")
+    p.add_argument("--fail-if", type=Path, help="fail to start, as an engine that cannot allocate, while this exists")
+    a, _ = p.parse_known_args()
+    if a.fail_if and a.fail_if.exists():
+        print("ERROR 11-30 12:00:00 [core.py:700] EngineCore failed to start.", file=sys.stderr)
+        print(f"RuntimeError: {a.fail_if.read_text().strip()}", file=sys.stderr)
+        sys.exit(1)
+    if a.engine_child:
+        core = subprocess.Popen([sys.executable, "-c", ENGINE_CORE])
+        threading.Thread(target=_exit_with, args=(core,), daemon=True).start()
+    model = a.served_model_name or a.model
+    config = SimConfig(model, a.max_loras, a.tokens_per_s, a.load_ms_per_mb, api_key=a.api_key)
     uvicorn.run(create_app(config), host=a.host, port=a.port, log_level="warning", loop="uvloop", http="httptools")
 
 

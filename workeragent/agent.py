@@ -20,9 +20,12 @@ from loraplane import config, logs, metrics, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
+from loraplane.state.records import DOWN, SERVING
 from workeragent.cache import ArtifactCache, Fetch, IntegrityError, S3Source
+from workeragent.engine import Engine, become_subreaper
 from workeragent.settings import Settings
-from workeragent.vllm import VllmClient, VllmError, VllmProcess
+from workeragent.supervisor import Supervisor, Timing
+from workeragent.vllm import VllmClient, VllmError, engine_command, engine_env
 
 log = logging.getLogger(__name__)
 BACKOFF_CAP_S = 5.0
@@ -37,23 +40,25 @@ class Agent:
         self._s = settings
         self._model = model
         self._metadata = (("authorization", f"Bearer {settings.agent_token}"),)
-        self.process: VllmProcess | None = None
         self._commands_done = 0  # results sent this session: heartbeats say how fresh their `resident` is
         self._vllm_secret = settings.vllm_agent_secret
+        self.engine: Engine | None = None
         if not settings.vllm_url:
             self._vllm_secret = _local_secret(settings.cache_dir / "vllm.secret")
-            self.process = VllmProcess(
+            command = engine_command(
+                settings.vllm_command,
                 model_path=model.path,
                 served_name=model.name,
                 host=settings.vllm_host,
                 port=settings.vllm_port,
-                api_key=settings.vllm_api_key,
-                agent_secret=self._vllm_secret,
                 max_loras=model.max_adapters_per_worker,
                 max_rank=model.max_rank,
                 extra_args=settings.vllm_args,
-                pidfile=settings.cache_dir / "vllm.pid",
             )
+            env = engine_env(os.environ, settings.vllm_api_key, self._vllm_secret)
+            self.engine = Engine(command, env, settings.cache_dir / "vllm.pid", settings.cache_dir / "vllm.log")
+        self.supervisor: Supervisor | None = None
+        self._beat_now = asyncio.Event()  # set: send a heartbeat now (the engine's state changed)
         self.local_url = settings.vllm_url or f"http://{settings.vllm_host}:{settings.vllm_port}"
         self.endpoint = settings.advertise_url or self.local_url
         self.metrics, self._slots_used = metrics.CollectorRegistry(), 0
@@ -90,11 +95,21 @@ class Agent:
                 fetch = (await asyncio.to_thread(S3Source, self._s.artifact_s3)).fetch
             self._cache = ArtifactCache(self._s.cache_dir, fetch, self._s.cache_max_bytes)
             metrics_server = await metrics.serve(self.metrics, self._s.metrics_addr)
-            tasks = [asyncio.create_task(self._connect_forever())]
-            if self.process:
-                if not (self.process.adopt() and await self._vllm.healthy()):
-                    await self.process.start()
-                tasks.append(asyncio.create_task(self._supervise()))
+            tasks = []
+            if self.engine:
+                timing = Timing(
+                    hang_s=self._s.engine_hang_s,
+                    stable_s=self._s.engine_stable_s,
+                    backoff_cap_s=self._s.engine_backoff_cap_s,
+                    gpu_release_s=self._s.engine_gpu_release_s,
+                    startup_s=self._s.startup_timeout_s,
+                )
+                self.supervisor = Supervisor(
+                    self.engine, self._vllm, self._model.name, timing, self.metrics, self._s.worker_id,
+                    changed=self._beat_now.set,
+                )  # fmt: skip
+                tasks.append(asyncio.create_task(self.supervisor.run()))
+            tasks.append(asyncio.create_task(self._connect_forever()))
             try:
                 await stop.wait()
             finally:
@@ -103,38 +118,29 @@ class Agent:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 if metrics_server is not None:
                     metrics_server.close()
-                if self.process:
-                    await self.process.stop()
+                if self.supervisor:
+                    await self.supervisor.stop()
 
-    async def _supervise(self) -> None:
-        """Restart vLLM with capped backoff whenever it exits."""
-        assert self.process is not None
-        delay = 1.0
-        while True:
-            started = time.monotonic()
-            code = await self.process.wait()
-            log.error("vLLM exited with %s; restarting in %.0fs", code, delay)
-            await asyncio.sleep(delay)
-            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, BACKOFF_CAP_S)
-            await self.process.start()
-
-    async def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self._s.startup_timeout_s
-        while not await self._vllm.healthy():
-            if time.monotonic() > deadline:
-                raise TimeoutError("vLLM did not become healthy in time")
-            await asyncio.sleep(0.5)
+    async def _engine(self) -> tuple[bool, pb.EngineStatus]:
+        """Whether the engine serves now, and its status as heartbeats report it."""
+        if self.supervisor is None:  # a vLLM this agent attached to: it serves or it is down
+            healthy = await self._vllm.healthy()
+            return healthy, pb.EngineStatus(state=SERVING if healthy else DOWN)
+        sup = self.supervisor
+        status = pb.EngineStatus(state=sup.state, last_error=sup.last_error, restarts=sup.restarts)
+        return sup.serving and await self._vllm.healthy(), status
 
     async def _connect_forever(self) -> None:
         delay = 0.5
         while True:
             try:
-                await self._wait_ready()
                 await self._session()
                 delay = 0.5
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, aiohttp.ClientError, TimeoutError, OSError) as err:
+            except (
+                grpc.aio.AioRpcError, asyncio.InvalidStateError, aiohttp.ClientError, VllmError, TimeoutError, OSError,
+            ) as err:  # fmt: skip
                 log.warning("control plane session ended: %s; reconnecting in %.1fs", err, delay)
             except Exception:  # this loop keeps the worker connected: it must outlive any one failure
                 log.exception("control plane session failed; reconnecting in %.1fs", delay)
@@ -144,12 +150,14 @@ class Agent:
     async def _session(self) -> None:
         outbox: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue(256)
         call = self._stub.Connect(metadata=self._metadata)
+        serving, engine = await self._engine()
         register = pb.Register(
             worker_id=self._s.worker_id,
             base_model=self._model.name,
             endpoint=self.endpoint,
             max_adapters=self._model.max_adapters_per_worker,
-            resident=await self._vllm.resident(),
+            resident=await self._vllm.resident() if serving else [],
+            engine=engine,
         )
         await asyncio.wait_for(call.write(pb.ConnectRequest(register=register)), REGISTER_TIMEOUT_S)
         log.info("registered %s with the control plane", self._s.worker_id)
@@ -183,16 +191,29 @@ class Agent:
             await call.write(await outbox.get())
 
     async def _heartbeat(self, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
+        """Every `heartbeat_s`, and at once when the engine's state changes. A vLLM that
+        fails a call is reported unhealthy, never a reason for the heartbeats to stop."""
         while True:
-            await asyncio.sleep(self._s.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self._s.heartbeat_s)
+            self._beat_now.clear()
             done = self._commands_done
-            healthy = await self._vllm.healthy()
-            resident = await self._vllm.resident() if healthy else []
-            busy, in_flight = await self._vllm.activity() if healthy else (set(), 0)
+            healthy, engine = await self._engine()
+            resident: list[str] = []
+            busy: set[str] = set()
+            in_flight = 0
+            if healthy:
+                try:
+                    resident = await self._vllm.resident()
+                    busy, in_flight = await self._vllm.activity()
+                except (VllmError, aiohttp.ClientError, TimeoutError, ValueError) as err:
+                    log.warning("vLLM did not say what it holds: %s", err)
+                    healthy, resident, busy, in_flight = False, [], set(), 0
             self._slots_used = len(resident)
             beat = pb.Heartbeat(
-                resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight, commands_done=done
-            )
+                resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight,
+                commands_done=done, engine=engine,
+            )  # fmt: skip
             await outbox.put(pb.ConnectRequest(heartbeat=beat))
 
     async def _execute(
@@ -319,6 +340,7 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     nopickle.install()
     logs.setup("agent")
+    become_subreaper()
     asyncio.run(serve(config.or_exit(lambda: Settings.from_env(os.environ))))
 
 

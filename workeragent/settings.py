@@ -39,12 +39,21 @@ class Settings:
     # where data planes reach this worker's vLLM
     advertise_url: str = field(default="", metadata=var("LORAPLANE_ADVERTISE_URL"))
     vllm_args: tuple[str, ...] = field(default=(), metadata=var("LORAPLANE_VLLM_ARGS"))  # split like a shell
+    # what runs vLLM's OpenAI server; empty: this Python's `-m vllm.entrypoints.openai.api_server`
+    vllm_command: tuple[str, ...] = field(default=(), metadata=var("LORAPLANE_VLLM_COMMAND"))
     heartbeat_s: float = field(default=2.0, metadata=var("LORAPLANE_HEARTBEAT_S"))
     # host:port of /metrics; empty: none
     metrics_addr: str = field(default="127.0.0.1:9091", metadata=var("LORAPLANE_METRICS_ADDR"))
     drain_timeout_s: float = field(default=30.0, metadata=var("LORAPLANE_DRAIN_TIMEOUT_S"))
     cache_max_bytes: int = field(default=20 << 30, metadata=var("LORAPLANE_CACHE_MAX_BYTES"))
     startup_timeout_s: float = field(default=300.0, metadata=var("LORAPLANE_VLLM_STARTUP_TIMEOUT_S"))
+    # an engine with no progress and no answer this long is hung (killed and started again)
+    engine_hang_s: float = field(default=6.0, metadata=var("LORAPLANE_ENGINE_HANG_S"))
+    # an engine that served this long before it ended did not crash-loop
+    engine_stable_s: float = field(default=30.0, metadata=var("LORAPLANE_ENGINE_STABLE_S"))
+    engine_backoff_cap_s: float = field(default=60.0, metadata=var("LORAPLANE_ENGINE_BACKOFF_CAP_S"))
+    # most to wait, after an engine ended, for its GPUs to hold no process (NVML)
+    engine_gpu_release_s: float = field(default=60.0, metadata=var("LORAPLANE_ENGINE_GPU_RELEASE_S"))
     # set: fetch blobs from this bucket, not from the control plane
     artifact_s3: S3Settings | None = field(default=None, metadata=derived(BUCKET_ENV, _artifact_s3))
 

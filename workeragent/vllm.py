@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import signal
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,6 +17,8 @@ IDLE_AFTER_S = 0.5
 # The families `parse_activity` reads: parsing only their samples keeps a heartbeat cheap (a whole
 # vLLM page is ~100 kB) and an odd line elsewhere on the page harmless.
 ACTIVITY_FAMILIES = ("vllm:lora_requests_info", "vllm:num_requests_running", "vllm:num_requests_waiting")
+# vLLM's token counters: they move while its engine steps.
+TOKEN_FAMILIES = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 # Variables that start coverage.py in every Python process that inherits them (see scripts/test).
 MEASURING = ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")
 
@@ -46,6 +43,32 @@ class VllmClient:
         try:
             async with self._session.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=3)) as r:
                 return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def tokens(self) -> float | None:
+        """Prompt and generated tokens vLLM has processed since it started (its progress), or
+        None when it does not say."""
+        try:
+            async with self._session.get(
+                f"{self.base_url}/metrics", headers=self._headers, timeout=aiohttp.ClientTimeout(total=3)
+            ) as r:
+                text = await r.text() if r.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        return parse_tokens(text)
+
+    async def probe(self, model: str, timeout_s: float) -> bool:
+        """Whether the engine completes a one-token request (any answer below 500 counts: the
+        engine answered)."""
+        body = {"model": model, "prompt": "ping", "max_tokens": 1}
+        try:
+            async with self._session.post(
+                f"{self.base_url}/v1/completions", json=body, headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as r:  # fmt: skip
+                await r.read()
+                return r.status < 500
         except (aiohttp.ClientError, TimeoutError):
             return False
 
@@ -97,6 +120,17 @@ class VllmClient:
                 raise VllmError(f"{path} answered {r.status}: {text}")
 
 
+def parse_tokens(text: str) -> float | None:
+    """The sum of vLLM's token counters on a /metrics page, or None when it has none."""
+    wanted = "".join(line + "\n" for line in text.splitlines() if line.startswith(TOKEN_FAMILIES))
+    if not wanted:
+        return None
+    try:
+        return sum(s.value for f in text_string_to_metric_families(wanted) for s in f.samples)
+    except ValueError:
+        return None
+
+
 def parse_activity(text: str) -> tuple[float, str, float, float]:
     """From vLLM's /metrics page: the newest `lora_requests_info` sample's time and its adapters
     (running and waiting, comma-separated), and the requests running and waiting (summed over
@@ -115,98 +149,39 @@ def parse_activity(text: str) -> tuple[float, str, float, float]:
     return newest, names, running, waiting
 
 
-class VllmProcess:
-    """Starts vLLM's OpenAI server for one model with runtime LoRA updating on, its LoRA
-    loading and every other non-serving path reserved to the holder of `agent_secret`."""
-
-    def __init__(
-        self,
-        model_path: str,
-        served_name: str,
-        host: str,
-        port: int,
-        api_key: str,
-        agent_secret: str,
-        max_loras: int,
-        max_rank: int,
-        extra_args: Sequence[str],
-        pidfile: Path,
-    ) -> None:
-        self.args = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", model_path,
-            "--served-model-name", served_name,
-            "--host", host,
-            "--port", str(port),
-            "--enable-lora",
-            "--max-loras", str(max_loras),
-            "--max-lora-rank", str(max_rank),
-            "--disable-uvicorn-access-log",
-            "--middleware", f"{vllmguard.__name__}.{vllmguard.AgentOnly.__name__}",
-            *extra_args,
-        ]  # fmt: skip
-        self._api_key = api_key
-        self._agent_secret = agent_secret
-        self._pidfile = pidfile
-        self.proc: asyncio.subprocess.Process | None = None
-        self.pid: int | None = None
-
-    async def start(self) -> None:
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
-        for name in MEASURING:  # an agent under coverage measurement does not slow its engine down
-            env.pop(name, None)
-        env[vllmguard.SECRET_ENV] = self._agent_secret
-        if self._api_key:
-            env["VLLM_API_KEY"] = self._api_key
-        log.info("starting vLLM: %s", " ".join(self.args))
-        self.proc = await asyncio.create_subprocess_exec(*self.args, env=env, start_new_session=True)
-        self.pid = self.proc.pid
-        self._pidfile.write_text(str(self.pid))
-
-    def adopt(self) -> bool:
-        """Take over the vLLM a previous agent started (the agent died, vLLM did not)."""
-        try:
-            pid = int(self._pidfile.read_text())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return False
-        self.proc, self.pid = None, pid
-        log.info("adopted the running vLLM (pid %d)", pid)
-        return True
-
-    async def wait(self) -> int | None:
-        """Until vLLM exits: its exit code, or None for an adopted process (not our child)."""
-        if self.proc is not None:
-            return await self.proc.wait()
-        while self.pid is not None and _alive(self.pid):
-            await asyncio.sleep(0.5)
-        return None
-
-    async def stop(self, grace: float = 10.0) -> None:
-        if self.pid is None or not _alive(self.pid):
-            return
-        # vLLM runs its engine in child processes: signal the whole process group.
-        _killpg(self.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.wait(), grace)
-        except TimeoutError:
-            _killpg(self.pid, signal.SIGKILL)
-            await self.wait()
-        self._pidfile.unlink(missing_ok=True)
+def engine_command(
+    command: Sequence[str],
+    model_path: str,
+    served_name: str,
+    host: str,
+    port: int,
+    max_loras: int,
+    max_rank: int,
+    extra_args: Sequence[str],
+) -> list[str]:
+    """vLLM's OpenAI server for one model with runtime LoRA updating on, its LoRA loading and
+    every other non-serving path reserved to the holder of the agent's secret (`vllmguard`).
+    `command` runs the server (default: this Python's `-m vllm.entrypoints.openai.api_server`)."""
+    return [
+        *(command or (sys.executable, "-m", "vllm.entrypoints.openai.api_server")),
+        "--model", model_path,
+        "--served-model-name", served_name,
+        "--host", host,
+        "--port", str(port),
+        "--enable-lora",
+        "--max-loras", str(max_loras),
+        "--max-lora-rank", str(max_rank),
+        "--disable-uvicorn-access-log",
+        "--middleware", f"{vllmguard.__name__}.{vllmguard.AgentOnly.__name__}",
+        *extra_args,
+    ]  # fmt: skip
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie child (exited, not yet reaped) counts as gone.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
-            return False
-    return True
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
+def engine_env(environ: Mapping[str, str], api_key: str, agent_secret: str) -> dict[str, str]:
+    env = dict(environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    for name in MEASURING:  # an agent under coverage measurement does not slow its engine down
+        env.pop(name, None)
+    env[vllmguard.SECRET_ENV] = agent_secret
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    return env

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,8 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from loraplane import devadapter
+from loraplane.controlplane.v1 import tenant_pb2
+from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.stack import Stack
 from tests.conftest import (
     REPLICATE_AT_IN_FLIGHT,
@@ -28,7 +31,8 @@ from tests.conftest import (
     new_tenant,
     upload,
 )
-from tests.support import figure, lora_tensors, metric, safetensors_bytes, scrape, wait_for, with_metadata
+from tests.support import LONG, figure, lora_tensors, metric, safetensors_bytes, scrape, wait_for, with_metadata
+from workeragent.engine import Group, members
 
 PROMPT = "hello"
 MAX_TOKENS = 16
@@ -213,9 +217,15 @@ def test_streaming_and_text_completions_echo_the_model(
     assert text_stream and all(c.model == "tiny-llama" for c in text_stream)
 
 
+def _vllm_group(stack: Stack) -> Group:
+    """The first worker's vLLM: its API server's pid and process group."""
+    group = Group.decode((stack.config.data_dir / "agent-cache" / "vllm.pid").read_text())
+    assert group is not None
+    return group
+
+
 def _vllm_pid(stack: Stack) -> int:
-    """The first worker's vLLM."""
-    return int((stack.config.data_dir / "agent-cache" / "vllm.pid").read_text())
+    return _vllm_group(stack).pgid
 
 
 def _vllm_holds(stack: Stack) -> set[str]:
@@ -268,24 +278,66 @@ def test_a_crashed_vllm_is_restarted_and_no_request_fails_meanwhile(
         return resp.choices[0].message.content or ""
 
     assert ask() == "red apple river"
-    old = _vllm_pid(full_stack)
-    os.killpg(old, signal.SIGKILL)  # vLLM and its engine processes die at once
+    old = _vllm_group(full_stack)
+    core = [pid for pid in members(old) if pid != old.pgid]
+    assert core, "vLLM runs its engine core in a process of its own"
+    os.kill(old.pgid, signal.SIGKILL)  # the API server alone: its engine core would outlive it
     killed = time.monotonic()
     # Requests keep coming: the second worker takes them (the first request after the kill finds
-    # the dead worker and is retried there). Meanwhile the agent restarts vLLM and the control
-    # plane reloads what it should hold, with no request needed.
+    # the dead worker and is retried there). Meanwhile the agent ends what is left of the old
+    # engine, starts a new one, and the control plane reloads what it should hold, with no
+    # request needed.
     answers = []
     while adapter_id not in _vllm_holds(full_stack):
         assert time.monotonic() - killed < 240, "not reloaded within 240 s"
         answers.append(ask())
     took = time.monotonic() - killed
     assert answers and set(answers) == {"red apple river"}  # every request served, none failed
-    assert _vllm_pid(full_stack) != old
+    assert _vllm_pid(full_stack) != old.pgid
+    assert members(old) == [], "a process of the killed vLLM survived it"
     assert W2 in _holders(full_stack, adapter_id)
     wait_for(lambda: W1 in _holders(full_stack, adapter_id), 10, "the restarted worker did not reload", every_s=0.2)
     assert ask() == "red apple river"
-    figure("vLLM kill -9 (real vLLM): requests served while it restarted, failed", f"{len(answers)}, 0")
-    figure("vLLM kill -9 (real vLLM): seconds until restarted and reloaded", f"{took:.0f}")
+    figure("vLLM API server kill -9 (real vLLM): requests served while it restarted, failed", f"{len(answers)}, 0")
+    figure("vLLM API server kill -9 (real vLLM): processes of the old engine left", len(members(old)))
+    figure("vLLM API server kill -9 (real vLLM): seconds until restarted and reloaded", f"{took:.0f}")
+
+
+def test_a_stopped_engine_core_is_found_hung_and_restarted(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    """vLLM's /health answers 200 while its engine core is stopped: the agent's progress probe
+    finds it hung, kills the whole engine and starts another; the other worker serves meanwhile."""
+    key = new_tenant(full_stack, "hung")
+    adapter_id = upload(full_stack, key, "h1", (adapters["a"] / "adapter_model.safetensors").read_bytes()).json()["id"]
+    full_stack.operator().force_load(adapter_id, W1)
+    full_stack.operator().force_load(adapter_id, W2)
+    client = openai_client(key)
+    old = _vllm_group(full_stack)
+    (core, *_) = [pid for pid in members(old) if pid != old.pgid]
+    os.kill(core, signal.SIGSTOP)
+    stopped = time.monotonic()
+    answers = []
+    while _worker(full_stack, W1).healthy:
+        assert time.monotonic() - stopped < 30, "the stopped engine was not found hung"
+        answers.append(say(client, "tiny-llama:h1"))
+    detected = time.monotonic() - stopped
+    wait_for(lambda: _vllm_pid(full_stack) != old.pgid, 30, "no new engine", every_s=0.2)
+    assert members(old) == []
+    while adapter_id not in _vllm_holds(full_stack):
+        assert time.monotonic() - stopped < 240, "not reloaded within 240 s"
+        answers.append(say(client, "tiny-llama:h1"))
+    serving = time.monotonic() - stopped
+    assert _worker(full_stack, W1).engine_restarts >= 1
+    figure(
+        "stopped engine core (real vLLM): seconds until found hung / serving again", f"{detected:.1f} / {serving:.0f}"
+    )
+    figure("stopped engine core (real vLLM): requests served meanwhile, failed", f"{len(answers)}, 0")
+
+
+def _worker(stack: Stack, worker_id: str) -> pb.Worker:
+    (w,) = [w for w in stack.operator().list_workers().workers if w.worker_id == worker_id]
+    return w
 
 
 def test_a_killed_agent_comes_back_without_reloading(
@@ -655,3 +707,78 @@ def test_every_components_metrics_move_with_the_traffic(
 def _adapter_id(stack: Stack, key: str, name: str) -> str:
     listed = httpx.get(stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"]
     return str(next(a["id"] for a in listed if a["name"] == name))
+
+
+CHURN_CYCLES = 2000 if LONG else 150
+KILLS = 10 if LONG else 1
+
+
+def _footprint(stack: Stack) -> dict[str, float]:
+    """The first worker's agent and engine: resident MB, open fds, processes."""
+    agent, engine = stack.procs["agent"].pid, members(_vllm_group(stack))
+    return {
+        "agent MB": _rss_mb([agent]),
+        "agent fds": len(os.listdir(f"/proc/{agent}/fd")),
+        "engine MB": _rss_mb(engine),
+        "engine fds": sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in engine),
+        "engine processes": len(engine),
+    }
+
+
+def _rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def test_churn_and_engine_kills_leak_nothing(full_stack: Stack, adapters: dict[str, Path]) -> None:
+    """Thousands of load/unload cycles of different adapters through the agent (the long suite;
+    CI runs fewer), then kill -9s of the engine: memory, fds and processes before and after."""
+    key = full_stack.operator().create_tenant("churn", tenant_pb2.TIER_RESERVED).api_key
+    data = (adapters["a"] / "adapter_model.safetensors").read_bytes()
+    ids = [upload(full_stack, key, f"c{i}", with_metadata(data, {"v": str(i)})).json()["id"] for i in range(8)]
+    op = full_stack.operator(timeout=60)
+
+    def cycle(i: int) -> None:
+        op.force_load(ids[i % len(ids)], W1)
+        op.force_evict(ids[i % len(ids)], W1)
+
+    for i in range(16):  # allocators and caches warm
+        cycle(i)
+    before = _footprint(full_stack)
+    started = time.monotonic()
+    for i in range(CHURN_CYCLES):
+        cycle(i)
+    cycles_s = time.monotonic() - started
+    churned = _footprint(full_stack)
+
+    kinds = ["api server", "engine core"] * KILLS if LONG else ["engine core"]
+    seconds: list[float] = []
+    orphans = 0
+    for kind in kinds:
+        old = _vllm_group(full_stack)
+        core = [pid for pid in members(old) if pid != old.pgid]
+        killed = time.monotonic()
+        os.kill(old.pgid if kind == "api server" else core[0], signal.SIGKILL)
+        wait_for(lambda: _vllm_pid(full_stack) != old.pgid, 60, "no new engine", every_s=0.2)  # noqa: B023
+        orphans += len(members(old))
+        wait_for(lambda: _worker(full_stack, W1).healthy, 240, "not serving again", every_s=0.2)
+        seconds.append(time.monotonic() - killed)
+    after = _footprint(full_stack)
+
+    figure("churn: load/unload cycles on a real vLLM (agent path)", f"{CHURN_CYCLES} in {cycles_s:.0f} s")
+    for name in ("agent MB", "engine MB", "agent fds", "engine fds", "engine processes"):
+        figure(f"churn: {name} before / after the cycles / after {len(kinds)} kills",
+               f"{before[name]:.0f} / {churned[name]:.0f} / {after[name]:.0f}")  # fmt: skip
+    p99 = statistics.quantiles(seconds, n=100)[98] if len(seconds) > 1 else seconds[0]
+    figure(f"engine kill -9 x{len(kinds)} (real vLLM): processes left / seconds until serving p50, p99",
+           f"{orphans} / {statistics.median(seconds):.0f}, {p99:.0f}")  # fmt: skip
+    assert orphans == 0
+    assert churned["agent MB"] - before["agent MB"] < 50 and after["agent MB"] - before["agent MB"] < 50
+    assert churned["engine MB"] - before["engine MB"] < 50
+    assert after["engine processes"] == before["engine processes"]
+    assert churned["agent fds"] <= before["agent fds"] + 2 and churned["engine fds"] <= before["engine fds"] + 2
+    assert after["agent fds"] <= before["agent fds"] + 2

@@ -8,7 +8,6 @@ reliability`) runs every fault longer and more often.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from tests.support import (
     with_metadata,
 )
 
-LONG = os.environ.get("LORAPLANE_RELIABILITY_LONG") == "1"
 SLOW_CLIENT_S = 2  # the data plane's header, body and upload-idle budgets here
 QUOTA = 4  # the shared tier's adapters per tenant here, for the quota race; other tenants are "reserved"
 

@@ -26,8 +26,8 @@ import pytest
 from loraplane.controlplane.v1 import tenant_pb2
 from loraplane.state import keys
 from loraplane.state.records import AdapterRecord
-from tests.reliability.conftest import LONG, QUOTA, SLOW_CLIENT_S, FaultStack, logs
-from tests.support import figure, wait_for
+from tests.reliability.conftest import QUOTA, SLOW_CLIENT_S, FaultStack, logs
+from tests.support import LONG, figure, wait_for
 
 
 class Traffic:
