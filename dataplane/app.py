@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from dataplane import access, errors, events, httpserver, inference
 from dataplane.auth import KeyCache
 from dataplane.breaker import Breaker
-from dataplane.cpclient import ControlPlaneClient
+from dataplane.cpclient import ControlPlaneClient, answering
 from dataplane.errors import ApiError, BadRequest, RequestTimeout, TooLarge
 from dataplane.inference import State, bearer, read_json
 from dataplane.metrics import Metrics
@@ -267,7 +267,7 @@ class DataPlane:
                 decode_responses=True,  # health checks: see controlplane/server.py
             )
             catalog = Catalog.load(settings.catalog_path)
-            routing = RoutingTable(client)
+            routing = RoutingTable(client, answering)
             redis_down = Breaker()
             keys = KeyCache(client, settings.key_cache_ttl_s, redis_down)
             resolver = Resolver(client, catalog, settings.adapter_cache_ttl_s, redis_down)

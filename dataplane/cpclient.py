@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dataplane.errors import from_grpc
 from loraplane import logs
@@ -86,3 +89,18 @@ class ControlPlaneClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+async def answering(addrs: set[str], timeout_s: float = 2.0) -> set[str]:
+    """The control plane replicas among `addrs` that answer their health check (asked at once)."""
+
+    async def answers(addr: str) -> bool:
+        async with grpc.aio.insecure_channel(addr) as channel:
+            try:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            except grpc.aio.AioRpcError:
+                return False
+        return True
+
+    ordered = sorted(addrs)
+    return {a for a, up in zip(ordered, await asyncio.gather(*map(answers, ordered)), strict=True) if up}

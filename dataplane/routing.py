@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as redis
@@ -44,9 +44,19 @@ def is_hot(in_flight: int, holders: int, threshold: int) -> bool:
     return holders > 0 and in_flight > threshold * holders
 
 
+# Of these control plane replicas (addresses), those that answer.
+Vouch = Callable[[set[str]], Awaitable[set[str]]]
+
+
 class RoutingTable:
-    def __init__(self, client: redis.Redis) -> None:
+    """`vouch`: at the first read, a healthy worker whose owner replica does not answer is taken
+    as a previous run's (everything restarted, this data plane before any control plane) and
+    not counted until its record changes: a control plane marks it down, or its agent registers."""
+
+    def __init__(self, client: redis.Redis, vouch: Vouch | None = None) -> None:
         self._r = client
+        self._vouch = vouch
+        self._unproven: dict[str, float] = {}  # worker id -> `updated_at` of the record not vouched for
         self.version = -1
         self.workers: tuple[Worker, ...] = ()
         self.in_flight: Counter[str] = Counter()  # per worker, from this data plane
@@ -71,7 +81,17 @@ class RoutingTable:
         version, records = await queries.routing_table(self._r, self.version)
         if records is None:
             return
-        workers = tuple(Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident), w.healthy) for w in records)
+        if self.version < 0 and self._vouch is not None:
+            live = await self._vouch({w.owner for w in records if w.healthy and w.owner})
+            self._unproven = {w.id: w.updated_at for w in records if w.healthy and w.owner and w.owner not in live}
+            if self._unproven:
+                log.warning("not routing to %d worker(s) until they register again: no replica answers for them",
+                            len(self._unproven))  # fmt: skip
+        self._unproven = {w.id: w.updated_at for w in records if self._unproven.get(w.id) == w.updated_at}
+        workers = tuple(
+            Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident), w.healthy and w.id not in self._unproven)
+            for w in records
+        )
         if self._suspects:  # a worker whose agent reported it down and then serving again has proved itself
             was_down = {w.id for w in self.workers if not w.healthy}
             for w in workers:

@@ -10,7 +10,7 @@ import random
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -236,6 +236,18 @@ class Agent:
         self._commands_done += 1
         await outbox.put(pb.ConnectRequest(result=result))
 
+    @contextlib.contextmanager
+    def _engine_busy(self) -> Iterator[None]:
+        """Around a LoRA load or unload, which holds the engine's loop: no hang verdict meanwhile."""
+        sup = self.supervisor
+        if sup is not None:
+            sup.commands += 1
+        try:
+            yield
+        finally:
+            if sup is not None:
+                sup.commands -= 1
+
     async def _run(self, msg: pb.ConnectResponse, cmd: pb.LoadAdapter | pb.EvictAdapter) -> pb.CommandResult:
         started = time.monotonic()
         result = pb.CommandResult(command_id=cmd.command_id, ok=True)
@@ -248,12 +260,14 @@ class Agent:
                     d = await self._cache.adapter_dir(
                         msg.load.vllm_name, msg.load.sha256, msg.load.size_bytes, msg.load.adapter_config
                     )
-                    await self._vllm.load(msg.load.vllm_name, str(d))
+                    with self._engine_busy():
+                        await self._vllm.load(msg.load.vllm_name, str(d))
             elif msg.evict.vllm_name not in before:
                 result.already_done = True
             else:
                 await self._drain(msg.evict.vllm_name)
-                await self._vllm.unload(msg.evict.vllm_name)
+                with self._engine_busy():
+                    await self._vllm.unload(msg.evict.vllm_name)
                 self._cache.forget(msg.evict.vllm_name)
             after = await self._vllm.resident()
             result.resident.extend(after)

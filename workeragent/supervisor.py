@@ -58,6 +58,7 @@ class Supervisor:
         self.last_error = ""
         self.restarts = 0
         self.failures = 0  # consecutive lives that did not serve `stable_s`
+        self.commands = 0  # the agent's load and unload calls in flight on the engine
         self._served_since: float | None = None
         self._worker = worker_id
         self._restarts = metrics.Counter(
@@ -130,14 +131,16 @@ class Supervisor:
         began = evidence = time.monotonic()
         self._set(CRASH_LOOP if self.failures >= CRASH_LOOP_AFTER else STARTING)
         tokens: float | None = None
-        probe: asyncio.Task[bool] | None = None
+        probe: asyncio.Task[float | None] | None = None  # its result: when it completed
         try:
             while True:
                 self.engine.log.follow()
                 if not self.engine.running():
                     code = await self.engine.wait()
                     return (f"exited with code {code}" if code is not None else "exited"), False
-                healthy = await self._client.healthy()
+                # Each check within half the hang time, both at once: a verdict is never late by much.
+                wait = self._t.hang_s / 2
+                healthy, counted = await asyncio.gather(self._client.healthy(wait), self._client.tokens(wait))
                 now = time.monotonic()
                 if self._served_since is None:  # not answered yet in this life
                     if healthy:
@@ -147,16 +150,14 @@ class Supervisor:
                     elif now - began > self._t.startup_s:
                         return f"did not answer within {self._t.startup_s:.0f}s of starting", True
                 else:
-                    if healthy:
-                        counted = await self._client.tokens()
-                        if counted is not None and counted != tokens:
-                            tokens, evidence = counted, now
-                        if probe is not None and probe.done():
-                            if not probe.cancelled() and probe.result():
-                                evidence = now
-                            probe = None
-                        if probe is None and now - evidence > self._t.hang_s / 3:
-                            probe = asyncio.create_task(self._client.probe(self._model, self._t.hang_s))
+                    # moving counters are life, /health or not
+                    if (counted is not None and counted != tokens) or self.commands:
+                        tokens, evidence = counted, now  # a LoRA load may hold the engine's loop a while
+                    if probe is not None and probe.done():
+                        evidence = max(evidence, probe.result() or 0.0)
+                        probe = None
+                    if probe is None and now - evidence > self._t.hang_s / 3:
+                        probe = asyncio.create_task(self._probe())
                     if now - evidence > self._t.hang_s:
                         what = "its health check" if not healthy else "a one-token probe"
                         return f"hung: no progress and no answer to {what} for {self._t.hang_s:.0f}s", True
@@ -170,6 +171,10 @@ class Supervisor:
         finally:
             if probe is not None:
                 probe.cancel()
+
+    async def _probe(self) -> float | None:
+        """When the engine completed a one-token request, if it did within the hang time."""
+        return time.monotonic() if await self._client.probe(self._model, self._t.hang_s) else None
 
     async def _end_life(self, reason: str, hung: bool) -> None:
         served = self._served_since is not None and time.monotonic() - self._served_since >= self._t.stable_s

@@ -1,4 +1,4 @@
-"""vLLM as the agent sees it: a supervised process and its HTTP API."""
+"""vLLM as the agent sees it: the command that starts it and its HTTP API."""
 
 from __future__ import annotations
 
@@ -39,19 +39,21 @@ class VllmClient:
         self._timeout = aiohttp.ClientTimeout(total=30)
         self.running = self.waiting = 0.0  # requests, as the last `activity()` measured
 
-    async def healthy(self) -> bool:
+    async def healthy(self, timeout_s: float = 3.0) -> bool:
         try:
-            async with self._session.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=3)) as r:
+            async with self._session.get(
+                f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def tokens(self) -> float | None:
+    async def tokens(self, timeout_s: float = 3.0) -> float | None:
         """Prompt and generated tokens vLLM has processed since it started (its progress), or
         None when it does not say."""
         try:
             async with self._session.get(
-                f"{self.base_url}/metrics", headers=self._headers, timeout=aiohttp.ClientTimeout(total=3)
+                f"{self.base_url}/metrics", headers=self._headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as r:
                 text = await r.text() if r.status == 200 else ""
         except (aiohttp.ClientError, TimeoutError):

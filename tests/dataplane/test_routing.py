@@ -3,13 +3,17 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
+import grpc
 import pytest
 import redis.asyncio as redis
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from controlplane.store import Store
+from dataplane.cpclient import answering
 from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
 from loraplane.state.records import WorkerRecord
-from tests.support import RedisServer
+from tests.support import RedisServer, free_port
 
 
 def w(wid: str, resident: set[str], healthy: bool = True, base: str = "m") -> Worker:
@@ -59,3 +63,32 @@ async def test_a_suspect_worker_reported_down_then_serving_is_used_at_once(redis
     await table.refresh()
     assert [x.id for x in table.usable(table.workers)] == ["a"]  # b never went down: still suspect
     await r.aclose()
+
+
+async def test_at_its_first_read_a_worker_no_replica_answers_for_waits_for_its_record_to_change(
+    redis_server: RedisServer,
+) -> None:
+    """Everything restarted and this data plane came up first: a record left healthy by the
+    previous run (its owner replica is gone) does not count until a control plane rewrites it."""
+    health = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), health)
+    live = f"127.0.0.1:{health.add_insecure_port('127.0.0.1:0')}"
+    await health.start()
+    r = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/10", decode_responses=True)
+    await r.flushdb()
+    store = Store(r)
+    gone = WorkerRecord("gone", "m", "http://gone", 8, owner=f"127.0.0.1:{free_port()}", updated_at=1.0)
+    held = WorkerRecord("held", "m", "http://held", 8, owner=live, updated_at=1.0)
+    for rec in (gone, held):
+        await store.put_worker(rec)
+    table = RoutingTable(r, answering)
+    await table.refresh()
+    assert {x.id: x.healthy for x in table.workers} == {"gone": False, "held": True}
+    await store.put_worker(replace(held, resident=["adp_x"], updated_at=2.0))  # another change: still not vouched
+    await table.refresh()
+    assert {x.id: x.healthy for x in table.workers} == {"gone": False, "held": True}
+    await store.put_worker(replace(gone, owner=live, updated_at=3.0))  # its agent registered again
+    await table.refresh()
+    assert {x.id: x.healthy for x in table.workers} == {"gone": True, "held": True}
+    await r.aclose()
+    await health.stop(None)

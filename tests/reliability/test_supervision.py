@@ -25,7 +25,7 @@ import pytest
 
 from loraplane.controlplane.v1 import tenant_pb2
 from loraplane.controlplane.v1 import worker_pb2 as pb
-from loraplane.stack import Stack
+from loraplane.stack import Stack, port_open
 from tests.conftest import running_stack
 from tests.support import LONG, ROOT, figure, metric, scrape, wait_for
 from workeragent.engine import Group, members
@@ -85,6 +85,7 @@ def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
     )
     for stack in running_stack(tmp, with_worker=True, env=env):
         s = Supervised(stack, fail_file)
+        assert s.ready_workers() == 1  # a started stack (`loraplane up` says "up") is one /readyz counts
         key = stack.operator().create_tenant("supervised", tenant_pb2.TIER_SHARED).api_key
         s.headers = {"Authorization": f"Bearer {key}"}
         wait_for(s.serving, 30, "the supervised engine")
@@ -235,11 +236,14 @@ def test_after_a_restart_of_everything_no_worker_counts_before_it_serves(sup: Su
         stack.procs[name].wait()
     for pid in members(old):
         os.kill(pid, signal.SIGKILL)
-    # The data plane back before the agent: it reads the previous run's worker record.
-    stack.restart("controlplane")
+    # The data plane back first, then the control plane, then the agent: each reads the
+    # previous run's worker record, left healthy by the kill.
     stack.restart("dataplane")
     wait_for(lambda: _answers(stack.http_url + "/readyz"), 30, "the data plane")
-    counted_while_down = _sample(sup, 3.0)
+    counted_while_down = _sample(sup, 2.0)
+    stack.restart("controlplane")
+    wait_for(lambda: port_open(stack.config.grpc_port), 30, "the control plane")
+    counted_while_down += _sample(sup, 2.0)
     stack.restart("agent")
     deadline = time.monotonic() + 60
     while sup.ready_workers() == 0:
