@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+import aiohttp
 import redis.asyncio as redis
 
 from controlplane import telemetry
 from controlplane.peers import Peers
 from controlplane.sessions import ACTIVITY_REFRESH_S, Sessions
 from controlplane.store import Store
+from loraplane.state.records import WorkerRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,34 +68,39 @@ class Liveness:
 
     async def release_stale(self) -> None:
         """At startup, before this replica accepts streams: workers left healthy by its previous
-        life (or by a replica that is gone) leave routing now, not ACTIVITY_TTL_S later. Redis
-        away is no reason not to start: the periodic sweep tries again."""
+        life (or by a replica that is gone) whose engines do not answer leave routing now, not
+        ACTIVITY_TTL_S later (everything restarted: no engine is up yet). One whose engine
+        answers keeps serving while its agent reconnects (this replica alone restarted); the
+        periodic sweep judges it if the agent does not come back. Redis away is no reason not to
+        start: the periodic sweep tries again."""
         try:
-            marked = await self.sweep()
+            marked = await self.sweep(spare=engines_answering)
         except redis.RedisError as err:
             log.warning("releasing the workers of a previous run: Redis is unreachable: %s", err)
             return
         if marked:
-            log.info("released %d worker(s) no agent has registered with since this replica started", len(marked))
+            log.info("released %d worker(s) whose engines do not answer and whose agents are nowhere", len(marked))
 
-    async def sweep(self) -> list[str]:
+    async def sweep(self, spare: Spare | None = None) -> list[str]:
         """Workers left healthy by a replica that died with their streams (this one before a
         restart, or another that does not answer), whose agents did not come back anywhere.
         Only a live replica other than this one vouches for a worker: as its recorded owner, or
         as the writer of its activity record (refreshed with its heartbeats, written before the
         worker's record at registration, expiring ACTIVITY_TTL_S after the last heartbeat). This
         replica writes activity only for its own sessions, so activity it wrote for a worker it
-        does not hold is from its previous life. Returns the workers marked."""
+        does not hold is from its previous life. `spare`: of the workers no replica vouches for,
+        those to leave alone. Returns the workers marked."""
         orphans = [w for w in await self._store.list_workers() if w.healthy and w.id not in self._sessions]
         activity = await self._store.activity([w.id for w in orphans])
         alive = await self._live_peers({w.owner for w in orphans} | {a.owner for a in activity.values()})
-        marked = []
+        unvouched = []
         for w in orphans:
             written = activity.get(w.id)
             if w.owner in alive or (written is not None and written.owner in alive):
                 continue  # a live replica's worker is that replica's to judge (its Redis writes may lag)
-            if await self._store.abandon_worker(w):
-                marked.append(w.id)
+            unvouched.append(w)
+        spared = await spare(unvouched) if spare is not None and unvouched else set()
+        marked = [w.id for w in unvouched if w.id not in spared and await self._store.abandon_worker(w)]
         for wid in marked:
             log.warning("worker %s: no agent connected anywhere since its last heartbeat; out of routing", wid)
         return marked
@@ -103,3 +111,23 @@ class Liveness:
         others = sorted(addrs - {"", self._sessions.addr})
         answers = await asyncio.gather(*(self._peers.alive(a) for a in others))
         return {a for a, up in zip(others, answers, strict=True) if up}
+
+
+# Of these workers, the ids to leave alone.
+Spare = Callable[[list[WorkerRecord]], Awaitable[set[str]]]
+
+
+async def engines_answering(workers: list[WorkerRecord], timeout_s: float = 2.0) -> set[str]:
+    """The workers whose engine answers its `/health` (vLLM's, open to anyone) now, asked at once."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+
+        async def answers(w: WorkerRecord) -> bool:
+            try:
+                async with http.get(w.endpoint.rstrip("/") + "/health") as r:
+                    return r.status == 200
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return False
+
+        up = await asyncio.gather(*map(answers, workers))
+    return {w.id for w, ok in zip(workers, up, strict=True) if ok}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -11,10 +12,12 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import httpx
+from grpc_health.v1 import health, health_pb2_grpc
 
 from loraplane import tinymodel
 from loraplane.catalog import Architecture
@@ -177,3 +180,17 @@ def wait_for(done: Callable[[], bool], within_s: float, what: str = "did not rec
             pass
         assert time.monotonic() - started < within_s, what
         time.sleep(every_s)
+
+
+@contextlib.asynccontextmanager
+async def health_server() -> AsyncIterator[str]:
+    """A gRPC server on a free loopback port that answers `grpc.health.v1` (as a live control
+    plane replica does): its address."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)

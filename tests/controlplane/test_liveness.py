@@ -7,9 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import redis.asyncio as redis
-from grpc_health.v1 import health, health_pb2_grpc
 
 from controlplane.liveness import Liveness
 from controlplane.peers import Peers
@@ -17,21 +15,14 @@ from controlplane.sessions import ACTIVITY_TTL_S, Sessions
 from controlplane.store import Store
 from loraplane.state.records import Activity, WorkerRecord
 from tests.controlplane.test_service import start_control_plane
-from tests.support import RedisServer, free_port
+from tests.support import RedisServer, free_port, start_simulator
 
 
-async def test_workers_whose_agents_are_nowhere_leave_routing(redis_server: RedisServer) -> None:
+async def test_workers_whose_agents_are_nowhere_leave_routing(store: Store, live_replica: str) -> None:
     """Records left healthy by a dead replica (or this one before a restart) are marked unhealthy
     unless a live replica vouches for them; a worker with recent heartbeats recorded by a live
     replica, or one a live replica holds, is left alone, and so is one whose agent registered
     again since it was read."""
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushdb()
-    store = Store(client)
-    peer = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), peer)
-    live_replica = f"127.0.0.1:{peer.add_insecure_port('127.0.0.1:0')}"
-    await peer.start()
     peers = Peers("t" * 32, 5)
     liveness = Liveness(store, Sessions(store, "cp-me", 5, 10), peers)
 
@@ -52,25 +43,16 @@ async def test_workers_whose_agents_are_nowhere_leave_routing(redis_server: Redi
     await store.put_worker(replace(stale, updated_at=stale.updated_at + 1))  # its agent registered again
     assert not await store.abandon_worker(stale)
     await peers.close()
-    await peer.stop(None)
-    await client.aclose()
 
 
 def healthy(wid: str, owner: str) -> WorkerRecord:
     return WorkerRecord(wid, "tiny-llama", "http://w", 8, ["adp_x"], healthy=True, updated_at=time.time(), owner=owner)
 
 
-async def test_only_heartbeats_recorded_by_another_live_replica_keep_a_worker(redis_server: RedisServer) -> None:
+async def test_only_heartbeats_recorded_by_another_live_replica_keep_a_worker(store: Store, live_replica: str) -> None:
     """Every worker here was held by a replica that is gone. An unexpired activity record keeps one
     routable only if a live replica other than this one wrote it: one this replica wrote is from its
     previous life (it holds none of these workers now), a dead replica's or an unsigned one proves nothing."""
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushdb()
-    store = Store(client)
-    peer = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), peer)
-    live_replica = f"127.0.0.1:{peer.add_insecure_port('127.0.0.1:0')}"
-    await peer.start()
     peers = Peers("t" * 32, 5)
     liveness = Liveness(store, Sessions(store, "cp-me", 5, 10), peers)
     writers = {"by-live-replica": live_replica, "by-dead-replica": "127.0.0.1:1", "by-me": "cp-me", "unsigned": ""}
@@ -80,31 +62,36 @@ async def test_only_heartbeats_recorded_by_another_live_replica_keep_a_worker(re
     assert sorted(await liveness.sweep()) == ["by-dead-replica", "by-me", "unsigned"]
     assert [w.id for w in await store.list_workers() if w.healthy] == ["by-live-replica"]
     await peers.close()
-    await peer.stop(None)
-    await client.aclose()
 
 
 async def test_a_starting_control_plane_releases_the_workers_of_its_previous_life(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, store: Store, tmp_path: Path
 ) -> None:
     """After a restart of everything, the records the previous run left healthy (this address's,
-    a replica's that is not back) are out of routing before the first agent can connect, though
-    their activity records have not expired: each worker is routable again once its agent registers."""
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushdb()
-    store = Store(client)
+    a replica's that is not back) whose engines do not answer are out of routing before the
+    first agent can connect, though their activity records have not expired; each is routable
+    again once its agent registers. A worker whose engine answers (this replica alone restarted)
+    keeps serving while its agent reconnects."""
     port = free_port()
     me, gone = f"127.0.0.1:{port}", "127.0.0.1:1"
-    for wid, owner in (("w-mine", me), ("w-gone", gone)):
-        await store.put_worker(healthy(wid, owner))
-        await store.put_activity(wid, Activity(owner=owner), ACTIVITY_TTL_S)
-    cp = await start_control_plane(redis_server.url, tmp_path, port)
+    engine, url, _ = start_simulator("tiny-llama")
     try:
-        after = {w.id: w for w in await store.list_workers()}
-        assert [(w.healthy, w.owner, w.resident) for w in after.values()] == [(False, "", ["adp_x"])] * 2
+        for wid, owner, endpoint in (("w-mine", me, "http://w"), ("w-gone", gone, "http://w"), ("w-up", me, url)):
+            await store.put_worker(replace(healthy(wid, owner), endpoint=endpoint))
+            await store.put_activity(wid, Activity(owner=owner), ACTIVITY_TTL_S)
+        cp = await start_control_plane(redis_server.url, tmp_path, port)
+        try:
+            after = {w.id: (w.healthy, w.owner, w.resident) for w in await store.list_workers()}
+            assert after == {
+                "w-mine": (False, "", ["adp_x"]),
+                "w-gone": (False, "", ["adp_x"]),
+                "w-up": (True, me, ["adp_x"]),
+            }
+        finally:
+            await cp.stop(0)
     finally:
-        await cp.stop(0)
-        await client.aclose()
+        engine.terminate()
+        engine.wait(10)
 
 
 class SilentReplica:
@@ -127,12 +114,9 @@ class SilentReplica:
         await self.server.wait_closed()
 
 
-async def test_owners_are_asked_all_at_once(redis_server: RedisServer) -> None:
+async def test_owners_are_asked_all_at_once(store: Store) -> None:
     """A sweep (the one a starting control plane runs before it accepts streams, too) waits for
     one health check timeout however many unresponsive replicas the records name."""
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushdb()
-    store = Store(client)
     silent = [SilentReplica() for _ in range(3)]
     for i, replica in enumerate(silent):
         await store.put_worker(healthy(f"w-{i}", await replica.start()))
@@ -143,7 +127,6 @@ async def test_owners_are_asked_all_at_once(redis_server: RedisServer) -> None:
     await peers.close()
     for replica in silent:
         await replica.stop()
-    await client.aclose()
 
 
 async def test_releasing_at_startup_does_not_need_redis() -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis.asyncio as redis
 
 from controlplane import server
 from controlplane.settings import Settings
@@ -41,14 +40,6 @@ async def start_control_plane(redis_url: str, tmp_path: Path, port: int = 0) -> 
         "LORAPLANE_HEARTBEAT_TIMEOUT_S": "60",  # the fake agents send heartbeats only when told
     }
     return await server.start(Settings.from_env(env))
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[Store]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushdb()
-    yield Store(client)
-    await client.aclose()
 
 
 @pytest.fixture

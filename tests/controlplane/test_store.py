@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
@@ -13,14 +12,6 @@ from controlplane.keys import key_hash, new_api_key, new_id
 from controlplane.store import Store
 from loraplane.state.records import AdapterRecord, Tenant
 from tests.support import RedisServer
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[Store]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushdb()
-    yield Store(client)
-    await client.aclose()
 
 
 def record(tenant_id: str, name: str, sha: str = "0" * 64) -> AdapterRecord:

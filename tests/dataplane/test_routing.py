@@ -3,17 +3,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-import grpc
 import pytest
 import redis.asyncio as redis
-from grpc_health.v1 import health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 
 from controlplane.store import Store
 from dataplane.cpclient import answering
 from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
 from loraplane.state.records import WorkerRecord
-from tests.support import RedisServer, free_port
+from tests.support import RedisServer, free_port, health_server
 
 
 def w(wid: str, resident: set[str], healthy: bool = True, base: str = "m") -> Worker:
@@ -70,10 +67,11 @@ async def test_at_its_first_read_a_worker_no_replica_answers_for_waits_for_its_r
 ) -> None:
     """Everything restarted and this data plane came up first: a record left healthy by the
     previous run (its owner replica is gone) does not count until a control plane rewrites it."""
-    health = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), health)
-    live = f"127.0.0.1:{health.add_insecure_port('127.0.0.1:0')}"
-    await health.start()
+    async with health_server() as live:
+        await _first_read(redis_server, live)
+
+
+async def _first_read(redis_server: RedisServer, live: str) -> None:
     r = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/10", decode_responses=True)
     await r.flushdb()
     store = Store(r)
@@ -91,4 +89,3 @@ async def test_at_its_first_read_a_worker_no_replica_answers_for_waits_for_its_r
     await table.refresh()
     assert {x.id: x.healthy for x in table.workers} == {"gone": True, "held": True}
     await r.aclose()
-    await health.stop(None)
