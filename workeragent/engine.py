@@ -69,14 +69,18 @@ def start_time(pid: int) -> int | None:
 
 def members(group: Group) -> list[int]:
     """Live processes of the group: in its process group or its session (a child that left the
-    group with setpgid stays in the session), zombies excluded."""
-    found = []
+    group with setpgid stays in the session), and, in an agent that is a subreaper, orphans
+    that left the session too (they became the agent's children); zombies excluded."""
+    me, found = os.getpid(), []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        fields = _stat(int(entry.name))
-        if fields and fields[0] != "Z" and group.pgid in (int(fields[2]), int(fields[3])):
-            found.append(int(entry.name))
+        pid, fields = int(entry.name), _stat(int(entry.name))
+        if not fields or fields[0] == "Z":
+            continue
+        escaped = _subreaper and int(fields[1]) == me and pid != group.pgid
+        if group.pgid in (int(fields[2]), int(fields[3])) or escaped:
+            found.append(pid)
     return sorted(found)
 
 
@@ -85,12 +89,17 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+_subreaper = False  # this process collects its descendants' orphans (the agent does)
+
+
 def become_subreaper() -> None:
-    """Orphans of the agent's descendants (an engine child that escaped its group with setsid)
-    become the agent's children rather than init's, so none can outlive the agent unseen."""
+    """Orphans of the agent's descendants (an engine child that escaped its group and session
+    with setsid) become the agent's children rather than init's: `members` finds them, and
+    the agent's only children are its engine's."""
+    global _subreaper
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            _subreaper = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def _reap_zombie(pid: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_for
+from tests.support import ROOT, wait_for
 from tests.vllmsim import ENGINE_CORE
 from workeragent.engine import Engine, EngineLog, Group, members, start_time
 
@@ -143,3 +143,40 @@ def test_a_new_life_gets_a_new_log_and_keeps_the_last(tmp_path: Path) -> None:
     os.close(log.open_for_engine())
     assert log.last_error == ""
     assert (tmp_path / "vllm.log.1").read_text() == "ERROR first life\n"
+
+
+# In its own process (the agent's role: a subreaper): an engine whose child leaves its group and
+# session (setsid) before the API server is killed; the reap still ends it.
+ESCAPE = """
+import asyncio, os, signal, sys, time
+from pathlib import Path
+from workeragent.engine import Engine, become_subreaper, members, alive
+
+tmp = Path(sys.argv[1])
+child = "import os, time; os.setsid(); open(%r, 'w').write(str(os.getpid())); time.sleep(3600)" % str(tmp / "escapee")
+server = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(3600)"
+
+async def main() -> None:
+    become_subreaper()
+    e = Engine([sys.executable, "-c", server], os.environ, tmp / "vllm.pid", tmp / "vllm.log")
+    await e.start()
+    while not (tmp / "escapee").exists() or not (tmp / "escapee").read_text():
+        await asyncio.sleep(0.05)
+    escapee = int((tmp / "escapee").read_text())
+    os.kill(e.group.pgid, signal.SIGKILL)
+    await e.wait()
+    while os.getppid() and Path(f"/proc/{escapee}/stat").read_text().rpartition(")")[2].split()[1] != str(os.getpid()):
+        await asyncio.sleep(0.05)  # reparented to this process
+    assert escapee in members(e.group)
+    await e.reap(grace_s=0.2)
+    print("escapee left:", alive(escapee))
+
+asyncio.run(main())
+"""
+
+
+def test_a_child_that_left_the_session_is_reaped_by_a_subreaper_agent(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", ESCAPE, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert run.stdout.strip() == "escapee left: False", run.stderr
