@@ -90,6 +90,8 @@ def test_records_read_back_what_was_written() -> None:
     assert AdapterRecord.from_json(rec.to_json()) == rec
     worker = WorkerRecord("w1", "tiny-llama", "http://w", 8, ["adp_v1"], healthy=False, updated_at=2.0, owner="cp")
     assert WorkerRecord.from_json(worker.to_json()) == worker
+    newer = worker.to_json()[:-1] + ', "a_later_field": 1}'  # a newer writer's, mid rolling upgrade
+    assert WorkerRecord.from_json(newer) == worker
     activity = Activity(frozenset({"adp_b", "adp_a"}), 3, owner="cp-1:50051")
     assert Activity.from_json(activity.to_json()) == activity
     assert Activity.from_json('{"busy": ["adp_a"], "in_flight": 1}') == Activity(frozenset({"adp_a"}), 1, owner="")

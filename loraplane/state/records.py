@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -71,7 +71,10 @@ class WorkerRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerRecord:
-        return cls(**json.loads(raw))
+        """Fields a newer writer added are left out: during a rolling upgrade an older reader
+        still reads the record (as a newer one reads an older record: its fields have defaults)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
 
 
 @dataclass(frozen=True)
