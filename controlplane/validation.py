@@ -21,7 +21,10 @@ from loraplane.limits import DTYPE_BYTES
 MAX_HEADER_BYTES = 8 << 20
 MAX_TENSORS = 4096
 MAX_CONFIG_BYTES = 64 << 10
-SAFETENSORS_MAGIC_GUARD = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+# How zip archives and pickles (torch.save's formats) begin: named in the refusal of a file that
+# is not a safetensors file, never a reason for one (a safetensors header length of 640, 896,
+# 1152 or 1408 bytes begins with the same two bytes as a pickle).
+ZIP_OR_PICKLE = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 # base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight
 TENSOR_NAME = re.compile(
@@ -53,25 +56,29 @@ class AdapterConfig:
     target_modules: tuple[str, ...] | None
 
 
+def _not_safetensors(head: bytes, reason: str) -> InvalidAdapter:
+    """The refusal of a file whose structure is not safetensors': named as a zip or pickle when
+    it begins as one."""
+    if head.startswith(ZIP_OR_PICKLE):
+        reason = "not a safetensors file (looks like a zip or pickle); only adapter_model.safetensors is accepted"
+    return InvalidAdapter(reason)
+
+
 def read_header(f: BinaryIO, file_size: int) -> dict[str, dict[str, object]]:
     """The tensors of a safetensors file, with every structural check applied."""
     head = f.read(8)
     if len(head) < 8:
         raise InvalidAdapter("not a safetensors file: shorter than its 8-byte header length")
-    if head.startswith(SAFETENSORS_MAGIC_GUARD):
-        raise InvalidAdapter(
-            "not a safetensors file (looks like a zip or pickle); only adapter_model.safetensors is accepted"
-        )
     (n,) = struct.unpack("<Q", head)
     if n < 2 or n > MAX_HEADER_BYTES:
-        raise InvalidAdapter(f"safetensors header length {n} is out of bounds (2..{MAX_HEADER_BYTES})")
+        raise _not_safetensors(head, f"safetensors header length {n} is out of bounds (2..{MAX_HEADER_BYTES})")
     if 8 + n > file_size:
-        raise InvalidAdapter("safetensors header length points past the end of the file")
+        raise _not_safetensors(head, "safetensors header length points past the end of the file")
     raw = f.read(n)
     try:
         header = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise InvalidAdapter(f"safetensors header is not valid JSON: {err}") from None
+        raise _not_safetensors(head, f"safetensors header is not valid JSON: {err}") from None
     if not isinstance(header, dict):
         raise InvalidAdapter("safetensors header is not a JSON object")
     meta = header.pop("__metadata__", {})

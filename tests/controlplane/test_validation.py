@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +25,15 @@ def test_a_well_formed_adapter_passes_with_rank_and_modules() -> None:
     assert info.rank == 8
     assert info.target_modules == ("down_proj", "q_proj", "v_proj")
     assert info.tensor_count == 12
+
+
+@contextlib.contextmanager
+def safe_open_bytes(data: bytes) -> Iterator[Path]:
+    """`data` in a file, for a reader that wants a path."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "adapter_model.safetensors"
+        path.write_bytes(data)
+        yield path
 
 
 def _raw(header: object, data: bytes = b"", length: int | None = None) -> bytes:
@@ -155,3 +168,19 @@ def test_the_config_workers_get_is_ours() -> None:
     cfg = json.loads(raw)
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16.0 and cfg["target_modules"] == ["q_proj", "v_proj"]
     assert "auto_mapping" not in cfg and "base_model_name_or_path" not in cfg
+
+
+@pytest.mark.parametrize("length", [640, 896, 1152, 1408])
+def test_a_header_length_that_begins_like_a_pickle_is_still_a_safetensors_file(length: int) -> None:
+    """A header of 640 bytes is `80 02 00 …` little-endian: pickle protocol 2's first two bytes.
+    The file is valid (safetensors itself reads it): accepted, never refused for a byte pattern."""
+    from safetensors import safe_open
+
+    data = safetensors_bytes(lora_tensors(rank=4, modules=("q_proj",)))
+    (n,) = struct.unpack("<Q", data[:8])
+    assert n <= length
+    padded = struct.pack("<Q", length) + data[8 : 8 + n] + b" " * (length - n) + data[8 + n :]  # as safetensors pads
+    assert padded[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    with safe_open_bytes(padded) as path, safe_open(str(path), framework="numpy") as f:
+        assert len(list(f.keys())) == 4  # A and B, two layers
+    assert check(padded).rank == 4
