@@ -90,7 +90,7 @@ class Registry:
             lora_alpha=alpha,
             size_bytes=pending.size,
             sha256=pending.sha256,
-            adapter_config=validation.clean_config(info, alpha).decode(),
+            adapter_config=validation.clean_config(info, alpha, cfg is not None and cfg.use_rslora).decode(),
         )
 
     def _new(self, tenant: Tenant, name: str, base_model: str, source: dict[str, str]) -> AdapterRecord:

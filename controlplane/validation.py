@@ -54,6 +54,23 @@ class AdapterConfig:
     rank: int | None
     lora_alpha: float | None
     target_modules: tuple[str, ...] | None
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+
+
+# PEFT features vLLM does not serve (vllm/lora/peft_helper.py), each refused by name with why:
+# {config field: (what it is, why not)} for a field whose value is anything but "off".
+UNSERVED = {
+    "use_dora": ("DoRA (use_dora)", "vLLM does not serve DoRA adapters"),
+    "lora_bias": ("LoRA bias (lora_bias)", "vLLM does not serve LoRA bias terms"),
+    "fan_in_fan_out": ("fan_in_fan_out", "its tensors are transposed (GPT-2-style Conv1D), which vLLM does not load"),
+    "alora_invocation_tokens": ("Activated LoRA (alora_invocation_tokens)", "vLLM does not serve aLoRA"),
+    "layer_replication": ("layer_replication", "vLLM does not replicate base model layers"),
+    "use_qalora": ("QALoRA (use_qalora)", "vLLM does not serve QALoRA"),
+    "use_bdlora": ("block-diagonal LoRA (use_bdlora)", "vLLM does not serve BD-LoRA"),
+}
+# init_lora_weights values that only set the starting weights (the saved adapter is a plain LoRA);
+# the others (PiSSA, OLoRA, CorDA, LoftQ) change the base model's weights when PEFT loads it.
+PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica", "lora_ga"}
 
 
 def _not_safetensors(head: bytes, reason: str) -> InvalidAdapter:
@@ -177,14 +194,30 @@ def parse_config(raw: bytes) -> AdapterConfig:
         raise InvalidAdapter("adapter_config.json must be a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise InvalidAdapter("adapter_config.json: peft_type must be LORA")
-    for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
-        if cfg.get(flag) not in (None, False):
-            raise InvalidAdapter(f"adapter_config.json: {flag} is not supported")
+    for name, (feature, why) in UNSERVED.items():
+        if cfg.get(name) not in (None, False, [], {}, 0):
+            raise InvalidAdapter(f"adapter_config.json: {feature} is not supported: {why}")
+    init = cfg.get("init_lora_weights", True)
+    if not isinstance(init, bool) and not (isinstance(init, str) and init.lower() in PLAIN_INITS):
+        raise InvalidAdapter(
+            f"adapter_config.json: init_lora_weights={str(init)[:40]!r} is not supported: inits such as PiSSA, "
+            "OLoRA, CorDA and LoftQ change the base model's weights when the adapter is loaded; convert the "
+            "adapter to a plain LoRA (PEFT's path_initial_model_for_weight_conversion)"
+        )
+    if cfg.get("bias", "none") != "none":
+        raise InvalidAdapter(f"adapter_config.json: bias={str(cfg['bias'])[:40]!r} is not supported: vLLM serves "
+                             'no bias terms of an adapter (only "none")')  # fmt: skip
+    if cfg.get("modules_to_save") not in (None, []):
+        raise InvalidAdapter(
+            "adapter_config.json: modules_to_save is not supported: vLLM serves no fully trained copies of base "
+            "model modules (lm_head, embed_tokens …) in an adapter"
+        )
     for field in ("rank_pattern", "alpha_pattern"):
         if cfg.get(field) not in (None, {}):
-            raise InvalidAdapter(f"adapter_config.json: {field} is not supported")
-    if cfg.get("modules_to_save") not in (None, []):
-        raise InvalidAdapter("adapter_config.json: modules_to_save is not supported")
+            raise InvalidAdapter(f"adapter_config.json: {field} is not supported by loraplane yet")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise InvalidAdapter("adapter_config.json: use_rslora must be true or false")
     rank = cfg.get("r")
     if rank is not None and not _uint(rank):
         raise InvalidAdapter("adapter_config.json: r must be a non-negative integer")
@@ -196,7 +229,9 @@ def parse_config(raw: bytes) -> AdapterConfig:
         if isinstance(targets, str) or not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
             raise InvalidAdapter("adapter_config.json: target_modules must be a list of module names")
         targets = tuple(sorted(set(targets)))
-    return AdapterConfig(rank=rank, lora_alpha=float(alpha) if alpha is not None else None, target_modules=targets)
+    return AdapterConfig(
+        rank=rank, lora_alpha=float(alpha) if alpha is not None else None, target_modules=targets, use_rslora=rslora
+    )
 
 
 def reconcile(info: AdapterInfo, cfg: AdapterConfig | None, lora_alpha: float | None) -> float:
@@ -218,8 +253,9 @@ def reconcile(info: AdapterInfo, cfg: AdapterConfig | None, lora_alpha: float | 
     return float(info.rank)
 
 
-def clean_config(info: AdapterInfo, lora_alpha: float) -> bytes:
-    """The adapter_config.json workers get: written by us, only what vLLM needs."""
+def clean_config(info: AdapterInfo, lora_alpha: float, use_rslora: bool = False) -> bytes:
+    """The adapter_config.json workers get: written by us, only what vLLM needs, every field that
+    changes the math included."""
     return json.dumps(
         {
             "peft_type": "LORA",
@@ -229,7 +265,7 @@ def clean_config(info: AdapterInfo, lora_alpha: float) -> bytes:
             "bias": "none",
             "lora_dropout": 0.0,
             "fan_in_fan_out": False,
-            "use_rslora": False,
+            "use_rslora": use_rslora,
             "use_dora": False,
             "modules_to_save": None,
         },

@@ -134,12 +134,20 @@ INFO = validation.AdapterInfo(rank=8, target_modules=("q_proj", "v_proj"), tenso
         (b"[]", "must be a JSON object"),
         (b'{"r": NaN}', "not valid JSON"),
         (b'{"peft_type": "IA3"}', "peft_type must be LORA"),
-        (b'{"use_dora": true}', "use_dora is not supported"),
+        (b'{"use_dora": true}', r"DoRA \(use_dora\) is not supported: vLLM does not serve DoRA"),
+        (b'{"lora_bias": true}', r"LoRA bias \(lora_bias\) is not supported"),
+        (b'{"fan_in_fan_out": true}', "fan_in_fan_out is not supported: its tensors are transposed"),
+        (b'{"alora_invocation_tokens": [1, 2]}', r"Activated LoRA \(alora_invocation_tokens\) is not supported"),
+        (b'{"layer_replication": [[0, 2]]}', "layer_replication is not supported"),
+        (b'{"init_lora_weights": "pissa"}', "init_lora_weights='pissa' is not supported: inits such as PiSSA"),
+        (b'{"init_lora_weights": "loftq"}', "init_lora_weights='loftq' is not supported"),
+        (b'{"bias": "all"}', "bias='all' is not supported"),
+        (b'{"use_rslora": "yes"}', "use_rslora must be true or false"),
         (b'{"r": "8"}', "r must be a non-negative integer"),
         (b'{"lora_alpha": "16"}', "lora_alpha must be a positive number"),
         (b'{"lora_alpha": 1e308}', "lora_alpha must be a positive number"),
         (b'{"target_modules": "q_proj"}', "target_modules must be a list"),
-        (b'{"modules_to_save": ["lm_head"]}', "modules_to_save is not supported"),
+        (b'{"modules_to_save": ["lm_head"]}', "modules_to_save is not supported: vLLM serves no fully trained"),
         (b'{"rank_pattern": {"q_proj": 4}}', "rank_pattern is not supported"),
         (b"[" * 100000 + b"]" * 100000, "larger than"),
     ],
@@ -184,3 +192,24 @@ def test_a_header_length_that_begins_like_a_pickle_is_still_a_safetensors_file(l
     with safe_open_bytes(padded) as path, safe_open(str(path), framework="numpy") as f:
         assert len(list(f.keys())) == 4  # A and B, two layers
     assert check(padded).rank == 4
+
+
+def test_an_rslora_adapter_is_served_with_the_scaling_peft_defines() -> None:
+    """PEFT's own config for rsLoRA (and the plain inits vLLM takes) is accepted, and the config
+    workers get makes vLLM's own PEFTHelper scale by alpha / sqrt(r), as PEFT does."""
+    import math
+
+    from peft import LoraConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    written = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True).to_dict()
+    written = {k: sorted(v) if isinstance(v, set) else v for k, v in written.items()}  # as PEFT saves it
+    cfg = validation.parse_config(json.dumps(written).encode())
+    assert cfg.use_rslora
+    alpha = validation.reconcile(INFO, cfg, None)
+    clean = json.loads(validation.clean_config(INFO, alpha, cfg.use_rslora))
+    assert PEFTHelper.from_dict(clean).vllm_lora_scaling_factor == pytest.approx(16 / math.sqrt(8))
+    plain = json.loads(validation.clean_config(INFO, alpha))
+    assert PEFTHelper.from_dict(plain).vllm_lora_scaling_factor == pytest.approx(16 / 8)
+    for init in ("gaussian", "eva", "orthogonal", True, False):
+        assert validation.parse_config(json.dumps({"init_lora_weights": init}).encode()).use_rslora is False
