@@ -31,6 +31,7 @@ LOG_KEEP_BYTES = 64 << 20  # the engine's log file is cut back to nothing past t
 _ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL)\b|\b\w*(Error|Exception)\b:|: error:")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PR_SET_CHILD_SUBREAPER = 36
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,17 @@ def members(group: Group) -> list[int]:
         if group.pgid in (int(fields[2]), int(fields[3])) or escaped:
             found.append(pid)
     return sorted(found)
+
+
+def cpu_seconds(group: Group) -> float:
+    """CPU time the group's processes other than its leader (vLLM's engine core and its
+    workers; the API server answers the agent's own checks) have used, in seconds."""
+    ticks = 0
+    for pid in members(group):
+        fields = _stat(pid) if pid != group.pgid else None
+        if fields:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / CLOCK_TICKS
 
 
 def alive(pid: int) -> bool:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from loraplane import metrics
 from loraplane.state.records import CRASH_LOOP, ENGINE_STATES, HUNG, RESTARTING, SERVING, STARTING
 from workeragent import gpu
-from workeragent.engine import Engine
+from workeragent.engine import Engine, cpu_seconds
 from workeragent.vllm import VllmClient
 
 log = logging.getLogger(__name__)
 CRASH_LOOP_AFTER = 3  # consecutive lives that never served `stable_s`
+BUSY_CPU_SHARE = 0.1  # an engine using this share of a core (or more) is working, not hung
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,16 @@ class Supervisor:
         await self.engine.reap(self._t.stop_grace_s)
 
     async def _watch(self) -> tuple[str, bool]:
-        """Until the current life ends: why, and whether it hung (rather than exited)."""
-        began = evidence = time.monotonic()
+        """Until the current life ends: why, and whether it hung (rather than exited).
+
+        Hung: `/health` unanswered for `hang_s` (the API server), or no progress for `hang_s`
+        (the engine): its token counters still, no one-token probe completed, and its engine
+        processes not computing (a long step, a first compile, is progress: it uses the CPU; a
+        stopped or deadlocked engine does not)."""
+        began = answered = progressed = time.monotonic()
         self._set(CRASH_LOOP if self.failures >= CRASH_LOOP_AFTER else STARTING)
         tokens: float | None = None
+        cpu = self._engine_cpu()
         probe: asyncio.Task[float | None] | None = None  # its result: when it completed
         try:
             while True:
@@ -140,37 +147,49 @@ class Supervisor:
                     return (f"exited with code {code}" if code is not None else "exited"), False
                 # Each check within half the hang time, both at once: a verdict is never late by much.
                 wait = self._t.hang_s / 2
+                checked = time.monotonic()
                 healthy, counted = await asyncio.gather(self._client.healthy(wait), self._client.tokens(wait))
-                now = time.monotonic()
+                now, was, cpu = time.monotonic(), cpu, self._engine_cpu()
+                if healthy:
+                    answered = now
                 if self._served_since is None:  # not answered yet in this life
                     if healthy:
-                        self._served_since = evidence = now
+                        self._served_since = progressed = now
                         if self.state != CRASH_LOOP:
                             self._set(SERVING)
                     elif now - began > self._t.startup_s:
                         return f"did not answer within {self._t.startup_s:.0f}s of starting", True
-                else:
-                    # moving counters are life, /health or not
-                    if (counted is not None and counted != tokens) or self.commands:
-                        tokens, evidence = counted, now  # a LoRA load may hold the engine's loop a while
-                    if probe is not None and probe.done():
-                        evidence = max(evidence, probe.result() or 0.0)
-                        probe = None
-                    if probe is None and now - evidence > self._t.hang_s / 3:
-                        probe = asyncio.create_task(self._probe())
-                    if now - evidence > self._t.hang_s:
-                        what = "its health check" if not healthy else "a one-token probe"
-                        return f"hung: no progress and no answer to {what} for {self._t.hang_s:.0f}s", True
-                    if self.state == CRASH_LOOP and now - self._served_since >= self._t.stable_s:
-                        self.failures = 0
-                        self._set(SERVING)
-                    if self.last_error and now - self._served_since >= self._t.stable_s:
-                        self.last_error = ""
-                        self._changed()
+                    await asyncio.sleep(self._t.probe_s)
+                    continue
+                computing = cpu - was >= BUSY_CPU_SHARE * (now - checked + self._t.probe_s)
+                # a LoRA load may hold the engine's loop a while
+                if (counted is not None and counted != tokens) or computing or self.commands:
+                    tokens, progressed = counted, now
+                if probe is not None and probe.done():
+                    progressed = max(progressed, probe.result() or 0.0)
+                    probe = None
+                if probe is None and now - progressed > self._t.hang_s / 3:
+                    probe = asyncio.create_task(self._probe())
+                if now - answered > self._t.hang_s:
+                    return f"hung: no answer to its health check for {self._t.hang_s:.0f}s", True
+                if now - progressed > self._t.hang_s:
+                    return (
+                        f"hung: no progress, no CPU use and no answer to a one-token probe for {self._t.hang_s:.0f}s",
+                        True,
+                    )
+                if self.state == CRASH_LOOP and now - self._served_since >= self._t.stable_s:
+                    self.failures = 0
+                    self._set(SERVING)
+                if self.last_error and now - self._served_since >= self._t.stable_s:
+                    self.last_error = ""
+                    self._changed()
                 await asyncio.sleep(self._t.probe_s)
         finally:
             if probe is not None:
                 probe.cancel()
+
+    def _engine_cpu(self) -> float:
+        return cpu_seconds(self.engine.group) if self.engine.group else 0.0
 
     async def _probe(self) -> float | None:
         """When the engine completed a one-token request, if it did within the hang time."""

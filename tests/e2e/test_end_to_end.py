@@ -4,7 +4,10 @@ agent, vLLM (CPU build) and data plane, driven by the real OpenAI client."""
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import shutil
 import signal
 import statistics
 import time
@@ -101,8 +104,8 @@ def say(client: openai.OpenAI, model: str) -> ChatCompletion:
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=2)
 
 
-def reference(base: Path, adapter: Path | None, prompt: str, max_tokens: int) -> str:
-    """Greedy output computed independently with transformers + PEFT on the CPU."""
+def _reference_model(base: Path, adapter: Path | None, prompt: str) -> tuple[Any, Any, Any]:
+    """transformers + PEFT on the CPU: (tokenizer, model, the prompt's chat ids)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,9 +119,27 @@ def reference(base: Path, adapter: Path | None, prompt: str, max_tokens: int) ->
     )
     if not isinstance(ids, torch.Tensor):
         ids = ids["input_ids"]
+    return tok, model, ids
+
+
+def reference(base: Path, adapter: Path | None, prompt: str, max_tokens: int) -> str:
+    """Greedy output computed independently with transformers + PEFT on the CPU."""
+    import torch
+
+    tok, model, ids = _reference_model(base, adapter, prompt)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tok.eos_token_id)
     return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def reference_logprob(base: Path, adapter: Path | None, prompt: str) -> float:
+    """The log-probability of the first answer token greedy decoding picks, by transformers + PEFT."""
+    import torch
+
+    _, model, ids = _reference_model(base, adapter, prompt)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    return float(torch.log_softmax(logits, dim=-1).max())
 
 
 def test_two_tenants_chat_with_their_own_adapters(
@@ -180,6 +201,51 @@ def test_two_tenants_chat_with_their_own_adapters(
         ).status_code
         == 404
     )
+
+
+def test_an_rslora_adapter_answers_as_peft_computes_it(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI], tmp_path: Path
+) -> None:
+    """Adapter b's tensors declared rsLoRA with alpha 1 (scaling 1 / sqrt(8), where b's own
+    config scales by 16 / 8): loraplane's greedy answer is transformers + PEFT's for that
+    adapter, and the same as the plain adapter PEFT defines as the same function (alpha sqrt(r))."""
+    rs = tmp_path / "rs"
+    shutil.copytree(adapters["b"], rs)
+    config = json.loads((rs / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (8, 16)
+    (rs / "adapter_config.json").write_text(json.dumps(config | {"use_rslora": True, "lora_alpha": 1}))
+    tensors = (rs / "adapter_model.safetensors").read_bytes()
+    key = new_tenant(full_stack, "rslora")
+    r = upload(full_stack, key, "rs", tensors, config=(rs / "adapter_config.json").read_bytes())
+    assert r.status_code == 201, r.text
+    twin = json.dumps(config | {"lora_alpha": math.sqrt(8)}).encode()
+    assert upload(full_stack, key, "twin", with_metadata(tensors, {"twin": "1"}), config=twin).status_code == 201
+    client = openai_client(key)
+
+    def chat(model: str) -> str:
+        resp = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], temperature=0.0, max_tokens=MAX_TOKENS
+        )
+        return resp.choices[0].message.content or ""
+
+    base_dir = full_stack.config.data_dir / "models" / "tiny-llama"
+    answer = chat("tiny-llama:rs")
+    assert answer == reference(base_dir, rs, PROMPT, MAX_TOKENS)
+    assert chat("tiny-llama:twin") == answer
+    # The adapter answers "blue" at any of these scalings; the first token's log-probability tells
+    # them apart: served = PEFT's with the flag, and far from PEFT's without it (scaling 1 / 8).
+    dropped = tmp_path / "dropped"
+    shutil.copytree(adapters["b"], dropped)
+    (dropped / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 1}))
+    first = client.chat.completions.create(
+        model="tiny-llama:rs", messages=[{"role": "user", "content": PROMPT}], temperature=0.0, max_tokens=1,
+        logprobs=True,
+    )  # fmt: skip
+    assert first.choices[0].logprobs is not None and first.choices[0].logprobs.content
+    served = first.choices[0].logprobs.content[0].logprob
+    expected, without = reference_logprob(base_dir, rs, PROMPT), reference_logprob(base_dir, dropped, PROMPT)
+    assert served == pytest.approx(expected, abs=1e-3)
+    assert abs(expected - without) > 100 * 1e-3, (expected, without)
 
 
 def test_streaming_and_text_completions_echo_the_model(

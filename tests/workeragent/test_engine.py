@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import ROOT, wait_for
 from tests.vllmsim import ENGINE_CORE
-from workeragent.engine import Engine, EngineLog, Group, members, start_time
+from workeragent.engine import Engine, EngineLog, Group, cpu_seconds, members, start_time
 
 # An API server that starts an engine core (which ignores SIGTERM) and then serves for ever.
 SERVER = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {ENGINE_CORE!r}]); time.sleep(3600)"
@@ -180,3 +180,23 @@ def test_a_child_that_left_the_session_is_reaped_by_a_subreaper_agent(tmp_path: 
         [sys.executable, "-c", ESCAPE, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert run.stdout.strip() == "escapee left: False", run.stderr
+
+
+async def test_an_engine_that_computes_uses_cpu_and_a_stopped_one_does_not(tmp_path: Path) -> None:
+    """What tells a long engine step (a first compile, a big prefill) from a stopped engine."""
+    e = engine(tmp_path, SERVER.replace(repr(ENGINE_CORE), repr("while True: pass")))
+    await e.start()
+    assert e.group is not None
+    STARTED.append(e.group)
+    group = e.group
+    await asyncio.to_thread(wait_for, lambda: len(members(group)) == 2, 10, "the engine core")
+    before = cpu_seconds(group)
+    await asyncio.sleep(0.5)
+    assert cpu_seconds(group) - before > 0.1  # the leader, which only sleeps, is not counted either way
+    (core,) = [p for p in members(group) if p != group.pgid]
+    os.kill(core, signal.SIGSTOP)
+    await asyncio.sleep(0.1)
+    stopped = cpu_seconds(group)
+    await asyncio.sleep(0.5)
+    assert cpu_seconds(group) - stopped < 0.02
+    await e.reap(grace_s=0.2)
