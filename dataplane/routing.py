@@ -87,7 +87,8 @@ class RoutingTable:
             if self._unproven:
                 log.warning("not routing to %d worker(s) until they register again: no replica answers for them",
                             len(self._unproven))  # fmt: skip
-        self._unproven = {w.id: w.updated_at for w in records if self._unproven.get(w.id) == w.updated_at}
+        if self._unproven:  # those rewritten since are proven
+            self._unproven = {w.id: w.updated_at for w in records if self._unproven.get(w.id) == w.updated_at}
         workers = tuple(
             Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident), w.healthy and w.id not in self._unproven)
             for w in records

@@ -60,6 +60,7 @@ class Supervisor:
         self.restarts = 0
         self.failures = 0  # consecutive lives that did not serve `stable_s`
         self.commands = 0  # the agent's load and unload calls in flight on the engine
+        self.answering = False  # the last /health check's result (once a second)
         self._served_since: float | None = None
         self._worker = worker_id
         self._restarts = metrics.Counter(
@@ -81,7 +82,8 @@ class Supervisor:
 
     @property
     def serving(self) -> bool:
-        return self.state == SERVING
+        """Serving and answering its health check when last asked (a second ago at most)."""
+        return self.state == SERVING and self.answering
 
     def _set(self, state: str) -> None:
         if state != self.state:
@@ -149,6 +151,7 @@ class Supervisor:
                 wait = self._t.hang_s / 2
                 checked = time.monotonic()
                 healthy, counted = await asyncio.gather(self._client.healthy(wait), self._client.tokens(wait))
+                self.answering = healthy
                 now, was, cpu = time.monotonic(), cpu, self._engine_cpu()
                 if healthy:
                     answered = now
