@@ -75,22 +75,18 @@ class Registry:
     ) -> AdapterRecord:
         """The record, ready, once the bytes pass every check (blocking: run in a thread)."""
         model = self.base_model(rec.name, rec.base_model)
-        assert model.architecture is not None
         pending.file.flush()
         pending.file.seek(0)
-        header = validation.read_header(pending.file, pending.size)
-        info = validation.check_lora(header, model.architecture, model.max_rank)
-        cfg = validation.parse_config(config) if config else None
-        alpha = validation.reconcile(info, cfg, lora_alpha)
+        found = validation.validate(pending.file, pending.size, model, config, lora_alpha, self._catalog)
         return replace(
             rec,
             status="ready",
-            rank=info.rank,
-            target_modules=list(info.target_modules),
-            lora_alpha=alpha,
+            rank=found.info.rank,
+            target_modules=list(found.info.target_modules),
+            lora_alpha=found.lora_alpha,
             size_bytes=pending.size,
             sha256=pending.sha256,
-            adapter_config=validation.clean_config(info, alpha, cfg is not None and cfg.use_rslora).decode(),
+            adapter_config=found.clean_config.decode(),
         )
 
     def _new(self, tenant: Tenant, name: str, base_model: str, source: dict[str, str]) -> AdapterRecord:

@@ -19,6 +19,28 @@ from pathlib import Path
 from loraplane.limits import NAME
 
 
+# How each architecture lays out its LoRA-targetable layers, as vLLM's model class for it declares
+# (`packed_modules_mapping` and `embedding_modules` in vllm/model_executor/models/;
+# tests/test_catalog.py reads them from the installed vLLM).
+@dataclass(frozen=True)
+class Family:
+    fused: bool  # one qkv_proj and one gate_up_proj per layer (Phi-3), not q/k/v and gate/up
+    embeddings: bool  # vLLM serves LoRA on embed_tokens and lm_head
+
+
+FAMILIES = {
+    "LlamaForCausalLM": Family(fused=False, embeddings=True),
+    "MistralForCausalLM": Family(fused=False, embeddings=False),
+    "Qwen2ForCausalLM": Family(fused=False, embeddings=False),
+    "GemmaForCausalLM": Family(fused=False, embeddings=False),
+    "Gemma2ForCausalLM": Family(fused=False, embeddings=False),
+    "Gemma3ForCausalLM": Family(fused=False, embeddings=False),
+    "Phi3ForCausalLM": Family(fused=True, embeddings=True),
+}
+# The PEFT module keys of the input and output embeddings (the model's module names).
+EMBED_TOKENS, LM_HEAD = "model.embed_tokens", "lm_head"
+
+
 @dataclass(frozen=True)
 class Architecture:
     hidden_size: int
@@ -27,21 +49,53 @@ class Architecture:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+    name: str = "LlamaForCausalLM"  # config.json's `architectures[0]`
+    vocab_size: int = 0  # 0: not given (then no LoRA on the embeddings)
+    tie_word_embeddings: bool = False
 
-    def module_shape(self, module: str) -> tuple[int, int] | None:
-        """(in_features, out_features) of a LoRA-targetable linear layer, or None."""
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.name]
+
+    def layer_modules(self) -> dict[str, tuple[str, int, int]]:
+        """Each decoder layer's LoRA-targetable linear layers: name -> (parent, in, out)."""
         h, i = self.hidden_size, self.intermediate_size
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
+        if self.family.fused:
+            return {
+                "qkv_proj": ("self_attn", h, q + 2 * kv),
+                "o_proj": ("self_attn", q, h),
+                "gate_up_proj": ("mlp", h, 2 * i),
+                "down_proj": ("mlp", i, h),
+            }
         return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }.get(module)
+            "q_proj": ("self_attn", h, q),
+            "k_proj": ("self_attn", h, kv),
+            "v_proj": ("self_attn", h, kv),
+            "o_proj": ("self_attn", q, h),
+            "gate_proj": ("mlp", h, i),
+            "up_proj": ("mlp", h, i),
+            "down_proj": ("mlp", i, h),
+        }
+
+    def module_shape(self, module: str) -> tuple[int, int] | None:
+        """(in_features, out_features) of a decoder layer's LoRA-targetable linear layer, or None."""
+        found = self.layer_modules().get(module)
+        return (found[1], found[2]) if found else None
+
+    def embedding_lora(self) -> str:
+        """Why vLLM serves no LoRA on this model's embeddings, or "" when it does."""
+        if not self.family.embeddings:
+            return f"vLLM serves no LoRA on the embeddings of {self.name} models"
+        if not self.vocab_size:
+            return "the catalog gives no vocab_size for it"
+        if self.tie_word_embeddings:
+            return (
+                "it ties its input and output embeddings, and loraplane has not verified LoRA on tied "
+                "embeddings"
+            )
+        return ""
 
     @classmethod
     def from_model_config(cls, cfg: Mapping[str, object]) -> Architecture:
@@ -51,6 +105,17 @@ class Architecture:
                 raise ValueError(f"model config: {key} must be a positive integer")
             return value
 
+        names = cfg.get("architectures", ["LlamaForCausalLM"])
+        if not (isinstance(names, list) and names and isinstance(names[0], str)):
+            raise ValueError("model config: architectures must be a list of class names")
+        if names[0] not in FAMILIES:
+            raise ValueError(
+                f"model config: architecture {names[0]} is not one loraplane validates adapters for "
+                f'({", ".join(sorted(FAMILIES))}); give the model "lora": false'
+            )
+        tied = cfg.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ValueError("model config: tie_word_embeddings must be true or false")
         heads, hidden = dim("num_attention_heads"), dim("hidden_size")
         return cls(
             hidden_size=hidden,
@@ -59,6 +124,9 @@ class Architecture:
             num_attention_heads=heads,
             num_key_value_heads=dim("num_key_value_heads", heads),
             head_dim=dim("head_dim", hidden // heads),
+            name=names[0],
+            vocab_size=dim("vocab_size") if "vocab_size" in cfg else 0,
+            tie_word_embeddings=tied,
         )
 
 
@@ -71,6 +139,7 @@ class BaseModel:
     max_rank: int
     max_adapters_per_worker: int
     architecture: Architecture | None = field(default=None, compare=False)
+    repo: str = ""  # its Hugging Face repository: what an adapter's base_model_name_or_path says
 
 
 @dataclass(frozen=True)
@@ -104,6 +173,7 @@ class Catalog:
                 max_rank=int(entry.get("max_rank", 64)),
                 max_adapters_per_worker=int(entry.get("max_adapters_per_worker", 8)),
                 architecture=Architecture.from_model_config(arch_raw) if arch_raw else None,
+                repo=str(entry.get("repo", "")),
             )
         return cls(models=models)
 

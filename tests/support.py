@@ -73,8 +73,7 @@ def lora_tensors(
     out: dict[str, tuple[str, list[int]]] = {}
     for layer in range(layers):
         for m in modules:
-            parent = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            fan_in, fan_out = arch.module_shape(m)  # type: ignore[misc]
+            parent, fan_in, fan_out = arch.layer_modules()[m]
             prefix = f"base_model.model.model.layers.{layer}.{parent}.{m}"
             out[f"{prefix}.lora_A.weight"] = ("F32", [rank, fan_in])
             out[f"{prefix}.lora_B.weight"] = ("F32", [fan_out, rank])

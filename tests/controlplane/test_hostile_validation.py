@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.errors import InvalidAdapter
-from controlplane.validation import check_lora, parse_config, read_header
+from controlplane.validation import check_lora, parse_config, read_header, validate
+from loraplane import tinymodel
+from loraplane.catalog import Architecture, BaseModel
 from tests.support import TINY, figure, lora_tensors, safetensors_bytes
 
 EXAMPLES = int(os.environ.get("LORAPLANE_FUZZ_EXAMPLES", "300"))
@@ -122,3 +124,83 @@ def test_a_shape_of_many_huge_dimensions_is_refused_at_once() -> None:
     started = time.monotonic()
     judge(body(header, b"\0" * 4))
     assert time.monotonic() - started < 0.5
+
+
+# The accepted space beyond one rank on q/v: each variant is a file and config validate() takes.
+LLAMA = BaseModel(
+    "tiny-llama", "chat", "/m", True, 64, 8, Architecture.from_model_config({**tinymodel.DIMENSIONS, "vocab_size": 512})
+)
+PHI3 = BaseModel(
+    "tiny-phi3",
+    "chat",
+    "/m",
+    True,
+    64,
+    8,
+    Architecture.from_model_config({**tinymodel.DIMENSIONS, "architectures": ["Phi3ForCausalLM"], "vocab_size": 512}),
+)
+EMBEDDINGS = {
+    "base_model.model.model.embed_tokens.lora_embedding_A": ("F32", [4, 512]),
+    "base_model.model.model.embed_tokens.lora_embedding_B": ("F32", [256, 4]),
+    "base_model.model.lm_head.lora_A.weight": ("F32", [4, 256]),
+    "base_model.model.lm_head.lora_B.weight": ("F32", [512, 4]),
+}
+VARIANTS: list[tuple[BaseModel, dict[str, tuple[str, list[int]]], dict[str, object]]] = [
+    (LLAMA, {**lora_tensors(rank=8, modules=("q_proj",)), **lora_tensors(rank=4, modules=("down_proj",))},
+     {"r": 8, "lora_alpha": 16, "rank_pattern": {"down_proj": 4}, "alpha_pattern": {r"layers\.1\..*": 2}}),
+    (LLAMA, lora_tensors(rank=4, modules=("q_proj", "v_proj")),
+     {"r": 4, "target_modules": r".*\.(q|v)_proj", "use_rslora": True, "exclude_modules": ["o_proj"]}),
+    (LLAMA, lora_tensors(rank=4, modules=("q_proj",), layers=2),
+     {"r": 4, "target_modules": ["model.layers.0.self_attn.q_proj", "q_proj"], "layers_to_transform": [0, 1]}),
+    (LLAMA, {**lora_tensors(rank=4, modules=("q_proj",)), **EMBEDDINGS},
+     {"r": 4, "target_modules": ["q_proj", "embed_tokens", "lm_head"]}),
+    (PHI3, lora_tensors(rank=4, modules=("qkv_proj", "gate_up_proj"), arch=PHI3.architecture),  # type: ignore[arg-type]
+     {"r": 4, "target_modules": "all-linear"}),
+]  # fmt: skip
+patterns = st.text(alphabet=st.sampled_from(list("qkvo_proj.*+?()[]{}|^$\\0123456789,")), max_size=24)
+
+
+def judge_variant(model: BaseModel, data: bytes, config: bytes) -> None:
+    TRIED[0] += 1
+    started = time.monotonic()
+    try:
+        validate(io.BytesIO(data), len(data), model, config, None)
+    except InvalidAdapter as err:
+        assert str(err)
+    assert time.monotonic() - started < 1.0
+
+
+def test_every_variant_is_accepted_as_it_is() -> None:
+    for model, tensors, config in VARIANTS:
+        data = safetensors_bytes(tensors)
+        assert validate(io.BytesIO(data), len(data), model, json.dumps(config).encode(), None).info.rank >= 1
+
+
+@FUZZ
+@given(st.data())
+def test_an_accepted_variant_with_one_thing_changed(data: st.DataObject) -> None:
+    """Mutations of each newly accepted kind of adapter: a config value or pattern swapped for a
+    hostile one, a field added, a tensor's shape changed."""
+    model, tensors, config = data.draw(st.sampled_from(VARIANTS))
+    config, tensors = json.loads(json.dumps(config)), dict(tensors)
+    kind = data.draw(st.sampled_from(["value", "pattern", "field", "shape"]))
+    if kind == "value":
+        config[data.draw(st.sampled_from(sorted(config)))] = data.draw(
+            json_scalars
+            | patterns
+            | st.lists(json_scalars | patterns, max_size=4)
+            | st.dictionaries(patterns, json_scalars, max_size=4)
+        )
+    elif kind == "pattern":
+        field = data.draw(st.sampled_from(["rank_pattern", "alpha_pattern", "target_modules", "exclude_modules"]))
+        config[field] = data.draw(
+            st.one_of(
+                patterns, st.lists(patterns, max_size=3), st.dictionaries(patterns, st.integers(-2, 70), max_size=3)
+            )
+        )
+    elif kind == "field":
+        config[data.draw(st.text(max_size=24))] = data.draw(json_scalars)
+    else:
+        name = data.draw(st.sampled_from(sorted(tensors)))
+        tensors[name] = ("F32", data.draw(st.lists(st.integers(0, 600), min_size=1, max_size=3)))
+    judge_variant(model, safetensors_bytes(tensors), json.dumps(config).encode())
