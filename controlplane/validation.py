@@ -33,6 +33,16 @@ ZIP_OR_PICKLE = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x0
 # PEFT's name of a LoRA tensor: base_model.model.<module key>.<lora_A|lora_B>.weight for a linear
 # layer, base_model.model.<module key>.<lora_embedding_A|lora_embedding_B> for an embedding.
 TENSOR_NAME = re.compile(r"^base_model\.model\.([A-Za-z0-9_.]{1,200}?)\.(?:lora_([AB])\.weight|lora_embedding_([AB]))$")
+# How PEFT names the tensors of features vLLM does not serve, for a file uploaded without its config.
+TENSOR_FEATURES = [
+    (re.compile(r"\.lora_magnitude_vector$"), "a DoRA magnitude (use_dora)"),
+    (re.compile(r"\.lora_[AB]\.bias$"), "a LoRA bias (lora_bias)"),
+    (re.compile(r"\.trainable_tokens_delta$"), "a trainable-tokens delta (trainable_token_indices)"),
+    (
+        re.compile(r"^base_model\.model\.(?!.*lora_).*\.(weight|bias)$"),
+        "a full copy of a base model module (modules_to_save)",
+    ),
+]
 # The base model's own embeddings, as PEFT saves them beside embedding LoRA (vLLM skips them).
 BASE_EMBEDDINGS = {
     f"base_model.model.{EMBED_TOKENS}.base_layer.weight",
@@ -185,6 +195,9 @@ def check_lora(header: dict[str, dict[str, object]], arch: Architecture, max_ran
             continue
         m = TENSOR_NAME.match(name)
         if not m:
+            feature = next((f for pattern, f in TENSOR_FEATURES if pattern.search(name)), "")
+            if feature:
+                raise InvalidAdapter(f"tensor {name!r} is {feature}, which vLLM does not serve")
             raise InvalidAdapter(f"tensor {name!r} is not a PEFT LoRA weight")
         key, ab, embedding = m[1], m[2] or m[3], m[3] is not None
         if embedding != (key == EMBED_TOKENS):
@@ -494,6 +507,7 @@ def validate(
     """Every check of an adapter's file and config for a base model; what workers get (blocking).
     A file that does not fit the model is refused with the catalog's models it does fit named."""
     assert model.architecture is not None
+    cfg = parse_config(config) if config else None  # first: a refused feature is named as such
     header = read_header(f, size)
     try:
         info = check_lora(header, model.architecture, model.max_rank)
@@ -502,7 +516,6 @@ def validate(
         if fits:
             raise InvalidAdapter(f"{err}; it fits {', '.join(fits[:5])}: is it for that base model?") from None
         raise
-    cfg = parse_config(config) if config else None
     if cfg and cfg.base_model and catalog:
         _check_trained_on(cfg.base_model, model, catalog)
     modules = scaling(info, cfg, lora_alpha)

@@ -48,22 +48,50 @@ def _api(args: argparse.Namespace) -> ApiClient:
     return ApiClient(Settings.from_env(os.environ, args.url))
 
 
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def _adapter_files(path: Path, config: str | None) -> tuple[Path, Path | None]:
+    """The weights and the config to send: PATH is a trainer's output directory (its
+    adapter_model.safetensors, and its adapter_config.json unless --config names another) or
+    the weights file itself. Nothing else in a directory is read (training_args.bin is a pickle)."""
+    if not path.is_dir():
+        return path, Path(config) if config else None
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise CliError(
+                f"{path} has adapter_model.bin (a pickle), which loraplane never loads: save the adapter with "
+                f"save_pretrained(..., safe_serialization=True) to get {WEIGHTS}"
+            )
+        # A Trainer's output_dir before the final save holds only checkpoint-<step>/ directories.
+        steps = {d: d.name.removeprefix("checkpoint-") for d in path.glob("checkpoint-*") if (d / WEIGHTS).is_file()}
+        checkpoints = sorted((int(step), d) for d, step in steps.items() if step.isdigit())
+        hint = f"; its last checkpoint is {checkpoints[-1][1]}" if checkpoints else ""
+        raise CliError(f"{path} has no {WEIGHTS}{hint}")
+    if config:
+        return weights, Path(config)
+    return weights, path / CONFIG if (path / CONFIG).is_file() else None
+
+
 def cmd_upload(args: argparse.Namespace) -> None:
     fields = {"name": args.name, "base_model": args.base_model}
     if args.lora_alpha is not None:
         fields["lora_alpha"] = repr(args.lora_alpha)
-    config = _read(Path(args.config), limit=64 << 10) if args.config else None
+    weights, config_path = _adapter_files(Path(args.path), args.config)
+    config = _read(config_path, limit=64 << 10) if config_path else None
     with _api(args) as api:
         try:
-            file = Path(args.file).open("rb")  # noqa: SIM115 (closed below, after the upload)
+            file = weights.open("rb")  # noqa: SIM115 (closed below, after the upload)
         except OSError as err:
-            raise CliError(f"cannot read {args.file}: {err.strerror}") from None
+            raise CliError(f"cannot read {weights}: {err.strerror}") from None
         started = time.monotonic()
-        with file, Progress(f"uploading {Path(args.file).name}", os.fstat(file.fileno()).st_size) as progress:
+        with file, Progress(f"uploading {weights.name}", os.fstat(file.fileno()).st_size) as progress:
             files: dict[str, tuple[str, bytes | BinaryIO]] = {}
             if config is not None:
-                files["config"] = ("adapter_config.json", config)
-            files["file"] = (Path(args.file).name, SentFile(file, progress.update))
+                files["config"] = (CONFIG, config)
+            files["file"] = (weights.name, SentFile(file, progress.update))
             adapter = api.upload("/v1/adapters/upload", fields, files)
     if args.json:
         _print_json(adapter)
@@ -230,11 +258,17 @@ def add_commands(sub: Verbs) -> None:
 
     adapters = sub.add_parser("adapters", help="your adapters (tenant; key from $LORAPLANE_API_KEY)")
     group = adapters.add_subparsers(required=True)
-    upload = verb(group, "upload", cmd_upload, "upload an adapter_model.safetensors")
-    upload.add_argument("file", metavar="FILE", help="the adapter's weights (adapter_model.safetensors)")
+    upload = verb(group, "upload", cmd_upload, "upload an adapter: a trainer's output directory, or its weights")
+    upload.add_argument(
+        "path", metavar="PATH",
+        help="the directory save_pretrained wrote (its adapter_model.safetensors and adapter_config.json), "
+        "or an adapter_model.safetensors",
+    )  # fmt: skip
     upload.add_argument("--name", required=True, help="the adapter's name: chat with it as BASE_MODEL:NAME")
     upload.add_argument("--base-model", required=True, metavar="MODEL", help="the base model it was trained for")
-    upload.add_argument("--config", metavar="FILE", help="its adapter_config.json (optional)")
+    upload.add_argument(
+        "--config", metavar="FILE", help="its adapter_config.json (default: the one in the directory, if any)"
+    )
     upload.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="overrides the config's lora_alpha")
     upload.add_argument("--json", action="store_true", help="print the adapter as JSON")
     create = verb(group, "create", cmd_create, "register an adapter from a Hugging Face repo")

@@ -163,6 +163,50 @@ def test_expected_failures_are_one_line(control_stack: Stack, tmp_path: Path) ->
     assert "does not exist" in one_error_line(loraplane(user, "chat", "--model", "tiny-llama:nothing", "hi"))
 
 
+def test_upload_a_trainers_output_directory(control_stack: Stack, tmp_path: Path) -> None:
+    """`adapters upload DIR`: the directory save_pretrained (or a Trainer) wrote; its weights and
+    config are sent, nothing else in it is read; --config beats the directory's."""
+    user = env(tmp_path, control_stack.http_url, new_tenant(control_stack, "cli-dir"))
+    run = tmp_path / "outputs" / "sft"
+    run.mkdir(parents=True)
+    adapter_file(run)
+    (run / "adapter_config.json").write_text(CONFIG)  # r 4, lora_alpha 16
+    (run / "training_args.bin").write_bytes(b"PK\x03\x04 torch.save's zip of a pickle")
+    (run / "README.md").write_text("---\nlibrary_name: peft\n---\n")
+    upload = ("adapters", "upload", "--base-model", "tiny-llama", "--json", "--name")
+
+    out = loraplane(user, *upload, "from-dir", str(run))
+    assert out.returncode == 0, out.stderr
+    adapter = json.loads(out.stdout)
+    assert adapter["status"] == "ready" and adapter["rank"] == 4 and adapter["lora_alpha"] == 16.0  # the dir's config
+    (tmp_path / "other.json").write_text(CONFIG.replace('"lora_alpha": 16', '"lora_alpha": 8'))
+    out = loraplane(user, *upload, "other-config", str(run), "--config", str(tmp_path / "other.json"))
+    assert json.loads(out.stdout)["lora_alpha"] == 8.0
+    bare = tmp_path / "bare"  # weights only: alpha is the rank
+    bare.mkdir()
+    adapter_file(bare)
+    assert json.loads(loraplane(user, *upload, "bare", str(bare)).stdout)["lora_alpha"] == 4.0
+
+    pickled = tmp_path / "pickled"  # save_pretrained(..., safe_serialization=False)
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(CONFIG)
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    refused = one_error_line(loraplane(user, *upload, "pickled", str(pickled)))
+    assert refused.startswith(f"{pickled} has adapter_model.bin (a pickle)") and "safe_serialization=True" in refused
+    checkpoints = tmp_path / "checkpoints"  # a Trainer's output_dir before its final save
+    for step in (500, 1000, 50):
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        adapter_file(checkpoints / f"checkpoint-{step}")
+    (checkpoints / "runs").mkdir()
+    missing = one_error_line(loraplane(user, *upload, "early", str(checkpoints)))
+    last = checkpoints / "checkpoint-1000"
+    assert missing == f"{checkpoints} has no adapter_model.safetensors; its last checkpoint is {last}"
+    gone = one_error_line(loraplane(user, *upload, "x", str(tmp_path / "no-such-dir")))
+    assert gone == f"cannot read {tmp_path / 'no-such-dir'}: No such file or directory"
+    names = [a["name"] for a in json.loads(loraplane(user, "adapters", "list", "--json").stdout)]
+    assert sorted(names) == ["bare", "from-dir", "other-config"]
+
+
 def test_the_key_and_url_from_the_config_file(control_stack: Stack, tmp_path: Path) -> None:
     key = new_tenant(control_stack, "cli-config")
     config = tmp_path / "config" / "loraplane" / "config.toml"

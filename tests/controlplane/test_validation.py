@@ -110,6 +110,13 @@ def _without(tensors: dict[str, tuple[str, list[int]]], suffix: str) -> dict[str
         ({A.replace("layers.0", "layers.x"): ("F32", [8, 256])}, "not a LoRA-targetable module"),
         ({"base_model.model.model.embed_tokens.lora_A.weight": ("F32", [8, 256])}, "lora_embedding_A/B"),
         ({A.replace("lora_A.weight", "lora_embedding_A"): ("F32", [8, 256])}, "lora_embedding_A/B"),
+        ({A.replace("lora_A.weight", "lora_magnitude_vector"): ("F32", [256])}, r"a DoRA magnitude \(use_dora\)"),
+        ({B.replace("weight", "bias"): ("F32", [256])}, r"a LoRA bias \(lora_bias\), which vLLM does not serve"),
+        ({"base_model.model.lm_head.weight": ("F32", [512, 256])}, r"a full copy of a base model module"),
+        (
+            {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": ("F32", [2, 256])},
+            r"trainable-tokens delta",
+        ),
         ({A.replace("self_attn", "mlp"): ("F32", [8, 256])}, "is not under mlp"),
         (lora_tensors(layers=3), "layer 2 does not exist"),
         (_without(lora_tensors(), "lora_B.weight"), "must both be present"),
