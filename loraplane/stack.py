@@ -51,6 +51,7 @@ class StackConfig:
     extra_env: tuple[tuple[str, str], ...] = ()
     extra_workers: tuple[WorkerSpec, ...] = ()  # connected to the second replica when there is one
     extra_models: tuple[tuple[str, str], ...] = ()  # (name, kind) served from the tiny model's files too
+    lora_models: tuple[tuple[str, Path], ...] = ()  # (name, model dir): more chat models taking LoRA
     metrics_port: int = 0  # the first control plane's /metrics; agents' follow. 0: free ports
 
 
@@ -81,6 +82,9 @@ class Stack:
         model_dir = tinymodel.build(d / "models" / BASE_MODEL)
         extra: list[dict[str, object]] = [
             {"name": name, "kind": kind, "path": str(model_dir)} for name, kind in self.config.extra_models
+        ]
+        extra += [
+            {"name": name, "kind": "chat", "path": str(path), "lora": True} for name, path in self.config.lora_models
         ]
         Catalog.write(
             d / "catalog.json",

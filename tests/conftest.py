@@ -47,6 +47,7 @@ def running_stack(
     extra_workers: tuple[WorkerSpec, ...] = (),
     extra_models: tuple[tuple[str, str], ...] = (),
     redis_url: str = "",
+    lora_models: tuple[tuple[str, Path], ...] = (),
 ) -> Iterator[Stack]:
     """A started stack on free ports, logging under `tmp/logs`; stopped afterwards."""
     config = StackConfig(
@@ -61,6 +62,7 @@ def running_stack(
         second_grpc_port=free_port() if replicas == 2 else 0,
         extra_workers=extra_workers,
         extra_models=extra_models,
+        lora_models=lora_models,
     )
     stack = Stack(config)
     try:
