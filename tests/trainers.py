@@ -46,6 +46,7 @@ Where each pipeline's choices come from (read in their sources):
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -474,3 +475,15 @@ STYLES: dict[str, Callable[[Path, Path], Path]] = {
 def build_all(base: Path, root: Path) -> dict[str, Path]:
     """Every style's directory, under `root`."""
     return {name: write(base, root / name) for name, write in STYLES.items()}
+
+
+def peft_adapter(base: Path, out: Path, seed: int = 1, **options: Any) -> Path:
+    """An adapter PEFT makes for `base` with these LoraConfig options, standing in for a
+    training run (seeded lora_B values that change the output)."""
+    from peft import LoraConfig
+
+    with warnings.catch_warnings():  # PEFT's warnings on embedding LoRA (tied, saved base weights)
+        warnings.simplefilter("ignore")
+        model = _peft_model(base, LoraConfig(**options))
+        _train(model, seed)
+        return _save(model, out)
