@@ -56,6 +56,9 @@ def _dims(**changes: int) -> dict[str, int]:
     return {**DIMENSIONS, **changes}
 
 
+# Gemma's attention: one sliding-window layer and one global.
+_GEMMA = {"query_pre_attn_scalar": 64, "sliding_window": 512, "layer_types": ["sliding_attention", "full_attention"]}
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -83,11 +86,7 @@ FAMILIES: dict[str, Family] = {
             _dims(num_key_value_heads=2),
             "gemma2-1",
             tie_word_embeddings=True,
-            options={
-                "query_pre_attn_scalar": 64,
-                "sliding_window": 512,
-                "layer_types": ["sliding_attention", "full_attention"],
-            },
+            options=_GEMMA,
         ),
         Family(
             "gemma3",
@@ -96,11 +95,7 @@ FAMILIES: dict[str, Family] = {
             _dims(num_key_value_heads=2),
             "gemma3-1",
             tie_word_embeddings=True,
-            options={
-                "query_pre_attn_scalar": 64,
-                "sliding_window": 512,
-                "layer_types": ["sliding_attention", "full_attention"],
-            },
+            options=_GEMMA,
         ),
         # Fused qkv_proj and gate_up_proj; head_dim is hidden_size / heads.
         Family("phi3", "Phi3ForCausalLM", "Phi3Config", DIMENSIONS, "phi3-1"),

@@ -1,10 +1,29 @@
 """What transformers + PEFT compute on the CPU for a base model and adapter: the reference
-loraplane's answers are held to."""
+loraplane's answers are held to; and the OpenAI clients that ask loraplane."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import openai
+
+from loraplane.stack import Stack
+
+
+def openai_clients(stack: Stack, timeout: float = 60) -> Iterator[Callable[[str], openai.OpenAI]]:
+    """Makes real OpenAI clients for the stack's data plane (a fixture yields from it); closes
+    them afterwards."""
+    made: list[openai.OpenAI] = []
+
+    def make(key: str) -> openai.OpenAI:
+        made.append(openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key=key, max_retries=0, timeout=timeout))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
 
 
 def _reference_model(base: Path, adapter: Path | None, prompt: str) -> tuple[Any, Any, Any]:

@@ -20,7 +20,7 @@ import pytest
 
 from controlplane import validation
 from controlplane.errors import InvalidAdapter
-from loraplane.catalog import BaseModel, Catalog
+from loraplane.catalog import Architecture, BaseModel, Catalog
 from loraplane.limits import MAX_ADAPTER_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,26 +113,9 @@ def raw_architecture(name: str) -> dict[str, Any]:
 
 def linear_modules(cfg: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
     """{module: (parent, in_features, out_features)} of every LoRA-targetable linear layer of a
-    decoder layer, from the config's keys: Phi-3 fuses q, k, v into qkv_proj and gate, up into
-    gate_up_proj."""
-    h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    if cfg["architectures"] == ["Phi3ForCausalLM"]:
-        return {
-            "qkv_proj": ("self_attn", h, q + 2 * kv),
-            "o_proj": ("self_attn", q, h),
-            "gate_up_proj": ("mlp", h, 2 * i),
-            "down_proj": ("mlp", i, h),
-        }
-    return {
-        "q_proj": ("self_attn", h, q),
-        "k_proj": ("self_attn", h, kv),
-        "v_proj": ("self_attn", h, kv),
-        "o_proj": ("self_attn", q, h),
-        "gate_proj": ("mlp", h, i),
-        "up_proj": ("mlp", h, i),
-        "down_proj": ("mlp", i, h),
-    }
+    decoder layer, from the published config (not the catalog's copy of it): Phi-3 fuses q, k, v
+    into qkv_proj and gate, up into gate_up_proj."""
+    return Architecture.from_model_config(cfg).layer_modules()
 
 
 @dataclass(frozen=True)

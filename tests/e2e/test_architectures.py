@@ -21,7 +21,7 @@ from loraplane.stack import Stack, WorkerSpec
 from tests import trainers
 from tests.conftest import new_tenant, running_stack, upload
 from tests.controlplane.test_trainers import MATRIX
-from tests.reference import reference, reference_logprob
+from tests.reference import openai_clients, reference, reference_logprob
 from tests.support import free_port, safetensors_bytes, with_metadata
 
 PROMPT = "hello"
@@ -51,15 +51,7 @@ def base_dir(stack: Stack, family: str) -> Path:
 
 @pytest.fixture
 def client(arch_stack: Stack) -> Iterator[Callable[[str], openai.OpenAI]]:
-    made: list[openai.OpenAI] = []
-
-    def make(key: str) -> openai.OpenAI:
-        made.append(openai.OpenAI(base_url=f"{arch_stack.http_url}/v1", api_key=key, max_retries=0, timeout=120))
-        return made[-1]
-
-    yield make
-    for c in made:
-        c.close()
+    yield from openai_clients(arch_stack, timeout=120)
 
 
 def answer(client: openai.OpenAI, model: str) -> tuple[str, float]:

@@ -34,7 +34,7 @@ from tests.conftest import (
     new_tenant,
     upload,
 )
-from tests.reference import reference, reference_logprob
+from tests.reference import openai_clients, reference, reference_logprob
 from tests.support import LONG, figure, lora_tensors, metric, safetensors_bytes, scrape, wait_for, with_metadata
 from workeragent.engine import Group, members
 
@@ -88,16 +88,7 @@ def _holders(stack: Stack, adapter_id: str) -> set[str]:
 
 @pytest.fixture
 def openai_client(full_stack: Stack) -> Iterator[Callable[[str], openai.OpenAI]]:
-    """Makes real OpenAI clients for the stack's data plane; closes them afterwards."""
-    made: list[openai.OpenAI] = []
-
-    def make(key: str) -> openai.OpenAI:
-        made.append(openai.OpenAI(base_url=f"{full_stack.http_url}/v1", api_key=key, max_retries=0, timeout=60))
-        return made[-1]
-
-    yield make
-    for client in made:
-        client.close()
+    yield from openai_clients(full_stack)
 
 
 def say(client: openai.OpenAI, model: str) -> ChatCompletion:
