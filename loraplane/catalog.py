@@ -91,10 +91,7 @@ class Architecture:
         if not self.vocab_size:
             return "the catalog gives no vocab_size for it"
         if self.tie_word_embeddings:
-            return (
-                "it ties its input and output embeddings, and loraplane has not verified LoRA on tied "
-                "embeddings"
-            )
+            return "it ties its input and output embeddings, and loraplane has not verified LoRA on tied embeddings"
         return ""
 
     @classmethod
@@ -140,6 +137,11 @@ class BaseModel:
     max_adapters_per_worker: int
     architecture: Architecture | None = field(default=None, compare=False)
     repo: str = ""  # its Hugging Face repository: what an adapter's base_model_name_or_path says
+    created: int = 0  # when it joined the catalog (unix seconds): /v1/models' `created`
+    # vLLM's parser of the model's own tool-call format (`--tool-call-parser`): workers start with
+    # automatic tool choice on. Empty: only `tool_choice` "required" or a named function (forced
+    # through structured output) and "none".
+    tool_parser: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class Catalog:
     @classmethod
     def load(cls, path: Path | str) -> Catalog:
         raw = json.loads(Path(path).read_text())
+        written = int(Path(path).stat().st_mtime)
         models: dict[str, BaseModel] = {}
         for entry in raw["models"]:
             name = str(entry["name"])
@@ -174,6 +177,8 @@ class Catalog:
                 max_adapters_per_worker=int(entry.get("max_adapters_per_worker", 8)),
                 architecture=Architecture.from_model_config(arch_raw) if arch_raw else None,
                 repo=str(entry.get("repo", "")),
+                created=int(entry.get("created", written)),
+                tool_parser=str(entry.get("tool_parser", "")),
             )
         return cls(models=models)
 
