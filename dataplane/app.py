@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -14,10 +14,11 @@ import grpc
 import redis.asyncio as redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dataplane import access, errors, events, httpserver, inference
 from dataplane.auth import KeyCache
@@ -32,12 +33,13 @@ from dataplane.settings import Settings
 from dataplane.upload import UploadStream
 from dataplane.upstream import Pool
 from loraplane import config, logs, metrics, nopickle
-from loraplane.catalog import Catalog
+from loraplane.catalog import BaseModel, Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
 from loraplane.state import queries
 
 log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 16 << 10
+EXCHANGE = "loraplane.exchange"  # the request's access.Exchange, in its scope
 REJECTED = {400: "bad_request", 404: "unknown_base_model", 408: "timeout", 409: "name_taken", 413: "too_large",
             422: "invalid_adapter", 429: "quota", 503: "unavailable"}  # fmt: skip
 CHANNEL_UP = frozenset({grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE})
@@ -117,7 +119,9 @@ async def upload(request: Request) -> Response:
         adapter = await stream.send(st.cp.adapters, _key(request), st.settings.upload_timeout_s)
     except ApiError as err:
         st.metrics.upload_rejections.inc(REJECTED.get(err.status, "other"))
-        if not isinstance(err, RequestTimeout):  # a client too slow to send its body is not waited for again
+        if not stream.started:  # refused by its headers alone (a declared size over the limit): answered
+            err.headers["Connection"] = "close"  # at once, unread (no `100 Continue`), and the connection closed
+        elif not isinstance(err, RequestTimeout):  # a client too slow to send its body is not waited for again
             await stream.drain()
         raise
     finally:
@@ -166,25 +170,34 @@ async def get_adapter(request: Request) -> Response:
     return JSONResponse(adapter_json(adapter))
 
 
+def base_model_json(m: BaseModel) -> dict[str, object]:
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "loraplane", "parent": None}
+
+
+def adapter_model_json(a: apb.Adapter) -> dict[str, object]:
+    return {"id": a.model, "object": "model", "created": a.created_at.seconds, "owned_by": "tenant",
+            "parent": a.base_model}  # fmt: skip
+
+
 async def list_models(request: Request) -> Response:
     st = _state(request)
     await _tenant(request)
-    data: list[dict[str, object]] = [
-        {"id": m.name, "object": "model", "created": 0, "owned_by": "loraplane", "parent": None}
-        for m in st.resolver.catalog.models.values()
-    ]
-    for a in await st.cp.list_adapters(_key(request)):
-        if a.status == apb.ADAPTER_STATUS_READY:
-            data.append(
-                {
-                    "id": a.model,
-                    "object": "model",
-                    "created": a.created_at.seconds,
-                    "owned_by": "tenant",
-                    "parent": a.base_model,
-                }
-            )
+    data = [base_model_json(m) for m in st.resolver.catalog.models.values()]
+    adapters = await st.cp.list_adapters(_key(request))
+    data += [adapter_model_json(a) for a in adapters if a.status == apb.ADAPTER_STATUS_READY]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    """One model of /v1/models, with the same 404 for what the tenant cannot see."""
+    st = _state(request)
+    tenant_id = await _tenant(request)
+    model = request.path_params["model"]
+    target = await st.resolver.resolve(tenant_id, model)
+    if target.adapter_id is None:
+        return JSONResponse(base_model_json(target.base))
+    adapter = await st.cp.get_adapter(_key(request), target.adapter_id)
+    return JSONResponse(adapter_model_json(adapter) | {"id": model})
 
 
 async def healthz(request: Request) -> Response:
@@ -214,6 +227,15 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(m.render(), media_type=metrics.CONTENT_TYPE)
 
 
+def by_method(**handlers: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """One route for several methods, so that a wrong one is a 405 that lists them all."""
+
+    async def handle(request: Request) -> Response:
+        return await handlers[request.method](request)
+
+    return handle
+
+
 class DataPlane:
     """The ASGI app: inference requests go straight to `dataplane/inference.py`; the rest
     (adapters, models, health, metrics) and the lifespan to Starlette. Each request, whichever
@@ -227,14 +249,21 @@ class DataPlane:
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model}", get_model, methods=["GET"]),
             Route("/v1/adapters/upload", upload, methods=["POST"]),
-            Route("/v1/adapters", list_adapters, methods=["GET"]),
-            Route("/v1/adapters", create_adapter, methods=["POST"]),
-            Route("/v1/adapters/{adapter_id}", get_adapter, methods=["GET"]),
-            Route("/v1/adapters/{adapter_id}", delete_adapter, methods=["DELETE"]),
-        ]
+            Route("/v1/adapters", by_method(GET=list_adapters, POST=create_adapter), methods=["GET", "POST"]),
+            Route("/v1/adapters/{adapter_id}", by_method(GET=get_adapter, DELETE=delete_adapter),
+                  methods=["GET", "DELETE"]),
+        ]  # fmt: skip
         handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
         self.starlette = Starlette(routes=routes, lifespan=self._lifespan(settings), exception_handlers=handlers)
+        self._dispatch: ASGIApp = self._route
+        if settings.cors_origins:  # browsers' cross-origin calls: preflights answered, answers marked
+            origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+            self._dispatch = CORSMiddleware(
+                self._route, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["*"], expose_headers=["x-request-id"], max_age=600,
+            )  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -244,17 +273,25 @@ class DataPlane:
         too_large = sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES
         hot = not too_large and scope["path"] in inference.PATHS and scope["method"] == "POST"
         exchange = access.Exchange(scope, send, self.metrics, inference=hot and self.state is not None)
+        scope[EXCHANGE] = exchange
         try:
             if too_large:
                 err = TooLarge(f"request headers are larger than {MAX_HEADER_BYTES} bytes")
                 await errors.envelope(err)(scope, receive, exchange.send)
-            elif hot and self.state is not None:
-                await inference.handle(self.state, scope, receive, exchange)
             else:
-                await self.starlette(scope, receive, exchange.send)
+                await self._dispatch(scope, receive, exchange.send)
         finally:
             exchange.finish()
             logs.REQUEST_ID.reset(token)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange: access.Exchange = scope[EXCHANGE]
+        if exchange.inference and self.state is not None:
+            await inference.handle(self.state, scope, receive, send, exchange)
+        elif scope["path"] in inference.PATHS and scope["method"] != "POST":
+            await errors.envelope(errors.http_error(405, {"Allow": "POST"}))(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
 
     def _lifespan(self, settings: Settings) -> Callable[[Starlette], AbstractAsyncContextManager[dict[str, State]]]:
         @contextlib.asynccontextmanager

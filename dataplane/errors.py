@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import grpc
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -13,15 +15,22 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
+    """An error as OpenAI's API gives it: `type` one of OpenAI's, `code` a string or None, `param`
+    the request parameter at fault by OpenAI's name."""
+
     status = 500
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.headers = headers or {}
+        if code is not None:
+            self.code = code
 
 
 class BadRequest(ApiError):
@@ -29,18 +38,18 @@ class BadRequest(ApiError):
 
 
 class Unauthorized(ApiError):
-    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+    status, type, code = 401, "authentication_error", "invalid_api_key"
 
     def __init__(self) -> None:
         super().__init__("Invalid or missing API key.")
 
 
 class Forbidden(ApiError):
-    status, type, code = 403, "invalid_request_error", "tenant_suspended"
+    status, type, code = 403, "permission_error", "tenant_suspended"
 
 
 class NotFound(ApiError):
-    status, type, code = 404, "invalid_request_error", "model_not_found"
+    status, type, code = 404, "not_found_error", "model_not_found"
 
 
 class Conflict(ApiError):
@@ -48,7 +57,7 @@ class Conflict(ApiError):
 
 
 class TooLarge(ApiError):
-    status, type = 413, "invalid_request_error"
+    status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
 class InvalidAdapter(ApiError):
@@ -140,8 +149,61 @@ async def handle(request: Request, exc: Exception) -> Response:
 
 
 async def handle_http(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404 / 405, in the same envelope."""
+    """Starlette's own 404 / 405 (with its `Allow`), in the same envelope."""
     assert isinstance(exc, HTTPException)
-    err = ApiError(exc.detail)
-    err.status, err.type = exc.status_code, "invalid_request_error"
-    return envelope(err)
+    return envelope(http_error(exc.status_code, dict(exc.headers or {})))
+
+
+def http_error(status: int, headers: dict[str, str] | None = None) -> ApiError:
+    """No such path (404), or not with this method (405)."""
+    if status == 405:
+        err = ApiError("Method not allowed for this path.", headers=headers, code="method_not_allowed")
+        err.status, err.type = 405, "invalid_request_error"
+        return err
+    err = ApiError("Unknown path.", headers=headers, code="unknown_url")
+    err.status, err.type = status, "not_found_error" if status == 404 else "invalid_request_error"
+    return err
+
+
+# What a worker's (vLLM's) error may say, and what reaches the client of it.
+CONTEXT_OVERFLOW = re.compile(r"maximum context length|context length \(\d+\)|is too long for the model", re.I)
+PARAM = re.compile(r"^[a-z_][a-z0-9_]{0,40}(\.[a-z0-9_]{1,40}){0,3}$")
+PROMPT_PARAMS = {"input_text", "input_tokens", "prompt", "messages", "input", "prompt_token_ids"}
+INTERNALS = [
+    (re.compile(r"(?:/[\w.@+-]+){2,}/?"), "<path>"),  # file paths
+    (re.compile(r"\badp_[A-Za-z0-9]+"), "the adapter"),  # internal adapter ids
+    (re.compile(r"\b[A-Z][A-Za-z]+(?:Error|Exception)\b:?\s*"), ""),  # exception class names
+    (re.compile(r"\bv?llm[\w.-]*", re.I), "the engine"),
+]
+
+
+def from_worker(status: int, raw: bytes, prompt_param: str) -> ApiError:
+    """A worker's error answer in loraplane's words: OpenAI's envelope and types, the message
+    passed on only where it helps the client (a bad request) and without internals (paths,
+    exception classes, adapter ids, engine names and versions); a prompt over the context
+    window is OpenAI's `context_length_exceeded`."""
+    message, param = "", None
+    try:
+        info = orjson.loads(raw)["error"]
+        message, param = str(info.get("message") or "")[:2000], info.get("param")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        pass
+    if status in (400, 413, 422):
+        if CONTEXT_OVERFLOW.search(message):
+            return BadRequest(_plain(message), param=prompt_param, code="context_length_exceeded")
+        name = param.removeprefix("body.") if isinstance(param, str) else None
+        if name in PROMPT_PARAMS:
+            name = prompt_param
+        return BadRequest(
+            _plain(message) or "The request is invalid.", param=name if name and PARAM.match(name) else None
+        )
+    log.warning("worker answered %d: %s", status, message[:500])
+    if status == 429:
+        return Unavailable("The model's workers are busy; try again shortly.")
+    return Upstream("The model's worker failed to answer.")
+
+
+def _plain(message: str) -> str:
+    for pattern, replacement in INTERNALS:
+        message = pattern.sub(replacement, message)
+    return " ".join(message.split())[:500]

@@ -4,8 +4,9 @@ of the data plane's CPU per request).
 
 Auth from the in-process key cache, the body read under its limit, request limits, the tenant's
 cache salt, `model` resolved, a worker picked from the routing table (placing a cold adapter once
-however many wait), the request forwarded and the answer passed on chunk by chunk with `model`
-rewritten to what the client sent. A client that leaves cancels the upstream request.
+however many wait), the request forwarded and the answer passed on chunk by chunk in OpenAI's
+shape (`shape`: schema-true, `model` what the client sent, nothing of the engine's own). A client
+that leaves cancels the upstream request.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from dataplane import access, errors
+from dataplane import access, errors, shape, tools
 from dataplane.auth import KeyCache
 from dataplane.cpclient import ControlPlaneClient
 from dataplane.errors import (
@@ -45,7 +46,10 @@ from loraplane.controlplane.v1 import adapter_pb2 as apb
 log = logging.getLogger(__name__)
 
 
-PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/embeddings": "embedding"}
+PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/embeddings": "embedding",
+         "/v1/responses": "chat"}  # fmt: skip
+PROMPT_PARAM = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input",
+                "/v1/responses": "input"}  # fmt: skip
 REPLICA_LINGER_S = 2.0
 SSE_DONE = b"data: [DONE]\n\n"  # a stream's last event
 # Headers of the worker's answer that are the connection's, not the answer's.
@@ -85,7 +89,8 @@ def cache_salt(secret: str, tenant_id: str) -> str:
 def check_limits(body: dict[str, Any], settings: Settings) -> None:
     """Request limits, each a clear 400 naming the parameter."""
     for name, most in (("max_tokens", settings.max_tokens), ("max_completion_tokens", settings.max_tokens),
-                       ("n", settings.max_n), ("best_of", settings.max_n)):  # fmt: skip
+                       ("max_output_tokens", settings.max_tokens), ("n", settings.max_n),
+                       ("best_of", settings.max_n)):  # fmt: skip
         value = body.get(name)
         if value is None:
             continue
@@ -93,11 +98,39 @@ def check_limits(body: dict[str, Any], settings: Settings) -> None:
             raise BadRequest(f"{name!r} must be an integer from 1 to {most}", param=name)
 
 
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def check_messages(messages: object) -> None:
+    """A chat's messages as OpenAI takes them: a non-empty list of objects of its roles."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array of messages", param="messages")
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise BadRequest(
+                f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}", param=f"messages[{i}].role"
+            )
+
+
+def check_responses(body: dict[str, Any]) -> None:
+    """The Responses API without state kept on a worker: a response is not stored (workers are
+    shared by tenants, and a stored one could be read by id through any of them), so what needs
+    a stored one is refused, by name."""
+    if body.get("store") is True:
+        raise BadRequest("'store': true is not supported here: responses are not stored; omit it or send false",
+                         param="store")  # fmt: skip
+    for name in ("previous_response_id", "background", "conversation"):
+        if body.get(name):
+            raise BadRequest(f"{name!r} is not supported here: responses are not stored", param=name)
+    body["store"] = False
+
+
 async def read_json(receive: Receive, content_length: bytes | None, limit: int, timeout_s: float) -> dict[str, Any]:
     """The request body as a JSON object, whole within `timeout_s`; a declared length over the
     limit is refused unread."""
-    if content_length and content_length.isdigit() and int(content_length) > limit:
-        raise TooLarge(f"request body is larger than {limit} bytes")
+    if content_length and content_length.isdigit() and int(content_length) > limit:  # answered unread, and closed
+        raise TooLarge(f"request body is larger than {limit} bytes", headers={"Connection": "close"})
     raw = b""
     try:
         async with asyncio.timeout(timeout_s):
@@ -121,13 +154,14 @@ async def read_json(receive: Receive, content_length: bytes | None, limit: int, 
     return body
 
 
-async def handle(st: State, scope: Scope, receive: Receive, exchange: access.Exchange) -> None:
-    """One inference request, start to end; `exchange` counts it and logs it when it ends."""
+async def handle(st: State, scope: Scope, receive: Receive, send: Send, exchange: access.Exchange) -> None:
+    """One inference request, start to end, answered through `send`; `exchange` counts it and
+    logs it when it ends."""
     path = scope["path"]
     try:
-        exchange.status = await _answer(st, scope, receive, exchange.send, path, PATHS[path])
+        exchange.status = await _answer(st, scope, receive, send, path, PATHS[path])
     except ApiError as err:
-        await errors.envelope(err)(scope, receive, exchange.send)
+        await errors.envelope(err)(scope, receive, send)
     except ClientGone:
         pass
 
@@ -141,6 +175,10 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
         receive, headers.get(b"content-length"), st.settings.max_body_bytes, st.settings.body_timeout_s
     )
     check_limits(body, st.settings)
+    if path == "/v1/responses":
+        check_responses(body)
+    elif path == "/v1/chat/completions":
+        check_messages(body.get("messages"))
     body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant_id)
     client_model = body.get("model")
     target = await st.resolver.resolve(tenant_id, client_model)
@@ -149,6 +187,13 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     scope[access.MODEL] = client_model  # a name that resolved: the catalog's and the tenant's, no free text
     if target.base.kind != kind:
         raise BadRequest(f"{target.base.name} is not a {kind} model; {path} serves {kind} models", param="model")
+    if body.get("tools") and not target.base.tool_parser and body.get("tool_choice", "auto") == "auto":
+        raise BadRequest(
+            f"{target.base.name} has no tool-call parser configured, so tool_choice 'auto' is not available; "
+            "send tool_choice 'required' or a named function",
+            param="tool_choice",
+        )
+    forced = tools.force(body) if path == "/v1/chat/completions" else None
     key = bearer(authorization)
 
     # From here a client that leaves cancels this task, and so the upstream request.
@@ -160,13 +205,13 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
         worker = await worker_for(st, target, key)
         scope[access.WORKER] = worker.id
         try:
-            return await _forward(st, worker, path, body, target, client_model, departure.guarded(send))
+            return await _forward(st, worker, path, body, target, client_model, departure.guarded(send), forced)
         except Unreachable as err:  # nothing reached the client: once more, elsewhere
             if not isinstance(err, NotResident):
                 st.routing.suspect(worker.id)
             worker = await worker_for(st, target, key, avoid=frozenset({worker.id}))
             scope[access.WORKER] = worker.id
-            return await _forward(st, worker, path, body, target, client_model, departure.guarded(send))
+            return await _forward(st, worker, path, body, target, client_model, departure.guarded(send), forced)
     except asyncio.CancelledError:
         if departure.left and task.cancelling() <= 1:
             task.uncancel()
@@ -206,7 +251,14 @@ class Departure:
 
 
 async def _forward(
-    st: State, worker: Worker, path: str, body: dict[str, Any], target: Target, client_model: str, send: Send
+    st: State,
+    worker: Worker,
+    path: str,
+    body: dict[str, Any],
+    target: Target,
+    client_model: str,
+    send: Send,
+    forced: tools.Forced | None = None,
 ) -> int:
     in_flight, adapter_in_flight = st.routing.in_flight, st.routing.adapter_in_flight
     in_flight[worker.id] += 1
@@ -219,8 +271,17 @@ async def _forward(
         if upstream.status == 404 and target.adapter_id:
             upstream.release()  # never relayed: it would name the adapter's id
             raise NotResident(f"worker {worker.id} does not hold the adapter")
+        if upstream.status >= 400:  # never relayed as it is: in loraplane's words
+            try:
+                raw = await upstream.read(timeout)
+            finally:
+                upstream.release()
+            if upstream.status >= 500:  # nothing reached the client: another worker may answer
+                errors.from_worker(upstream.status, raw, PROMPT_PARAM[path])  # logged
+                raise Unreachable("The model's worker failed to answer.")
+            raise errors.from_worker(upstream.status, raw, PROMPT_PARAM[path])
         try:
-            return await _relay(upstream, target.upstream_model, client_model, send, timeout)
+            return await _relay(upstream, client_model, send, timeout, forced)
         finally:
             upstream.release()
     finally:
@@ -229,13 +290,18 @@ async def _forward(
             adapter_in_flight[target.adapter_id] -= 1
 
 
-async def _relay(upstream: UpstreamResponse, upstream_model: str, client_model: str, send: Send, timeout: float) -> int:
-    """The worker's answer to the client, `model` rewritten; SSE line by line as it arrives.
+async def _relay(
+    upstream: UpstreamResponse, client_model: str, send: Send, timeout: float, forced: tools.Forced | None = None
+) -> int:
+    """The worker's answer to the client in OpenAI's shape (`shape`), `model` what the client sent;
+    SSE line by line as it arrives.
     Unreachable while nothing was sent: a stream's worker that fails before its first byte."""
-    old, new = _model_field(upstream_model), _model_field(client_model)
     headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != access.HEADER]
     if not upstream.header(b"content-type").startswith(b"text/event-stream"):
-        content = (await upstream.read(timeout)).replace(old, new)
+        content = shape.body(await upstream.read(timeout), client_model)
+        if forced is not None and upstream.status == 200:  # a forced tool call: the answer is the call
+            content_type, content = tools.answer(forced, content)
+            headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", content_type)]
         headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
@@ -251,19 +317,16 @@ async def _relay(upstream: UpstreamResponse, upstream_model: str, client_model: 
     try:
         while chunks:
             data = partial + b"".join(chunks)
-            cut = data.rfind(b"\n") + 1  # whole lines only: a `model` field never straddles two sends
+            cut = data.rfind(b"\n") + 1  # whole lines only: an event never straddles two sends
             partial = data[cut:]
             if cut:
-                await send({"type": "http.response.body", "body": data[:cut].replace(old, new), "more_body": True})
+                await send({"type": "http.response.body", "body": shape.events(data[:cut], client_model),
+                            "more_body": True})  # fmt: skip
             chunks = await upstream.chunks(timeout)
     except Upstream as err:  # the answer has started: all we can do is end it
         log.warning("worker stream broke: %s", err)
-    await send({"type": "http.response.body", "body": partial.replace(old, new), "more_body": False})
+    await send({"type": "http.response.body", "body": shape.events(partial, client_model), "more_body": False})
     return upstream.status
-
-
-def _model_field(model: str) -> bytes:
-    return b'"model":' + orjson.dumps(model)
 
 
 async def worker_for(st: State, target: Target, key: str, avoid: frozenset[str] = frozenset()) -> Worker:

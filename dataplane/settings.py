@@ -39,6 +39,9 @@ class Settings:
     # an upload with no bytes for this long is given up
     upload_idle_timeout_s: float = field(default=60.0, metadata=var("LORAPLANE_UPLOAD_IDLE_TIMEOUT_S"))
 
+    # browser origins allowed to call the API (comma-separated; "*" any); empty: no CORS
+    cors_origins: str = field(default="", metadata=var("LORAPLANE_CORS_ORIGINS"))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         return config.from_env(cls, env)

@@ -55,6 +55,7 @@ class UploadStream:
         self._max = max_bytes
         self._form = _Form()
         self.body_read = False  # the whole request body was read (a refusal need not drain it)
+        self._started = False
 
     def _parser(self, boundary: bytes) -> MultipartParser:
         f = self._form
@@ -219,7 +220,13 @@ class UploadStream:
         await _write(call, apb.UploadAdapterRequest(metadata=self._metadata()))
         await call.done_writing()
 
+    @property
+    def started(self) -> bool:
+        """Whether any of the body was asked for (which sends a waiting client `100 Continue`)."""
+        return self._started
+
     async def _body(self) -> AsyncIterator[bytes]:
+        self._started = True
         while not self.body_read:
             try:
                 message = await asyncio.wait_for(self._request.receive(), self._idle_timeout)

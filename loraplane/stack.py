@@ -96,6 +96,7 @@ class Stack:
                     "lora": True,
                     "max_rank": 64,
                     "max_adapters_per_worker": 8,
+                    "tool_parser": "hermes",
                 },
                 *extra,
             ],

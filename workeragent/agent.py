@@ -54,6 +54,7 @@ class Agent:
                 max_loras=model.max_adapters_per_worker,
                 max_rank=model.max_rank,
                 extra_args=settings.vllm_args,
+                tool_parser=model.tool_parser,
             )
             env = engine_env(os.environ, settings.vllm_api_key, self._vllm_secret)
             self.engine = Engine(command, env, settings.cache_dir / "vllm.pid", settings.cache_dir / "vllm.log")

@@ -160,6 +160,7 @@ def engine_command(
     max_loras: int,
     max_rank: int,
     extra_args: Sequence[str],
+    tool_parser: str = "",
 ) -> list[str]:
     """vLLM's OpenAI server for one model with runtime LoRA updating on, its LoRA loading and
     every other non-serving path reserved to the holder of the agent's secret (`vllmguard`).
@@ -175,6 +176,11 @@ def engine_command(
         "--max-lora-rank", str(max_rank),
         "--disable-uvicorn-access-log",
         "--middleware", f"{vllmguard.__name__}.{vllmguard.AgentOnly.__name__}",
+        *(("--enable-auto-tool-choice", "--tool-call-parser", tool_parser) if tool_parser else ()),
+        # Structured output (`response_format`, forced tool calls) in compact JSON: a model is never
+        # left free to pad it with whitespace until its tokens run out.
+        "--structured-outputs-config.backend", "xgrammar",
+        "--structured-outputs-config.disable_any_whitespace", "true",
         *extra_args,
     ]  # fmt: skip
 

@@ -20,10 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 SECRET_ENV = "LORAPLANE_VLLM_AGENT_SECRET"
 SECRET_HEADER = "x-loraplane-agent-secret"
-# What data planes and Prometheus may call; everything else is the agent's.
+# What data planes and Prometheus may call; everything else is the agent's (a stored response,
+# `/v1/responses/{id}`, included: none is stored, and none could be read by another tenant).
 SERVING_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", "/version"}
-)
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models", "/health",
+     "/metrics", "/version"}
+)  # fmt: skip
 
 
 class AgentOnly:

@@ -41,7 +41,7 @@ def test_missing_or_bad_keys_get_one_constant_401(control_stack: Stack, headers:
         r = httpx.request(method, control_stack.http_url + path, headers=headers, json={"model": "tiny-llama"})
         assert r.status_code == 401
         assert r.json() == {
-            "error": {"message": "Invalid or missing API key.", "type": "invalid_request_error", "param": None,
+            "error": {"message": "Invalid or missing API key.", "type": "authentication_error", "param": None,
                       "code": "invalid_api_key"}
         }  # fmt: skip
 
@@ -195,3 +195,46 @@ def test_an_upload_cut_off_midway_leaves_nothing(control_stack: Stack) -> None:
     listed = httpx.get(control_stack.http_url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()
     assert listed["data"] == []
     assert upload(control_stack, key, "cut", ADAPTER).status_code == 201  # the name was never taken
+
+
+def test_one_model_is_looked_up_as_the_list_shows_it(control_stack: Stack) -> None:
+    """GET /v1/models/{model}: a tenant's adapter (created when it was), the catalog's base model
+    (created when the catalog was written), and the same 404 for another tenant's as for none."""
+    alice, bob = new_tenant(control_stack, "alice-models"), new_tenant(control_stack, "bob-models")
+    adapter = upload(control_stack, alice, "mine", ADAPTER).json()
+
+    def get(key: str, model: str) -> httpx.Response:
+        return httpx.get(f"{control_stack.http_url}/v1/models/{model}", headers={"Authorization": f"Bearer {key}"})
+
+    models = httpx.get(control_stack.http_url + "/v1/models", headers={"Authorization": f"Bearer {alice}"}).json()
+    by_id = {m["id"]: m for m in models["data"]}
+    mine = get(alice, "tiny-llama:mine")
+    assert mine.status_code == 200 and mine.json() == by_id["tiny-llama:mine"]
+    assert mine.json()["created"] == adapter["created_at"]
+    base = get(alice, "tiny-llama").json()
+    assert base == by_id["tiny-llama"] and base["created"] > 1_600_000_000
+    theirs, nothing = get(bob, "tiny-llama:mine"), get(bob, "tiny-llama:nothing")
+    assert theirs.status_code == nothing.status_code == 404
+    assert theirs.json()["error"]["message"].replace("mine", "X") == nothing.json()["error"]["message"].replace(
+        "nothing", "X"
+    )
+
+
+def test_an_upload_declared_over_the_limit_is_refused_at_once(control_stack: Stack) -> None:
+    """No `100 Continue`, no wait for a body that will not be read: the 413 at once, then the
+    connection closed."""
+    import socket
+
+    key = new_tenant(control_stack, "too-large")
+    head = (
+        f"POST /v1/adapters/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000000000\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", control_stack.config.http_port), timeout=5) as s:
+        s.sendall(head)
+        answer = b""
+        while chunk := s.recv(65536):  # until the server closes (a socket timeout fails the test)
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"100 Continue" not in answer and b"connection: close" in answer.lower()

@@ -99,7 +99,11 @@ async def failing_first(
 
 @asynccontextmanager
 async def dataplane(
-    redis_server: RedisServer, tmp_path: Path, workers: dict[str, str], upstream_timeout_s: float = 600.0
+    redis_server: RedisServer,
+    tmp_path: Path,
+    workers: dict[str, str],
+    upstream_timeout_s: float = 600.0,
+    cors_origins: str = "",
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A data plane whose routing table is `workers` (id -> endpoint, all tiny-llama), tried in
     the order of their ids; a client for it with the tenant's key."""
@@ -113,9 +117,15 @@ async def dataplane(
     await r.set(keys.ROUTING_VERSION, 1)
     await r.aclose()
     catalog = tmp_path / "catalog.json"
-    Catalog.write(catalog, [{"name": "tiny-llama", "kind": "chat", "path": str(tmp_path), "lora": False}])
+    Catalog.write(
+        catalog, [{"name": "tiny-llama", "kind": "chat", "path": str(tmp_path), "lora": False, "tool_parser": "hermes"}]
+    )
     settings = Settings(
-        redis_url=url, catalog_path=catalog, controlplane_addr="127.0.0.1:9", upstream_timeout_s=upstream_timeout_s
+        redis_url=url,
+        catalog_path=catalog,
+        controlplane_addr="127.0.0.1:9",
+        upstream_timeout_s=upstream_timeout_s,
+        cors_origins=cors_origins,
     )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -816,3 +816,118 @@ def test_churn_and_engine_kills_leak_nothing(full_stack: Stack, adapters: dict[s
     assert after["engine processes"] == before["engine processes"]
     assert churned["agent fds"] <= before["agent fds"] + 2 and churned["engine fds"] <= before["engine fds"] + 2
     assert after["agent fds"] <= before["agent fds"] + 2
+
+
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },  # fmt: skip
+    },
+}
+
+
+def test_tools_work_through_the_openai_client(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    """`auto` (the worker's parser), `required` and a named function (forced through structured
+    output, whole or streamed): well-formed calls even from the tiny model, in the spec's shape."""
+    from tests import openai_spec
+
+    key = new_tenant(full_stack, "tools")
+    upload(full_stack, key, "tooled", (adapters["a"] / "adapter_model.safetensors").read_bytes())
+    client = openai_client(key)
+    messages: Any = [{"role": "user", "content": "weather in Paris?"}]
+    auto = client.chat.completions.create(model="tiny-llama", messages=messages, tools=[WEATHER], max_tokens=8)
+    assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    for model, choice in [("tiny-llama", "required"), ("tiny-llama:tooled", named)]:
+        resp = client.chat.completions.create(
+            model=model, messages=messages, tools=[WEATHER], tool_choice=choice, max_tokens=64
+        )
+        assert openai_spec.validate("CreateChatCompletionResponse", resp.model_dump(exclude_unset=True)) == []
+        (call,) = resp.choices[0].message.tool_calls or []
+        assert resp.choices[0].finish_reason == "tool_calls" and call.type == "function"
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    calls: dict[int, str] = {}
+    with client.chat.completions.stream(
+        model="tiny-llama", messages=messages, tools=[WEATHER], tool_choice=named, max_tokens=64
+    ) as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.done":
+                calls[event.index] = event.arguments
+        final = stream.get_final_completion()
+    assert list(calls) == [0] and json.loads(calls[0])["city"] in ("Paris", "Rome")
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_the_responses_api_answers_with_the_adapter(
+    full_stack: Stack, adapters: dict[str, Path], openai_client: Callable[[str], openai.OpenAI]
+) -> None:
+    from tests import openai_spec
+
+    key = new_tenant(full_stack, "responses")
+    upload(full_stack, key, "resp", (adapters["a"] / "adapter_model.safetensors").read_bytes())
+    client = openai_client(key)
+    chat = client.chat.completions.create(
+        model="tiny-llama:resp", messages=[{"role": "user", "content": PROMPT}], temperature=0.0, max_tokens=8
+    )
+    raw = client.responses.with_raw_response.create(
+        model="tiny-llama:resp", input=PROMPT, temperature=0.0, max_output_tokens=8
+    )
+    assert openai_spec.validate("Response", raw.http_response.json()) == []
+    resp = raw.parse()
+    assert resp.model == "tiny-llama:resp" and resp.output_text == chat.choices[0].message.content
+    with client.responses.stream(model="tiny-llama:resp", input=PROMPT, temperature=0.0, max_output_tokens=8) as s:
+        assert s.get_final_response().output_text == resp.output_text
+    streamed = httpx.post(
+        f"{full_stack.http_url}/v1/responses", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+        json={"model": "tiny-llama:resp", "input": PROMPT, "max_output_tokens": 8, "stream": True},
+    )  # fmt: skip
+    assert openai_spec.validate_stream("ResponseStreamEvent", streamed.content) == []
+    with pytest.raises(openai.BadRequestError, match="store"):
+        client.responses.create(model="tiny-llama:resp", input=PROMPT, store=True)
+
+
+def test_real_answers_and_errors_are_schema_true(full_stack: Stack, adapters: dict[str, Path]) -> None:
+    """Straight from a real vLLM, through the data plane, against OpenAI's published schemas."""
+    from tests import openai_spec
+
+    key = new_tenant(full_stack, "spec")
+    upload(full_stack, key, "spec", (adapters["a"] / "adapter_model.safetensors").read_bytes())
+    headers = {"Authorization": f"Bearer {key}"}
+    messages = [{"role": "user", "content": PROMPT}]
+
+    def post(path: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(full_stack.http_url + path, headers=headers, json=body, timeout=60)
+
+    checks = {
+        "CreateChatCompletionResponse": post("/v1/chat/completions", {"model": "tiny-llama:spec", "messages": messages,
+                                             "max_tokens": 4, "n": 2, "logprobs": True, "top_logprobs": 2}),
+        "CreateCompletionResponse": post("/v1/completions", {"model": "tiny-llama:spec", "prompt": PROMPT,
+                                         "max_tokens": 4, "logprobs": 2}),
+        "ListModelsResponse": httpx.get(full_stack.http_url + "/v1/models", headers=headers),
+        "Model": httpx.get(full_stack.http_url + "/v1/models/tiny-llama:spec", headers=headers),
+    }  # fmt: skip
+    for schema, r in checks.items():
+        assert r.status_code == 200, r.text
+        assert openai_spec.validate(schema, r.json()) == [], schema
+        assert "vllm" not in r.text.lower()
+    stream = post("/v1/chat/completions", {"model": "tiny-llama:spec", "messages": messages, "max_tokens": 4,
+                                           "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+    assert openai_spec.validate_stream("CreateChatCompletionStreamResponse", stream.content) == []
+    too_long = post(
+        "/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello " * 1500}]}
+    )
+    assert too_long.status_code == 400 and openai_spec.validate("ErrorResponse", too_long.json()) == []
+    error = too_long.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    )

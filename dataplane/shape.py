@@ -1,0 +1,130 @@
+"""A worker's answer in OpenAI's shape: what the official spec's schemas say, `model` what the
+client sent, and nothing that names the engine (its fields, its `system_fingerprint`).
+
+vLLM's answers are close to OpenAI's but not the same: it sends `null` where the spec wants an
+object or no field at all (`annotations`, `function_call`, the usage details), leaves out
+`refusal` and `top_logprobs` the spec requires, and adds fields of its own (`stop_reason`,
+`token_ids`, `prompt_logprobs`, `kv_transfer_params`, a `system_fingerprint` naming its
+version). Each answer (and each event of a stream) is rewritten here once: parse, fix, dump.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# Fields of the engine's own, at the top of an answer and in each choice.
+ENGINE_FIELDS = ("prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params", "ec_transfer_params",
+                 "metrics", "system_fingerprint", "input_messages", "output_messages")  # fmt: skip
+CHOICE_ENGINE_FIELDS = ("stop_reason", "token_ids", "routed_experts", "prompt_logprobs", "prompt_token_ids")
+# A chat message's (or delta's) fields the spec lets be null; others are left out when null.
+NULLABLE = ("content", "refusal")
+USAGE_DETAILS = ("prompt_tokens_details", "completion_tokens_details")
+
+
+def body(raw: bytes, model: str) -> bytes:
+    """A whole JSON answer, reshaped (as it was when it is not a JSON object)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
+    if not isinstance(obj, dict):
+        return raw
+    return orjson.dumps(answer(obj, model))
+
+
+def events(lines: bytes, model: str) -> bytes:
+    """Whole lines of a server-sent event stream: each `data: {...}` event reshaped, the rest as
+    it is."""
+    return b"\n".join(_event(line, model) for line in lines.split(b"\n"))
+
+
+def _event(line: bytes, model: str) -> bytes:
+    if not line.startswith(b"data: {"):
+        return line
+    end = len(line.rstrip(b"\r"))
+    try:
+        obj = orjson.loads(line[6:end])
+    except orjson.JSONDecodeError:
+        return line
+    if not isinstance(obj, dict):
+        return line
+    return b"data: " + orjson.dumps(answer(obj, model)) + line[end:]
+
+
+def answer(obj: dict[str, Any], model: str) -> dict[str, Any]:
+    if "model" in obj:
+        obj["model"] = model
+    for name in ENGINE_FIELDS:
+        obj.pop(name, None)
+    if obj.get("object") == "response":
+        _response(obj)
+    for key in ("response", "item", "part"):  # what a Responses API stream event carries
+        if isinstance(obj.get(key), dict):
+            answer(obj[key], model)
+    if obj.get("type") == "output_text":
+        _output_text(obj)
+    elif obj.get("type") == "message":  # an output item
+        _message_item(obj)
+    for choice in obj.get("choices") or ():
+        if isinstance(choice, dict):
+            _choice(choice)
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        for name in USAGE_DETAILS:
+            if usage.get(name, 0) is None:
+                del usage[name]
+    if obj.get("service_tier", 0) is None:
+        del obj["service_tier"]
+    return obj
+
+
+def _response(obj: dict[str, Any]) -> None:
+    """A Responses API response: the fields the spec requires, none of the engine's."""
+    obj.setdefault("error", None)
+    for name in ("presence_penalty", "frequency_penalty"):
+        obj.pop(name, None)
+    for name in ("user", "usage"):
+        if obj.get(name, 0) is None:
+            del obj[name]
+    if obj.get("text") is None:
+        obj["text"] = {"format": {"type": "text"}}
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        for details, own in (("input_tokens_details", ("input_tokens_per_turn", "cached_tokens_per_turn")),
+                             ("output_tokens_details", ("tool_output_tokens", "output_tokens_per_turn",
+                                                        "tool_output_tokens_per_turn"))):  # fmt: skip
+            for name in own if isinstance(usage.get(details), dict) else ():
+                usage[details].pop(name, None)
+    for item in obj.get("output") or ():
+        if isinstance(item, dict):
+            _message_item(item)
+
+
+def _message_item(item: dict[str, Any]) -> None:
+    for content in item.get("content") or ():
+        if isinstance(content, dict) and content.get("type") == "output_text":
+            _output_text(content)
+
+
+def _output_text(content: dict[str, Any]) -> None:
+    if content.get("logprobs", 0) is None:
+        content["logprobs"] = []
+
+
+def _choice(choice: dict[str, Any]) -> None:
+    for name in CHOICE_ENGINE_FIELDS:
+        choice.pop(name, None)
+    for key in ("message", "delta"):
+        message = choice.get(key)
+        if isinstance(message, dict):
+            for name in [k for k, v in message.items() if v is None and k not in NULLABLE]:
+                del message[name]
+    logprobs = choice.get("logprobs")
+    if isinstance(logprobs, dict) and "content" in logprobs:  # a chat choice's (the text one has no refusal)
+        logprobs.setdefault("refusal", None)
+        for token in logprobs.get("content") or ():
+            if isinstance(token, dict):
+                token.setdefault("top_logprobs", [])
+                token.setdefault("bytes", None)

@@ -1,0 +1,171 @@
+"""The OpenAI API as clients expect it, from what vLLM really sends: answers recorded from vLLM
+0.32 (CPU build, tiny-llama, `vllm_answers/`) replayed by a worker, relayed by the data plane,
+and held to OpenAI's published spec (tests/openai_spec) — schema-true, `model` the client's,
+nothing of the engine's own; a worker's errors in OpenAI's vocabulary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import openai_spec
+from tests.dataplane.peers import Peer, peer, read_request
+from tests.dataplane.test_inference import dataplane
+from tests.support import RedisServer
+
+RECORDED = Path(__file__).with_name("vllm_answers")
+NULL_FINISH = re.compile(r"^event \d+: \$\.choices\[0\]\.finish_reason: None is not ")
+ENGINE_WORDS = ("vllm", "BadRequestError", "NotFoundError", "adp_", "/tmp/", "body.")
+
+
+def recorded(name: str) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads((RECORDED / f"{name}.json").read_text())
+    return answer
+
+
+def replaying(name: str) -> Any:
+    """A worker that answers every request with what vLLM answered to the recorded one."""
+    rec = recorded(name)
+    body = rec["body"].encode()
+    head = (f"HTTP/1.1 {rec['status']} X\r\ncontent-type: {rec['content_type']}\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+
+    async def handler(state: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            state.requests.append(request)
+            writer.write(head + body)
+            await writer.drain()
+
+    return handler
+
+
+async def relayed(redis_server: RedisServer, tmp_path: Path, name: str) -> httpx.Response:
+    """The recorded request sent to a data plane whose worker replays vLLM's recorded answer."""
+    rec = recorded(name)
+    async with peer(replaying(name)) as worker, dataplane(redis_server, tmp_path, {"w1": worker.url}) as client:
+        return await client.post(rec["path"], json=rec["request"] | {"model": "tiny-llama"})
+
+
+SUCCESSES = {
+    "chat": "CreateChatCompletionResponse",
+    "chat_n2_logprobs": "CreateChatCompletionResponse",
+    "tools_auto": "CreateChatCompletionResponse",
+    "tools_required": "CreateChatCompletionResponse",
+    "chat_stream": "CreateChatCompletionStreamResponse",
+    "chat_stream_usage_logprobs": "CreateChatCompletionStreamResponse",
+    "tools_named_stream": "CreateChatCompletionStreamResponse",
+    "completion": "CreateCompletionResponse",
+    "completion_stream": "CreateCompletionResponse",
+    "responses": "Response",
+    "responses_stream": "ResponseStreamEvent",
+}
+
+
+@pytest.mark.parametrize("name", SUCCESSES)
+async def test_vllms_answers_reach_the_client_schema_true(redis_server: RedisServer, tmp_path: Path, name: str) -> None:
+    r = await relayed(redis_server, tmp_path, name)
+    assert r.status_code == 200, r.text
+    schema = SUCCESSES[name]
+    if r.headers["content-type"].startswith("text/event-stream"):
+        violations = openai_spec.validate_stream(schema, r.content)
+        if schema == "CreateCompletionResponse":  # the spec has one schema for an answer and a chunk:
+            violations = [v for v in violations if not NULL_FINISH.search(v)]  # OpenAI sends null mid-stream too
+        assert violations == []
+        objects = [json.loads(e) for e in openai_spec.events(r.content) if e != "[DONE]"]
+        assert r.text.rstrip().endswith("data: [DONE]") or name.startswith("responses")
+    else:
+        assert openai_spec.validate(schema, r.json()) == []
+        objects = [r.json()]
+    for obj in objects:
+        assert openai_spec.undeclared(schema, obj) == [], obj  # no field of the engine's own
+        model = obj["response"]["model"] if "response" in obj else obj.get("model")
+        assert model in (None, "tiny-llama")
+    assert "vllm" not in r.text.lower() and "adp_x1" not in r.text
+
+
+ERRORS = {
+    # recorded answer: (status, type, code, param)
+    "err_context": (400, "invalid_request_error", "context_length_exceeded", "messages"),
+    "err_context_completion": (400, "invalid_request_error", "context_length_exceeded", "prompt"),
+    "err_max_tokens": (400, "invalid_request_error", None, "max_tokens"),
+    "err_temperature": (400, "invalid_request_error", None, "temperature"),
+    "err_unknown_model": (502, "server_error", None, None),
+}
+
+
+@pytest.mark.parametrize("name", ERRORS)
+async def test_a_workers_errors_are_told_in_openais_words(redis_server: RedisServer, tmp_path: Path, name: str) -> None:
+    r = await relayed(redis_server, tmp_path, name)
+    status, kind, code, param = ERRORS[name]
+    assert r.status_code == status, r.text
+    assert openai_spec.validate("ErrorResponse", r.json()) == []
+    error = r.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (kind, code, param), error
+    assert not any(word.lower() in error["message"].lower() for word in ENGINE_WORDS), error["message"]
+    if status == 400:  # what helps the client is passed on
+        assert error["message"] and ("context length" in error["message"] or param in error["message"])
+
+
+async def test_an_unknown_role_is_refused_before_any_worker_sees_it(redis_server: RedisServer, tmp_path: Path) -> None:
+    """vLLM answers a message of role "wizard" as if it were fine (recorded: 200)."""
+    assert recorded("err_bad_role")["status"] == 200
+    r = await relayed(redis_server, tmp_path, "err_bad_role")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role", r.text
+
+
+async def test_responses_are_not_stored_and_say_so(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with peer(replaying("responses")) as worker, dataplane(redis_server, tmp_path, {"w1": worker.url}) as c:
+        for field, value in (("store", True), ("previous_response_id", "resp_1"), ("background", True)):
+            r = await c.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert (await c.post("/v1/responses", json={"model": "tiny-llama", "input": "hi"})).status_code == 200
+        assert b'"store":false' in worker.requests[-1]  # never kept on a worker tenants share
+        assert (await c.get("/v1/responses/resp_9f5242c58e2ae0fc")).status_code == 404
+
+
+async def test_browsers_are_answered_only_from_the_allowed_origins(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with (
+        peer(replaying("chat")) as worker,
+        dataplane(redis_server, tmp_path, {"w1": worker.url}, cors_origins="https://app.example") as c,
+    ):
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+        r = await c.options("/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}]}
+        r = await c.post("/v1/chat/completions", json=body, headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = await c.post("/v1/chat/completions", json=body, headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+    async with peer(replaying("chat")) as worker, dataplane(redis_server, tmp_path, {"w1": worker.url}) as c:
+        r = await c.options("/v1/chat/completions", headers=preflight)  # off by default
+        assert "access-control-allow-origin" not in r.headers and r.status_code == 405
+
+
+async def test_a_wrong_method_is_405_with_what_is_allowed(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with peer(replaying("chat")) as worker, dataplane(redis_server, tmp_path, {"w1": worker.url}) as c:
+        wrong = [("GET", "/v1/chat/completions", {"POST"}), ("PUT", "/v1/adapters", {"GET", "POST"}),
+                 ("POST", "/v1/models", {"GET"}), ("PATCH", "/v1/adapters/adp_1", {"GET", "DELETE"})]  # fmt: skip
+        for method, path, allowed in wrong:
+            r = await c.request(method, path)
+            assert r.status_code == 405, (method, path, r.text)
+            assert set(r.headers["allow"].replace(" ", "").split(",")) >= allowed
+            assert openai_spec.validate("ErrorResponse", r.json()) == []
+        r = await c.get("/v1/nowhere")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+async def test_tool_choice_auto_needs_the_models_parser(redis_server: RedisServer, tmp_path: Path) -> None:
+    """The catalog names the model's tool-call parser (tiny-llama: hermes; workers start with
+    automatic tool choice on); a model without one takes tools only when the choice is forced."""
+    async with peer(replaying("tools_auto")) as worker, dataplane(redis_server, tmp_path, {"w1": worker.url}) as c:
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "tools": [tool]}
+        assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
