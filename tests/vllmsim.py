@@ -2,8 +2,16 @@
 it speaks the parts of vLLM's HTTP API loraplane uses (OpenAI completions and chat, streaming or
 not; runtime LoRA load and unload; `/v1/models`, `/health`, `/metrics`), holds at most
 `max_loras` adapters, streams tokens at a set rate and takes a load time proportional to the
-adapter's size. No model runs, so many simulated workers fit on one machine. From the
-repository's root:
+adapter's size. No model runs, so many simulated workers fit on one machine. A completion
+request with `"sim_vllm": true` is answered in vLLM 0.32's exact shapes (`n` choices, `logprobs`,
+`stream_options.include_usage`, the null fields vLLM serializes and its default
+`system_fingerprint`), for tests of what clients get of vLLM's answers. As vLLM 0.32 does, always:
+`/v1/embeddings` with `"encoding_format": "base64"` answers little-endian float32 in base64;
+`/v1/responses` answers the Responses API (its stream as `event:`/`data:` pairs); and a chat
+completion with a `response_format` (`json_schema`, `json_object`) or a forced tool (`tool_choice`
+a named function, or `"required"`) answers what structured output gives a model that finishes: a
+JSON document made from the schema, deterministically, or a call of the tool with such arguments.
+`max_completion_tokens` takes precedence over `max_tokens`. From the repository's root:
 
     python -m tests.vllmsim --port 8100 --max-loras 8 --tokens-per-s 50 --load-ms-per-mb 20
 """
@@ -12,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -119,12 +129,12 @@ def create_app(config: SimConfig) -> Any:
             model = body.get("model")
             if model != config.model and model not in sim.adapters:
                 return sim.error(404, f"The model `{model}` does not exist.")
-            tokens = int(body.get("max_tokens") or 16)
+            tokens = _max_tokens(body)
             rate = float(body.get("sim_tokens_per_s", config.tokens_per_s))  # a benchmark's override
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             if body.get("stream"):
                 linger = float(body.get("sim_linger_s", 0))  # between `[DONE]` and the body's end
-                stream = _stream(sim, rid, model, tokens, chat, rate, linger)
+                stream = _stream(sim, rid, model, tokens, chat, rate, linger, body)
                 return StreamingResponse(stream, media_type="text/event-stream")
             sim.running[model] += 1
             try:
@@ -132,7 +142,7 @@ def create_app(config: SimConfig) -> Any:
                     return Response(status_code=499)  # vLLM, too, aborts a request whose client left
             finally:
                 sim.running[model] -= 1
-            return JSONResponse(_completion_body(chat, model, tokens))
+            return JSONResponse(_completion_body(chat, model, tokens, body))
 
         return endpoint
 
@@ -143,10 +153,39 @@ def create_app(config: SimConfig) -> Any:
             return sim.error(404, f"The model `{body.get('model')}` does not exist.")
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
-        data = [{"object": "embedding", "index": i, "embedding": [round(len(str(x)) / 100, 3)] * 8}
+        as_base64 = body.get("encoding_format") == "base64"  # little-endian float32, as vLLM encodes it
+        data = [{"index": i, "object": "embedding", "embedding": _embedding(str(x), as_base64)}
                 for i, x in enumerate(inputs)]  # fmt: skip
-        usage = {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}
+        usage: dict[str, int | None] = {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}
+        if body.get("sim_vllm") is True:  # vLLM 0.32's EmbeddingResponse, model_dump()ed
+            usage |= {"completion_tokens": 0, "prompt_tokens_details": None, "completion_tokens_details": None}
+            return JSONResponse({"id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                                 "model": config.model, "data": data, "usage": usage})  # fmt: skip
         return JSONResponse({"object": "list", "data": data, "model": config.model, "usage": usage})
+
+    async def responses(request: Request) -> Response:
+        if not sim.authorized(request):
+            return JSONResponse({"error": "Unauthorized"}, 401)
+        body = await request.json()
+        sim.seen = [*sim.seen[-49:], body]
+        model = body.get("model")
+        if model != config.model and model not in sim.adapters:
+            return sim.error(404, f"The model `{model}` does not exist.")
+        mot = body.get("max_output_tokens")
+        tokens = mot if type(mot) is int and mot > 0 else 16
+        rate = float(body.get("sim_tokens_per_s", config.tokens_per_s))
+        if body.get("stream"):
+            return StreamingResponse(_responses_stream(sim, model, tokens, rate, body), media_type="text/event-stream")
+        sim.running[model] += 1
+        try:
+            if rate and await _client_left_within(request, tokens / rate):
+                return Response(status_code=499)
+        finally:
+            sim.running[model] -= 1
+        text = " ".join(["tok"] * tokens)
+        item = _response_message(f"msg_{uuid.uuid4().hex[:16]}", text, "completed")
+        rid, created = f"resp_{uuid.uuid4().hex[:16]}", int(time.time())
+        return JSONResponse(_response_object(rid, created, model, tokens, body, [item], "incomplete"))
 
     routes = [
         Route("/health", health),
@@ -158,6 +197,7 @@ def create_app(config: SimConfig) -> Any:
         Route("/v1/chat/completions", completion(chat=True), methods=["POST"]),
         Route("/v1/completions", completion(chat=False), methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
     ]
     return _FastPath(Starlette(routes=routes), sim)
 
@@ -210,20 +250,25 @@ class _FastPath:
             await self.app(scope, replay, send)
             return
         sim.seen = [*sim.seen[-49:], body]
-        tokens = int(body.get("max_tokens") or 16)
-        out = orjson.dumps(_completion_body(chat, model, tokens))
+        tokens = _max_tokens(body)
+        out = orjson.dumps(_completion_body(chat, model, tokens, body))
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
 
-def _completion_body(chat: bool, model: str, tokens: int) -> dict[str, Any]:
-    text = " ".join(["tok"] * tokens)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+def _completion_body(chat: bool, model: str, tokens: int, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = _output(chat, tokens, body or {})
+    if body is not None and body.get("sim_vllm") is True:
+        return _vllm_body(chat, model, out, body)
+    tokens = out.tokens
+    choice: dict[str, Any] = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
     if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        choice["message"] = {"role": "assistant", "content": out.text}
+        if out.tool_calls:
+            choice["message"]["tool_calls"] = out.tool_calls
     else:
-        choice["text"] = text
+        choice["text"] = out.text
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if chat else "text_completion",
@@ -232,6 +277,358 @@ def _completion_body(chat: bool, model: str, tokens: int) -> dict[str, Any]:
         "choices": [choice],
         "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens},
     }
+
+
+# vLLM 0.32's answers, field for field (vllm/entrypoints/openai/{chat_completion,completion}/
+# protocol.py and serving.py): whole answers are `model_dump()`ed, None fields included; stream
+# chunks `model_dump_json(exclude_unset=True)`, the usage chunk with `exclude_none=True`.
+VLLM_FINGERPRINT = "vllm-0.32.0-5d41402a"  # `--fingerprint-mode full` (the default): version and config hash
+PROMPT_TOKENS = 8
+TOKEN = {"token": "tok", "logprob": -0.25, "bytes": [116, 111, 107]}
+
+
+def _vllm_options(chat: bool, body: dict[str, Any]) -> tuple[int, int | None, bool]:
+    """`n`, how many top logprobs (None: no logprobs) and `include_usage`, where they are what
+    vLLM accepts (else ignored: the simulator answers what vLLM would refuse)."""
+    n = body.get("n")
+    n = n if type(n) is int and 1 <= n <= 16 else 1
+    top: int | None = None
+    if chat and body.get("logprobs") is True:
+        t = body.get("top_logprobs")
+        top = t if type(t) is int and 0 <= t <= 20 else 0
+    elif not chat and type(lp := body.get("logprobs")) is int and 0 <= lp <= 5:
+        top = lp
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return n, top, include_usage
+
+
+def _chat_logprobs(tokens: int, top: int) -> dict[str, Any]:
+    alternatives = [{**TOKEN, "token": f"t{k}", "logprob": -1.0 - k, "bytes": list(f"t{k}".encode())}
+                    for k in range(top)]  # fmt: skip
+    return {"content": [{**TOKEN, "top_logprobs": alternatives} for _ in range(tokens)]}
+
+
+def _completion_logprobs(tokens: int, top: int, offset: int = 0) -> dict[str, Any]:
+    return {
+        "text_offset": [offset + 4 * i for i in range(tokens)],
+        "token_logprobs": [TOKEN["logprob"]] * tokens,
+        "tokens": [TOKEN["token"]] * tokens,
+        "top_logprobs": [{TOKEN["token"]: TOKEN["logprob"], **{f"t{k}": -1.0 - k for k in range(top - 1)}}
+                         for _ in range(tokens)],
+    }  # fmt: skip
+
+
+def _vllm_body(chat: bool, model: str, out: Output, body: dict[str, Any]) -> dict[str, Any]:
+    n, top, _ = _vllm_options(chat, body)
+    tokens, text = out.tokens, out.text
+    choices: list[dict[str, Any]] = []
+    for i in range(n):
+        if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": None,
+                                       "audio": None, "function_call": None}  # fmt: skip
+            if out.tool_calls:  # ChatMessage drops an empty `tool_calls`
+                message["tool_calls"] = out.tool_calls
+            message["reasoning"] = None
+            logprobs = None if top is None else _chat_logprobs(tokens, top)
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": out.finish_reason,
+                            "stop_reason": None, "token_ids": None, "routed_experts": None})  # fmt: skip
+        else:
+            logprobs = None if top is None else _completion_logprobs(tokens, top)
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
+                            "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                            "prompt_token_ids": None, "routed_experts": None})  # fmt: skip
+    usage = {"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS + n * tokens,
+             "completion_tokens": n * tokens, "prompt_tokens_details": None,
+             "completion_tokens_details": None}  # fmt: skip
+    answer: dict[str, Any] = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "service_tier": None,
+        "system_fingerprint": VLLM_FINGERPRINT,
+        "usage": usage,
+    }
+    if chat:
+        answer |= {"prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None}
+    return answer | {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+
+
+def _vllm_chunks(rid: str, model: str, tokens: int, chat: bool, body: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """A vLLM stream's events, token by token: the events each token brings (one per choice),
+    the role events first (chat), the usage event last (when asked for)."""
+    n, top, include_usage = _vllm_options(chat, body)
+    out = _output(chat, tokens, body)
+    tokens = out.tokens
+    head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model}  # fmt: skip
+    steps: list[list[dict[str, Any]]] = []
+    if chat:
+        steps.append([{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}],
+                       "prompt_token_ids": None, "prompt_text": None} for i in range(n)])  # fmt: skip
+    for t in range(tokens):
+        last = t == tokens - 1
+        step = []
+        for i in range(n):
+            if chat:
+                logprobs = None if top is None else _chat_logprobs(1, top)
+                choice: dict[str, Any] = {"index": i, "delta": out.deltas[t], "logprobs": logprobs,
+                                          "finish_reason": out.finish_reason if last else None}  # fmt: skip
+                if last:
+                    choice["stop_reason"] = None
+                choice["token_ids"] = None
+            else:
+                logprobs = None if top is None else _completion_logprobs(1, top, 4 * t)
+                choice = {"index": i, "text": out.deltas[t]["content"], "logprobs": logprobs,
+                          "finish_reason": out.finish_reason if last else None,
+                          "stop_reason": None, "prompt_token_ids": None, "token_ids": None}  # fmt: skip
+            chunk = {**head, "choices": [choice]}
+            if last and not include_usage:
+                chunk["system_fingerprint"] = VLLM_FINGERPRINT
+            step.append(chunk)
+        steps.append(step)
+    if include_usage:
+        usage = {"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS + n * tokens,
+                 "completion_tokens": n * tokens}  # fmt: skip
+        steps[-1].append({**head, "choices": [], "usage": usage, "system_fingerprint": VLLM_FINGERPRINT})
+    return steps
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    """As vLLM reads them: `max_completion_tokens` (what LangChain sends) over `max_tokens`."""
+    mct = body.get("max_completion_tokens")
+    return mct if type(mct) is int else int(body.get("max_tokens") or 16)
+
+
+def _embedding(text: str, as_base64: bool) -> list[float] | str:
+    vector = [round(len(text) / 100, 3)] * 8
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+
+
+@dataclass
+class Output:
+    """What the model generates for a request: its text, the stream's deltas (one per token),
+    its tool calls and why it stopped."""
+
+    text: str
+    deltas: list[dict[str, Any]]
+    finish_reason: str
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.deltas)
+
+
+def _output(chat: bool, tokens: int, body: dict[str, Any]) -> Output:
+    """`tokens` "tok"s, stopped by the length; or, for a chat completion asking for structured
+    output or forcing a tool call, a JSON document valid for the schema, generated as a model does
+    that finishes (stopped by the length only if the document takes more than `tokens`)."""
+    fmt, tool = body.get("response_format"), _forced_tool(body) if chat else None
+    if tool is not None:
+        name, schema = tool
+        arguments = json.dumps(_instance(schema, schema), ensure_ascii=False)
+        pieces, finish = _pieces(arguments, tokens)
+        forced = "required" if body.get("tool_choice") == "required" else "named"
+        call = {"id": f"chatcmpl-tool-{uuid.uuid4().hex[:16]}", "type": "function",
+                "function": {"name": name, "arguments": "".join(pieces)}}  # fmt: skip
+        deltas: list[dict[str, Any]] = [
+            {
+                "content": None,
+                "tool_calls": [{"id": call["id"], "type": "function", "index": 0, "function": {"name": name}}],
+            }
+        ]  # the name, then the arguments token by token (as vLLM streams a named tool's call)
+        deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in pieces[1:]]
+        deltas[0]["tool_calls"][0]["function"]["arguments"] = pieces[0]
+        # vLLM: "tool_calls" for a required call that finished, the sampler's reason for a named one
+        return Output("", deltas, "tool_calls" if forced == "required" and finish == "stop" else finish, [call])
+    if chat and isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
+        spec = fmt.get("json_schema")
+        wanted = spec.get("schema") if isinstance(spec, dict) else None
+        document = json.dumps(_instance(wanted, wanted)) if isinstance(wanted, dict) else "{}"
+        pieces, finish = _pieces(document, tokens)
+        return Output("".join(pieces), [{"content": p} for p in pieces], finish)
+    return Output(" ".join(["tok"] * tokens), [{"content": "tok "} for _ in range(tokens)], "length")
+
+
+def _forced_tool(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The tool a request forces a call of (`tool_choice` a named function, or "required": the
+    first tool) and its parameters' schema."""
+    tools = [
+        t["function"] for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    ]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        tools = [t for t in tools if t.get("name") == name]
+    elif choice != "required":
+        return None
+    if not tools:
+        return None
+    parameters = tools[0].get("parameters")
+    return str(tools[0].get("name")), parameters if isinstance(parameters, dict) else {"type": "object"}
+
+
+def _pieces(text: str, tokens: int) -> tuple[list[str], str]:
+    """`text` as a model's tokens (4 characters each), cut at `tokens`, and the finish reason."""
+    pieces = [text[i : i + 4] for i in range(0, len(text), 4)] or [""]
+    return (pieces, "stop") if len(pieces) <= tokens else (pieces[:tokens], "length")
+
+
+def _instance(schema: Any, root: Any, depth: int = 0) -> Any:
+    """A JSON value valid for `schema`, deterministically: `const`, else the first of `enum`, of
+    `anyOf`/`oneOf`/`allOf` and of a list of types; an object's required properties; `$ref`s into
+    the root's `$defs`/`definitions`; arrays of `minItems` items."""
+    if not isinstance(schema, dict) or depth > 32:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return _instance(target, root, depth + 1)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _instance(schema[key][0], root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = kind[0] if kind else None
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties") or {}
+        required = [k for k in schema.get("required") or [] if isinstance(k, str)]
+        return {k: _instance(properties.get(k, {}), root, depth + 1) for k in required}
+    if kind == "array":
+        count = schema.get("minItems")
+        return [_instance(schema.get("items", {}), root, depth + 1) for _ in range(count if type(count) is int else 0)]
+    if kind == "string":
+        low = schema.get("minLength")
+        return "tok" * max(1, -(-low // 3) if type(low) is int else 1)
+    if kind == "integer":
+        low = schema.get("minimum")
+        return max(0, int(low)) if isinstance(low, (int, float)) else 0
+    if kind == "number":
+        low = schema.get("minimum")
+        return max(0.0, float(low)) if isinstance(low, (int, float)) else 0.0
+    if kind == "boolean":
+        return True
+    return None
+
+
+# The Responses API (vllm/entrypoints/openai/responses/protocol.py's ResponsesResponse.from_request):
+# an answer stopped by the length is "incomplete", `incomplete_details` saying why.
+def _response_object(
+    rid: str, created: int, model: str, tokens: int, body: dict[str, Any], output: list[dict[str, Any]], status: str
+) -> dict[str, Any]:
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice", "auto")
+    if not tools and choice in ("auto", "none"):
+        choice = "none"
+    include = body.get("include") or []
+    top = body.get("top_logprobs", 0) if "message.output_text.logprobs" in include else None
+    usage = None
+    if status != "in_progress":
+        usage = {"input_tokens": PROMPT_TOKENS,
+                 "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0, "input_tokens_per_turn": [],
+                                          "cached_tokens_per_turn": []},
+                 "output_tokens": tokens,
+                 "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0, "output_tokens_per_turn": [],
+                                           "tool_output_tokens_per_turn": []},
+                 "total_tokens": PROMPT_TOKENS + tokens}  # fmt: skip
+    return {
+        "id": rid,
+        "created_at": created,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": body.get("instructions"),
+        "metadata": body.get("metadata"),
+        "model": model,
+        "object": "response",
+        "output": output,
+        "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+        "temperature": _number(body.get("temperature"), 1.0),
+        "tool_choice": choice,
+        "tools": tools,
+        "top_p": _number(body.get("top_p"), 1.0),
+        "background": bool(body.get("background")),
+        "max_output_tokens": tokens,
+        "max_tool_calls": body.get("max_tool_calls"),
+        "previous_response_id": body.get("previous_response_id"),
+        "prompt": body.get("prompt"),
+        "reasoning": body.get("reasoning"),
+        "service_tier": body.get("service_tier") or "auto",
+        "status": status,
+        "text": body.get("text"),
+        "top_logprobs": top,
+        "truncation": body.get("truncation") or "disabled",
+        "usage": usage,
+        "user": body.get("user"),
+        "presence_penalty": _number(body.get("presence_penalty"), 0.0),
+        "frequency_penalty": _number(body.get("frequency_penalty"), 0.0),
+        "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "input_messages": None,
+        "output_messages": None,
+    }
+
+
+def _number(value: Any, default: float) -> float:
+    """A sampling parameter as vLLM's SamplingParams holds it: a float, its default if unset."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _response_message(mid: str, text: str | None, status: str) -> dict[str, Any]:
+    """An output message item; `text` None: one that has no content part yet."""
+    content = [] if text is None else [_text_part(text, None)]
+    return {"id": mid, "content": content, "role": "assistant", "status": status, "type": "message", "phase": None}
+
+
+def _text_part(text: str, logprobs: list[Any] | None) -> dict[str, Any]:
+    return {"annotations": [], "text": text, "type": "output_text", "logprobs": logprobs}
+
+
+async def _responses_stream(
+    sim: Sim, model: str, tokens: int, rate: float, body: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """vLLM's Responses stream: `event: <type>` and `data: <event>` per event, numbered in order."""
+    rid, mid, created = f"resp_{uuid.uuid4().hex[:16]}", f"msg_{uuid.uuid4().hex[:16]}", int(time.time())
+    sequence = 0
+
+    def event(kind: str, fields: dict[str, Any]) -> bytes:
+        nonlocal sequence
+        data = {**fields, "sequence_number": sequence, "type": kind}
+        sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    text = " ".join(["tok"] * tokens)
+    head = {"item_id": mid, "output_index": 0}
+    sim.running[model] += 1
+    try:
+        started = _response_object(rid, created, model, tokens, body, [], "in_progress")
+        yield event("response.created", {"response": started})
+        yield event("response.in_progress", {"response": started})
+        yield event(
+            "response.output_item.added", {"item": _response_message(mid, None, "in_progress"), "output_index": 0}
+        )
+        yield event("response.content_part.added", {"content_index": 0, **head, "part": _text_part("", [])})
+        for t in range(tokens):
+            if rate:
+                await asyncio.sleep(1 / rate)
+            delta = "tok" if t == 0 else " tok"
+            yield event("response.output_text.delta", {"content_index": 0, "delta": delta, **head, "logprobs": []})
+        yield event("response.output_text.done", {"content_index": 0, **head, "logprobs": [], "text": text})
+        yield event("response.content_part.done", {"content_index": 0, **head, "part": _text_part(text, None)})
+        item = _response_message(mid, text, "completed")
+        yield event("response.output_item.done", {"item": item, "output_index": 0})
+        done = _response_object(rid, created, model, tokens, body, [item], "incomplete")
+        yield event("response.completed", {"response": done})
+    finally:
+        sim.running[model] -= 1
 
 
 async def _client_left_within(request: Request, seconds: float) -> bool:
@@ -250,21 +647,38 @@ async def _client_left_within(request: Request, seconds: float) -> bool:
 
 
 async def _stream(
-    sim: Sim, rid: str, model: str, tokens: int, chat: bool, rate: float, linger: float = 0.0
+    sim: Sim,
+    rid: str,
+    model: str,
+    tokens: int,
+    chat: bool,
+    rate: float,
+    linger: float = 0.0,
+    body: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
     """Chunks carry `sim_t`, when they were sent, so a benchmark can measure what a proxy adds."""
     sim.running[model] += 1
     try:
+        if body is not None and body.get("sim_vllm") is True:
+            for k, step in enumerate(_vllm_chunks(rid, model, tokens, chat, body)):
+                if rate and k:
+                    await asyncio.sleep(1 / rate)
+                for chunk in step:
+                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+            await asyncio.sleep(linger)
+            return
         created = int(time.time())
-        for i in range(tokens):
+        out = _output(chat, tokens, body or {})
+        for i, delta in enumerate(out.deltas):
             if rate:
                 await asyncio.sleep(1 / rate)
-            last = i == tokens - 1
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if last else None}
+            last = i == out.tokens - 1
+            choice: dict[str, Any] = {"index": 0, "finish_reason": out.finish_reason if last else None}
             if chat:
-                choice["delta"] = {"content": "tok "}
+                choice["delta"] = delta
             else:
-                choice["text"] = "tok "
+                choice["text"] = delta["content"]
             obj = "chat.completion.chunk" if chat else "text_completion"
             chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
                      "sim_t": time.time()}  # fmt: skip
