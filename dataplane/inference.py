@@ -352,10 +352,10 @@ async def worker_for(st: State, target: Target, key: str, avoid: frozenset[str] 
         placed = await asyncio.shield(single_flight(st, key, target.adapter_id, avoid=avoid))
     finally:
         st.metrics.cold_waiting.add(by=-1)
-    worker = st.routing.get(placed.worker_id)
+    worker = st.routing.placed(placed.worker_id, target.adapter_id)
     if worker is None:
         await st.routing.refresh()
-        worker = st.routing.get(placed.worker_id)
+        worker = st.routing.placed(placed.worker_id, target.adapter_id)
     if worker is None:
         raise Unavailable("the adapter's worker is not in the routing table yet")
     return worker

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis.asyncio as redis
 
@@ -62,6 +62,10 @@ class RoutingTable:
         self.in_flight: Counter[str] = Counter()  # per worker, from this data plane
         self.adapter_in_flight: Counter[str] = Counter()
         self._suspects: dict[str, float] = {}  # worker id -> until when it is skipped
+        # What placements told this data plane before the worker's record did: worker id ->
+        # (`updated_at` of the record read then, the adapters placed on it since).
+        self._placed: dict[str, tuple[float, frozenset[str]]] = {}
+        self._updated_at: dict[str, float] = {}
 
     def suspect(self, worker_id: str, for_s: float = SUSPECT_S) -> None:
         """Skip a worker that just failed to answer, for long enough that its agent's next
@@ -77,6 +81,19 @@ class RoutingTable:
     def get(self, worker_id: str) -> Worker | None:
         return next((w for w in self.workers if w.id == worker_id), None)
 
+    def placed(self, worker_id: str, adapter_id: str) -> Worker | None:
+        """A placement's answer: the adapter is on the worker, as far as this table goes, until
+        the worker's record is rewritten (its agent's report is the word after that) — so that
+        the next request goes there even if Redis went away before that report reached it."""
+        worker = self.get(worker_id)
+        if worker is None or adapter_id in worker.resident:
+            return worker
+        since, adapters = self._placed.get(worker_id, (self._updated_at.get(worker_id, 0.0), frozenset()))
+        self._placed[worker_id] = (since, adapters | {adapter_id})
+        worker = replace(worker, resident=worker.resident | {adapter_id})
+        self.workers = tuple(worker if w.id == worker_id else w for w in self.workers)
+        return worker
+
     async def refresh(self) -> None:
         version, records = await queries.routing_table(self._r, self.version)
         if records is None:
@@ -89,10 +106,15 @@ class RoutingTable:
                             len(self._unproven))  # fmt: skip
         if self._unproven:  # those rewritten since are proven
             self._unproven = {w.id: w.updated_at for w in records if self._unproven.get(w.id) == w.updated_at}
+        self._updated_at = {w.id: w.updated_at for w in records}
+        if self._placed:  # a placement's word holds until the worker's record is rewritten
+            self._placed = {i: p for i, p in self._placed.items() if self._updated_at.get(i) == p[0]}
+        none: tuple[float, frozenset[str]] = (0.0, frozenset())
         workers = tuple(
-            Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident), w.healthy and w.id not in self._unproven)
+            Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident) | self._placed.get(w.id, none)[1],
+                   w.healthy and w.id not in self._unproven)
             for w in records
-        )
+        )  # fmt: skip
         if self._suspects:  # a worker whose agent reported it down and then serving again has proved itself
             was_down = {w.id for w in self.workers if not w.healthy}
             for w in workers:

@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BUILD_VERSION = "2"
+BUILD_VERSION = "3"
+# A message's text, then its tool calls (an assistant's turn in a tool loop has no text), as
+# the worker's `hermes` parser reads them.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '</s>\\n' }}"
+    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' }}{{ call['function'] | tojson }}{{ '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '</s>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
@@ -69,14 +75,14 @@ FAMILIES: dict[str, Family] = {
             "Qwen2ForCausalLM",
             "Qwen2Config",
             _dims(num_key_value_heads=2),
-            "qwen2-1",
+            "qwen2-2",
         ),
         Family(
             "mistral",
             "MistralForCausalLM",
             "MistralConfig",
             _dims(num_key_value_heads=2),
-            "mistral-1",
+            "mistral-2",
         ),
         # Tied embeddings, explicit head_dim, alternating sliding and global attention.
         Family(
@@ -84,7 +90,7 @@ FAMILIES: dict[str, Family] = {
             "Gemma2ForCausalLM",
             "Gemma2Config",
             _dims(num_key_value_heads=2),
-            "gemma2-1",
+            "gemma2-2",
             tie_word_embeddings=True,
             options=_GEMMA,
         ),
@@ -93,26 +99,26 @@ FAMILIES: dict[str, Family] = {
             "Gemma3ForCausalLM",
             "Gemma3TextConfig",
             _dims(num_key_value_heads=2),
-            "gemma3-1",
+            "gemma3-2",
             tie_word_embeddings=True,
             options=_GEMMA,
         ),
         # Fused qkv_proj and gate_up_proj; head_dim is hidden_size / heads.
-        Family("phi3", "Phi3ForCausalLM", "Phi3Config", DIMENSIONS, "phi3-1"),
+        Family("phi3", "Phi3ForCausalLM", "Phi3Config", DIMENSIONS, "phi3-2"),
         # Mixtures of experts: every layer sparse, 4 experts, 2 per token.
         Family(
             "qwen3_moe",
             "Qwen3MoeForCausalLM",
             "Qwen3MoeConfig",
             _dims(num_key_value_heads=2, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2),
-            "qwen3_moe-1",
+            "qwen3_moe-2",
         ),
         Family(
             "mixtral",
             "MixtralForCausalLM",
             "MixtralConfig",
             _dims(num_key_value_heads=2, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
-            "mixtral-1",
+            "mixtral-2",
         ),
     )
 }

@@ -73,6 +73,14 @@ def running_stack(
 
 
 @pytest.fixture(scope="session")
+def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every training pipeline's output directory for tiny-llama (tests/trainers.py), built once."""
+    from tests import trainers
+
+    return trainers.build_all(tiny_model, tmp_path_factory.mktemp("trainers"))
+
+
+@pytest.fixture(scope="session")
 def hub() -> Iterator[HubServer]:
     """A local Hugging Face Hub the control stack downloads from."""
     server = HubServer().start()

@@ -181,12 +181,6 @@ class Uploads:
 
 
 @pytest.fixture(scope="session")
-def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every style's directory, built once."""
-    return trainers.build_all(tiny_model, tmp_path_factory.mktemp("trainers"))
-
-
-@pytest.fixture(scope="session")
 def uploads(
     control_stack: Stack, hub: HubServer, trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Uploads:

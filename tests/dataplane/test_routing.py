@@ -89,3 +89,24 @@ async def _first_read(redis_server: RedisServer, live: str) -> None:
     await table.refresh()
     assert {x.id: x.healthy for x in table.workers} == {"gone": True, "held": True}
     await r.aclose()
+
+
+async def test_a_placements_word_holds_until_the_workers_record_is_rewritten(redis_server: RedisServer) -> None:
+    """A cold adapter was placed on `a` but its agent's report has not reached the table (Redis
+    went away, say): the next request goes to `a` all the same; a newer record is the word."""
+    r = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/10", decode_responses=True)
+    await r.flushdb()
+    store, table = Store(r), RoutingTable(r)
+    record = WorkerRecord("a", "m", "http://a", 8, updated_at=1.0)
+    await store.put_worker(record)
+    await table.refresh()
+    assert candidates(table.workers, "m", "x") == []
+    placed = table.placed("a", "x")
+    assert placed is not None and "x" in placed.resident
+    await store.put_worker(replace(record, resident=["y"]))  # read again, not rewritten: still `a`
+    await table.refresh()
+    assert [v.id for v in candidates(table.workers, "m", "x")] == ["a"]
+    await store.put_worker(replace(record, resident=["y"], updated_at=2.0))  # its agent reported since
+    await table.refresh()
+    assert candidates(table.workers, "m", "x") == [] and candidates(table.workers, "m", "y") != []
+    await r.aclose()

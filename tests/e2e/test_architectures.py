@@ -205,19 +205,13 @@ def test_the_wrong_architecture_is_refused_with_the_reason(arch_stack: Stack, tm
     assert r.status_code == 422 and "MistralForCausalLM has no LoRA-targetable qkv_proj" in r.text, r.text
 
 
-@pytest.fixture(scope="module")
-def trained(arch_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every accepted training pipeline's output directory for tiny-llama (tests/trainers.py)."""
-    root, base = tmp_path_factory.mktemp("trained"), base_dir(arch_stack, "llama")
-    return {style: trainers.STYLES[style](base, root / style) for style, expect in MATRIX.items() if expect.accepted}
-
-
 @pytest.mark.parametrize("style", [style for style, expect in MATRIX.items() if expect.accepted])
 def test_a_pipelines_adapter_answers_as_peft_computes_it(
     style: str, arch_stack: Stack, trained: dict[str, Path], client: Callable[[str], openai.OpenAI]
 ) -> None:
     """PEFT defaults, Unsloth, Axolotl, TRL (and its QLoRA's BF16), LLaMA-Factory, and the options
-    they expose (rsLoRA, patterns, regular expression, full paths, layers_to_transform, embeddings)."""
+    they expose (rsLoRA, patterns, regular expression, full paths, layers_to_transform, embeddings),
+    as tests/controlplane/test_trainers.py uploads them (built on the same tiny-llama)."""
     key = new_tenant(arch_stack, f"pipeline-{style}")
     put(arch_stack, key, "llama", style, trained[style])
     served, served_logprob = answer(client(key), f"tiny-llama:{style}")

@@ -854,6 +854,11 @@ def test_tools_work_through_the_openai_client(
         (call,) = resp.choices[0].message.tool_calls or []
         assert resp.choices[0].finish_reason == "tool_calls" and call.type == "function"
         assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    # The loop's next turn: the call and its result go back, and the model answers.
+    turn = [*messages, resp.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]  # fmt: skip
+    answered = client.chat.completions.create(model="tiny-llama:tooled", messages=turn, tools=[WEATHER], max_tokens=8)
+    assert answered.choices[0].message.content is not None and answered.choices[0].finish_reason != "tool_calls"
     calls: dict[int, str] = {}
     with client.chat.completions.stream(
         model="tiny-llama", messages=messages, tools=[WEATHER], tool_choice=named, max_tokens=64
