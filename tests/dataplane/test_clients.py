@@ -150,6 +150,16 @@ def test_node_chat_completions_stream_for_await(tenant: Tenant) -> None:
     assert (out["models"], out["objects"], len(out["ids"])) == ([MODEL], ["chat.completion.chunk"], 1)
 
 
+def test_node_run_tools_calls_the_function_and_sends_its_result(tenant: Tenant) -> None:
+    """The SDK's tool loop on a forced call: a well-formed call, the function run with its
+    arguments, the result sent back as a `tool` message."""
+    out = node("run_tools.mjs", tenant)
+    assert out["calls"] == ["get_weather"] and len(out["ran"]) == 1, out
+    assert out["ran"][0]["city"] in ("Paris", "Rome")
+    roles = out["roles"]
+    assert "assistant" in roles and "tool" in roles and roles.index("assistant") < roles.index("tool"), out
+
+
 def test_node_completions_create(tenant: Tenant) -> None:
     out = node("completions.mjs", tenant)  # max_tokens: 4
     assert (out["object"], out["model"], out["choices"]) == ("text_completion", MODEL, 1)
