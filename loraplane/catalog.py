@@ -142,6 +142,9 @@ class BaseModel:
     # automatic tool choice on. Empty: only `tool_choice` "required" or a named function (forced
     # through structured output) and "none".
     tool_parser: str = ""
+    # A chat template for vLLM to use instead of the model's own (`--chat-template`): for a model
+    # whose own template does not render tools. Empty: the model's.
+    chat_template: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class Catalog:
                 repo=str(entry.get("repo", "")),
                 created=int(entry.get("created", written)),
                 tool_parser=str(entry.get("tool_parser", "")),
+                chat_template=str(entry.get("chat_template", "")),
             )
         return cls(models=models)
 

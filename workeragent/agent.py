@@ -55,6 +55,7 @@ class Agent:
                 max_rank=model.max_rank,
                 extra_args=settings.vllm_args,
                 tool_parser=model.tool_parser,
+                chat_template=model.chat_template,
             )
             env = engine_env(os.environ, settings.vllm_api_key, self._vllm_secret)
             self.engine = Engine(command, env, settings.cache_dir / "vllm.pid", settings.cache_dir / "vllm.log")

@@ -161,6 +161,7 @@ def engine_command(
     max_rank: int,
     extra_args: Sequence[str],
     tool_parser: str = "",
+    chat_template: str = "",
 ) -> list[str]:
     """vLLM's OpenAI server for one model with runtime LoRA updating on, its LoRA loading and
     every other non-serving path reserved to the holder of the agent's secret (`vllmguard`).
@@ -177,6 +178,7 @@ def engine_command(
         "--disable-uvicorn-access-log",
         "--middleware", f"{vllmguard.__name__}.{vllmguard.AgentOnly.__name__}",
         *(("--enable-auto-tool-choice", "--tool-call-parser", tool_parser) if tool_parser else ()),
+        *(("--chat-template", chat_template) if chat_template else ()),
         # Structured output (`response_format`, forced tool calls) in compact JSON: a model is never
         # left free to pad it with whitespace until its tokens run out.
         "--structured-outputs-config.backend", "xgrammar",

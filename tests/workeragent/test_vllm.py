@@ -223,3 +223,14 @@ async def test_an_odd_line_in_a_family_the_agent_does_not_read_is_harmless(vllm:
     page += 'vllm:some_future_series{engine="0"} NaN-ish\n'
     vllm.answers["GET", "/metrics"] = (200, page, "text/plain")
     assert await client.activity() == ({"a1"}, 1)
+
+
+def test_the_engine_starts_with_the_catalogs_tool_parser_and_chat_template() -> None:
+    from workeragent.vllm import engine_command
+
+    plain = engine_command(["vllm"], "/m", "tiny", "127.0.0.1", 8100, 8, 64, [])
+    assert "--enable-auto-tool-choice" not in plain and "--chat-template" not in plain
+    tools = engine_command(["vllm"], "/m", "tiny", "127.0.0.1", 8100, 8, 64, ["--x"], "hermes", "/t.jinja")
+    assert tools[tools.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in tools
+    assert tools[tools.index("--chat-template") + 1] == "/t.jinja"
+    assert tools[-1] == "--x"  # the operator's own arguments last: they win
