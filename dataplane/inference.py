@@ -276,9 +276,8 @@ async def _forward(
                 raw = await upstream.read(timeout)
             finally:
                 upstream.release()
-            if upstream.status >= 500:  # nothing reached the client: another worker may answer
-                errors.from_worker(upstream.status, raw, PROMPT_PARAM[path])  # logged
-                raise Unreachable("The model's worker failed to answer.")
+            # A worker's own failure is not retried, nor held against the worker: a request that
+            # makes an engine fail would otherwise cost two workers, or take one out of routing.
             raise errors.from_worker(upstream.status, raw, PROMPT_PARAM[path])
         try:
             return await _relay(upstream, client_model, send, timeout, forced)

@@ -169,3 +169,26 @@ async def test_tool_choice_auto_needs_the_models_parser(redis_server: RedisServe
         tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
         body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "tools": [tool]}
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+
+
+async def test_a_workers_failure_is_a_502_and_not_held_against_it(redis_server: RedisServer, tmp_path: Path) -> None:
+    """What a failing engine says (a class name, a path, its name) stays behind; the request is
+    not retried elsewhere, and the worker keeps its place in routing."""
+    body = (b'{"error":{"message":"EngineCore failed: /opt/vllm/v1/engine/core.py",'
+            b'"type":"InternalServerError","code":500}}')  # fmt: skip
+    head = f"HTTP/1.1 500 X\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+
+    async def failing(state: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            state.requests.append(request)
+            writer.write(head + body)
+            await writer.drain()
+
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}]}
+    async with peer(failing) as worker, dataplane(redis_server, tmp_path, {"w1": worker.url}) as c:
+        first, second = await c.post("/v1/chat/completions", json=chat), await c.post("/v1/chat/completions", json=chat)
+        assert len(worker.requests) == 2  # once each, and the second still sent there
+    for r in (first, second):
+        assert r.status_code == 502 and openai_spec.validate("ErrorResponse", r.json()) == []
+        assert r.json()["error"]["type"] == "server_error"
+        assert not any(word.lower() in r.text.lower() for word in (*ENGINE_WORDS, "EngineCore", "/opt/")), r.text
