@@ -120,15 +120,23 @@ def create_app(config: SimConfig) -> Any:
         ]
         return PlainTextResponse("\n".join(lines) + "\n")
 
+    async def admit(request: Request) -> tuple[dict[str, Any], str] | Response:
+        """A generation request's body and model, seen; or the answer refusing it (its key, its model)."""
+        if not sim.authorized(request):
+            return JSONResponse({"error": "Unauthorized"}, 401)
+        body = await request.json()
+        sim.seen = [*sim.seen[-49:], body]
+        model = body.get("model")
+        if model != config.model and model not in sim.adapters:
+            return sim.error(404, f"The model `{model}` does not exist.")
+        return body, model
+
     def completion(chat: bool) -> Any:
         async def endpoint(request: Request) -> Response:
-            if not sim.authorized(request):
-                return JSONResponse({"error": "Unauthorized"}, 401)
-            body = await request.json()
-            sim.seen = [*sim.seen[-49:], body]
-            model = body.get("model")
-            if model != config.model and model not in sim.adapters:
-                return sim.error(404, f"The model `{model}` does not exist.")
+            admitted = await admit(request)
+            if isinstance(admitted, Response):
+                return admitted
+            body, model = admitted
             tokens = _max_tokens(body)
             rate = float(body.get("sim_tokens_per_s", config.tokens_per_s))  # a benchmark's override
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -164,13 +172,10 @@ def create_app(config: SimConfig) -> Any:
         return JSONResponse({"object": "list", "data": data, "model": config.model, "usage": usage})
 
     async def responses(request: Request) -> Response:
-        if not sim.authorized(request):
-            return JSONResponse({"error": "Unauthorized"}, 401)
-        body = await request.json()
-        sim.seen = [*sim.seen[-49:], body]
-        model = body.get("model")
-        if model != config.model and model not in sim.adapters:
-            return sim.error(404, f"The model `{model}` does not exist.")
+        admitted = await admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        body, model = admitted
         mot = body.get("max_output_tokens")
         tokens = mot if type(mot) is int and mot > 0 else 16
         rate = float(body.get("sim_tokens_per_s", config.tokens_per_s))
