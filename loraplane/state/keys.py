@@ -41,7 +41,7 @@ SCHEMA = (
     Key("placed", "hash", CONTROL_PLANE, "aid -> when a placement last asked for it"),
     Key("used", "hash", DATA_PLANE, "aid -> when a request last used it (each data plane, once a second)"),
     Key("epoch", "string", CONTROL_PLANE, "this Redis's data epoch: made once, gone only if Redis lost its data"),
-    Key("tenant:<tid>", "hash", CONTROL_PLANE, "`Tenant`: id, name, tier, created_at, suspended"),
+    Key("tenant:<tid>", "hash", CONTROL_PLANE, "`Tenant`: id, name, tier, created_at, suspended, own limits (JSON)"),
     Key("tenants", "hash", CONTROL_PLANE, "name -> tid"),
     Key("apikey:<sha256(key)>", "hash", CONTROL_PLANE, "`ApiKey`: tenant_id, prefix, created_at (keys only hashed)"),
     Key("keyprefix:<prefix>", "string", CONTROL_PLANE, "sha256(key), to revoke a key by its public prefix"),

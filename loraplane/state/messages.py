@@ -2,7 +2,8 @@
 
 `keys.ROUTING_CHANNEL` carries routing table versions (a decimal integer). `keys.INVALIDATE_CHANNEL`
 carries `Invalidation`s: "adapter:<tenant id>:<name>" (the tenant's adapter of that name changed)
-and "key:<sha256 of the key>" (the key was revoked or its tenant suspended).
+"key:<sha256 of the key>" (the key was revoked or its tenant suspended) and "tenant:<tenant id>"
+(its tier or its rate limits changed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ class KeyChanged:
         return "key:" + self.key_hash
 
 
-Invalidation = AdapterChanged | KeyChanged
+@dataclass(frozen=True)
+class TenantChanged:
+    tenant_id: str
+
+    def encode(self) -> str:
+        return "tenant:" + self.tenant_id
+
+
+Invalidation = AdapterChanged | KeyChanged | TenantChanged
 
 
 def decode_invalidation(raw: str) -> Invalidation | None:
@@ -35,6 +44,8 @@ def decode_invalidation(raw: str) -> Invalidation | None:
     kind, _, rest = raw.partition(":")
     if kind == "key" and rest:
         return KeyChanged(rest)
+    if kind == "tenant" and rest:
+        return TenantChanged(rest)
     tenant_id, sep, name = rest.partition(":")
     if kind == "adapter" and sep:
         return AdapterChanged(tenant_id, name)

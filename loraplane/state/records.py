@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from loraplane.limits import RateLimits
+
 
 def _json(record: object) -> str:
     return json.dumps(asdict(record), separators=(",", ":"))  # type: ignore[call-overload]
@@ -101,6 +103,10 @@ class Tenant:
     tier: str
     created_at: float
     suspended: bool = False
+    limits: RateLimits | None = None  # its own rate limits; None: its tier's
+
+    def rate_limits(self, tiers: Mapping[str, RateLimits]) -> RateLimits:
+        return self.limits if self.limits is not None else tiers.get(self.tier, RateLimits())
 
     @classmethod
     def from_hash(cls, h: Mapping[Any, Any]) -> Tenant:
@@ -110,7 +116,18 @@ class Tenant:
             tier=str(h["tier"]),
             created_at=float(h["created_at"]),
             suspended=h.get("suspended") == "1",
+            limits=limits_from_json(h["limits"]) if h.get("limits") else None,
         )
+
+
+def limits_to_json(limits: RateLimits) -> str:
+    """A tenant's own rate limits, as its hash's `limits` field holds them."""
+    return _json(limits)
+
+
+def limits_from_json(raw: str | bytes) -> RateLimits:
+    d = json.loads(raw)
+    return RateLimits(rpm=int(d.get("rpm", 0)), tpm=int(d.get("tpm", 0)), concurrency=int(d.get("concurrency", 0)))
 
 
 @dataclass(frozen=True)
