@@ -15,13 +15,16 @@ from controlplane.store import Store
 from loraplane.controlplane.v1 import admin_pb2 as adpb
 from loraplane.controlplane.v1 import admin_pb2_grpc, tenant_pb2_grpc
 from loraplane.controlplane.v1 import tenant_pb2 as tpb
-from loraplane.limits import NAME
+from loraplane.limits import NAME, RateLimits
+from loraplane.state import usage
 from loraplane.state.records import Tenant
 
 log = logging.getLogger(__name__)
 
 TIERS = {tpb.TIER_SHARED: "shared", tpb.TIER_RESERVED: "reserved", tpb.TIER_DEDICATED: "dedicated"}
 TIER_ENUM = {v: k for k, v in TIERS.items()}
+PAGE_SIZE, MAX_PAGE_SIZE = 1000, 10_000  # usage rows a page (10,000 rows: ~1 MB)
+MAX_BUCKETS = 10_000  # an export's range, in buckets of its width: each is a Redis round trip
 
 
 def tier_name(tier: int) -> str:
@@ -31,13 +34,30 @@ def tier_name(tier: int) -> str:
     return str(name)
 
 
+def rate_limits(message: tpb.RateLimits) -> RateLimits:
+    if min(message.rpm, message.tpm, message.concurrency) < 0:
+        raise BadRequest("rpm, tpm and concurrency must each be 0 (unlimited) or more")
+    return RateLimits(rpm=message.rpm, tpm=message.tpm, concurrency=message.concurrency)
+
+
+def usage_row(row: usage.Row) -> tpb.UsageRow:
+    c = row.counts
+    return tpb.UsageRow(
+        tenant_id=row.tenant_id, kind=row.kind, start_time=row.start_time, end_time=row.end_time,
+        model=row.model, adapter_id=row.adapter_id, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
+        input_cached_tokens=c.cached_tokens, num_model_requests=c.requests,
+    )  # fmt: skip
+
+
 class TenantService(tenant_pb2_grpc.TenantServiceServicer):
     def __init__(self, settings: Settings, store: Store, auth: Auth) -> None:
         self._settings = settings
         self._tenants = store.tenants
+        self._redis = store.r
         self._auth = auth
 
     def _message(self, t: Tenant) -> tpb.Tenant:
+        limits = t.rate_limits(self._settings.tier_rate_limits)
         return tpb.Tenant(
             id=t.id,
             name=t.name,
@@ -45,6 +65,8 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
             max_adapters=self._settings.tier_limits[t.tier],
             created_at=timestamp(t.created_at),
             suspended=t.suspended,
+            limits=tpb.RateLimits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency),
+            own_limits=t.limits is not None,
         )
 
     @grpc_errors
@@ -112,6 +134,40 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
         await self._tenants.revoke(request.key_prefix)
         log.info("revoked key %s", request.key_prefix)
         return tpb.RevokeApiKeyResponse(key_prefix=request.key_prefix)
+
+    @grpc_errors
+    async def SetTenantLimits(
+        self, request: tpb.SetTenantLimitsRequest, context: Context
+    ) -> tpb.SetTenantLimitsResponse:
+        self._auth.operator(context)
+        limits = None if request.tier_default else rate_limits(request.limits)
+        tenant = await self._tenants.set_limits(request.tenant_id, limits)
+        log.info("tenant %s rate limits: %s", tenant.id, limits or f"its tier's ({tenant.tier})")
+        return tpb.SetTenantLimitsResponse(tenant=self._message(tenant))
+
+    @grpc_errors
+    async def ExportUsage(self, request: tpb.ExportUsageRequest, context: Context) -> tpb.ExportUsageResponse:
+        self._auth.operator(context)
+        width = request.bucket_width or "1d"
+        if width not in usage.WIDTHS:
+            raise BadRequest(f"bucket_width must be one of {', '.join(usage.WIDTHS)}, not {width!r}")
+        start, end = request.start_time, request.end_time or int(time.time())
+        if not 0 < start < end:
+            raise BadRequest(f"start_time ({start}) must be after 0 and before end_time ({end}), in Unix seconds")
+        if (end - start) // usage.WIDTHS[width] > MAX_BUCKETS:
+            raise BadRequest(f"the range spans more than {MAX_BUCKETS} buckets of {width}: ask for wider buckets")
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise BadRequest(f"page_size must be 0 (the default, {PAGE_SIZE}) to {MAX_PAGE_SIZE}")
+        if request.tenant_id:
+            await self._tenants.require(request.tenant_id)
+        try:
+            rows, next_page = await usage.export(
+                self._redis, start, end, width, tenant_id=request.tenant_id, page=request.page_token,
+                page_size=request.page_size or PAGE_SIZE,
+            )  # fmt: skip
+        except usage.QueryError as err:  # a page token that is not one of this export's
+            raise BadRequest(str(err)) from None
+        return tpb.ExportUsageResponse(rows=[usage_row(r) for r in rows], next_page_token=next_page)
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):

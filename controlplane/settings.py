@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraplane import config
+from loraplane import config, limits
 from loraplane.config import ConfigError, derived, var
-from loraplane.limits import MAX_ADAPTER_BYTES
+from loraplane.limits import MAX_ADAPTER_BYTES, RateLimits
 from loraplane.s3 import BUCKET_ENV, STORE, S3Settings, bucket_from_env
 
 TIER_LIMITS = {"shared": 20, "reserved": 200, "dedicated": 200}  # adapters per tenant
@@ -69,6 +69,11 @@ class Settings:
     tier_max_bytes: Mapping[str, int] = field(
         default_factory=lambda: dict.fromkeys(TIER_LIMITS, MAX_ADAPTER_BYTES),
         metadata=derived([_tier_var(t, "MAX_BYTES") for t in TIER_LIMITS], _tier_max_bytes),
+    )
+    # shown to operators (the data planes enforce them)
+    tier_rate_limits: Mapping[str, RateLimits] = field(
+        default_factory=lambda: dict(limits.TIER_RATE_LIMITS),
+        metadata=derived(limits.RATE_VARS, limits.tier_rate_limits),
     )
     load_timeout_s: float = field(default=60.0, metadata=var("LORAPLANE_LOAD_TIMEOUT_S"))
     heartbeat_timeout_s: float = field(default=6.0, metadata=var("LORAPLANE_HEARTBEAT_TIMEOUT_S"))

@@ -1,5 +1,6 @@
 """Tenants and API keys in Redis (keys and records: `loraplane.state`). A change that must reach
-data planes at once is published as a `KeyChanged` invalidation."""
+data planes at once is published as an invalidation: `KeyChanged` for a key, `TenantChanged` for
+a tenant's tier or rate limits."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import time
 import redis.asyncio as redis
 
 from controlplane.errors import AlreadyExists, NotFound
+from loraplane.limits import RateLimits
 from loraplane.state import keys
-from loraplane.state.messages import KeyChanged
-from loraplane.state.records import ApiKey, Tenant
+from loraplane.state.messages import KeyChanged, TenantChanged
+from loraplane.state.records import ApiKey, Tenant, limits_to_json
 
 # KEYS[1] tenants-by-name hash, KEYS[2] tenant hash, KEYS[3] api key hash, KEYS[4] key prefix,
 # KEYS[5] tenant keys set
@@ -66,7 +68,22 @@ class TenantStore:
 
     async def set_tier(self, tenant_id: str, tier: str) -> Tenant:
         await self.require(tenant_id)
-        await self.r.hset(keys.tenant(tenant_id), "tier", tier)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.tenant(tenant_id), "tier", tier)
+            pipe.publish(keys.INVALIDATE_CHANNEL, TenantChanged(tenant_id).encode())
+            await pipe.execute()
+        return await self.require(tenant_id)
+
+    async def set_limits(self, tenant_id: str, limits: RateLimits | None) -> Tenant:
+        """The tenant's own rate limits; None: its tier's from now on."""
+        await self.require(tenant_id)
+        async with self.r.pipeline(transaction=True) as pipe:
+            if limits is None:
+                pipe.hdel(keys.tenant(tenant_id), "limits")
+            else:
+                pipe.hset(keys.tenant(tenant_id), "limits", limits_to_json(limits))
+            pipe.publish(keys.INVALIDATE_CHANNEL, TenantChanged(tenant_id).encode())
+            await pipe.execute()
         return await self.require(tenant_id)
 
     async def set_suspended(self, tenant_id: str, suspended: bool) -> Tenant:

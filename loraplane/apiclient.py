@@ -94,10 +94,12 @@ class ApiClient:
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         self._http.close()
 
-    def call(self, method: str, path: str, body: dict[str, object] | None = None) -> Any:
-        """A JSON request; the JSON answer."""
+    def call(
+        self, method: str, path: str, body: dict[str, object] | None = None, params: Mapping[str, str] | None = None
+    ) -> Any:
+        """A JSON request (with `params` as its query string); the JSON answer."""
         with self._errors():
-            return _json(_checked(self._http.request(method, path, json=body)))
+            return _json(_checked(self._http.request(method, path, json=body, params=params)))
 
     def upload(self, path: str, fields: Mapping[str, str], files: Mapping[str, tuple[str, bytes | BinaryIO]]) -> Any:
         """A multipart/form-data POST: `fields`, then `files` (name: (filename, content)) in their

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from loraplane import tenantcli
+from loraplane import tenantcli, usagereport
 from loraplane.controlplane.v1 import tenant_pb2, worker_pb2
 from loraplane.operator import Operator
 
@@ -94,13 +95,75 @@ def cmd_tenant_create(args: argparse.Namespace) -> None:
         print("(the key is shown only this once)")
 
 
+def _limits(t: tenant_pb2.Tenant) -> str:
+    """`rpm 600, tpm 400000, concurrency 32 (tier)`: the limits in force, and whose they are."""
+    values = [f"{name} {getattr(t.limits, name) or 'unlimited'}" for name in ("rpm", "tpm", "concurrency")]
+    return f"{', '.join(values)} ({'own' if t.own_limits else 'tier'})"
+
+
+def _tenant_line(t: tenant_pb2.Tenant) -> str:
+    return f"{t.id}  {t.name}  {_tier(t)}{'  suspended' if t.suspended else ''}  {_limits(t)}"
+
+
 def cmd_tenant_list(args: argparse.Namespace) -> None:
     for t in _op(args).list_tenants().tenants:
-        print(f"{t.id}  {t.name}  {_tier(t)}{'  suspended' if t.suspended else ''}")
+        print(_tenant_line(t))
 
 
 def cmd_tenant_set_tier(args: argparse.Namespace) -> None:
     _show(_op(args).set_tier(args.tenant_id, TIERS[args.tier]))
+
+
+def cmd_tenant_set_limits(args: argparse.Namespace) -> None:
+    """Flags not given keep the limits in force now (the tier's, until the tenant has its own)."""
+    given = {name: getattr(args, name) for name in ("rpm", "tpm", "concurrency") if getattr(args, name) is not None}
+    if args.tier_default and given:
+        raise tenantcli.CliError("--tier-default takes no --rpm, --tpm or --concurrency")
+    if not args.tier_default and not given:
+        raise tenantcli.CliError("give --rpm, --tpm or --concurrency, or --tier-default")
+    op = _op(args)
+    limits = None
+    if not args.tier_default:
+        current = next((t for t in op.list_tenants().tenants if t.id == args.tenant_id), None)
+        if current is None:
+            raise tenantcli.CliError(f"tenant {args.tenant_id!r} does not exist")
+        limits = tenant_pb2.RateLimits()
+        limits.CopyFrom(current.limits)
+        for name, value in given.items():
+            setattr(limits, name, value)
+    print(_tenant_line(op.set_limits(args.tenant_id, limits)))
+
+
+def cmd_tenant_usage(args: argparse.Namespace) -> None:
+    start, end = usagereport.time_range(args, time.time())
+    rows = list(_op(args).usage(start, end, args.bucket_width, tenant_id=args.tenant_id))
+    if args.json:
+        print(json.dumps([{f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields} for r in rows], indent=2))
+        return
+    lines = [
+        usagereport.Line(
+            start=r.start_time,
+            model=r.model,
+            adapter_id=r.adapter_id,
+            input_tokens=r.input_tokens,
+            cached_tokens=r.input_cached_tokens,
+            output_tokens=r.output_tokens,
+            requests=r.num_model_requests,
+        )
+        for r in rows
+    ]
+    print(usagereport.render(lines, args.bucket_width, adapters=True))
+
+
+def _count(text: str) -> int:
+    """A rate limit flag: 0 (unlimited) or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0 (unlimited) or a positive whole number")
+    return n
 
 
 def cmd_tenant_suspend(args: argparse.Namespace) -> None:
@@ -183,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         suspend=True
     )
     _verb(tenant, "unsuspend", cmd_tenant_suspend, "lift a suspension", "tenant_id").set_defaults(suspend=False)
+    limits = _verb(tenant, "set-limits", cmd_tenant_set_limits, "set a tenant's own rate limits", "tenant_id")
+    for flag, what in (("--rpm", "requests per minute"), ("--tpm", "tokens per minute"),
+                       ("--concurrency", "requests in flight at once")):  # fmt: skip
+        limits.add_argument(flag, type=_count, metavar="N", help=f"{what}, 0: unlimited (default: as now)")
+    limits.add_argument("--tier-default", action="store_true", help="drop the tenant's own limits: its tier's apply")
+    usage = _verb(tenant, "usage", cmd_tenant_usage, "a tenant's token usage per model and adapter", "tenant_id")
+    usagereport.add_arguments(usage)
     key = sub.add_parser("key", help="API keys (operator)").add_subparsers(required=True)
     _verb(key, "create", cmd_key_create, "issue another key for a tenant", "tenant_id")
     _verb(key, "list", cmd_key_list, "list a tenant's keys by prefix", "tenant_id")

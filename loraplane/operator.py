@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -71,6 +72,23 @@ class Operator:
 
     def revoke_key(self, key_prefix: str) -> None:
         self._call(tenant_pb2_grpc.TenantServiceStub, "RevokeApiKey", tpb.RevokeApiKeyRequest(key_prefix=key_prefix))
+
+    def set_limits(self, tenant_id: str, limits: tpb.RateLimits | None) -> tpb.Tenant:
+        """The tenant's own rate limits; None: its tier's."""
+        request = tpb.SetTenantLimitsRequest(tenant_id=tenant_id, limits=limits, tier_default=limits is None)
+        resp: tpb.SetTenantLimitsResponse = self._call(tenant_pb2_grpc.TenantServiceStub, "SetTenantLimits", request)
+        return resp.tenant
+
+    def usage(self, start: int, end: int, bucket_width: str, tenant_id: str = "") -> Iterator[tpb.UsageRow]:
+        """Every usage row in [start, end), page after page (end 0: now, fixed at the first page)."""
+        end = end or int(time.time())
+        request = tpb.ExportUsageRequest(start_time=start, end_time=end, bucket_width=bucket_width, tenant_id=tenant_id)
+        while True:
+            resp: tpb.ExportUsageResponse = self._call(tenant_pb2_grpc.TenantServiceStub, "ExportUsage", request)
+            yield from resp.rows
+            if not resp.next_page_token:
+                return
+            request.page_token = resp.next_page_token
 
     # workers, placements, routing
 

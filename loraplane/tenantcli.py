@@ -1,5 +1,5 @@
-"""The tenant's verbs of the `loraplane` command (`adapters …`, `chat`): the data plane's HTTP
-API (`apiclient`) with the tenant's key, drawn on the terminal by `terminal`.
+"""The tenant's verbs of the `loraplane` command (`adapters …`, `chat`, `usage`): the data
+plane's HTTP API (`apiclient`) with the tenant's key, drawn on the terminal by `terminal`.
 
 Every failure a user can cause or meet is a `CliError`, which the command prints as one line.
 """
@@ -20,6 +20,7 @@ from urllib.parse import quote
 from loraplane.apiclient import DEFAULT_URL, ApiClient, SentFile, Settings
 from loraplane.apiclient import CliError as CliError  # what `loraplane.cli` catches
 from loraplane.terminal import Progress, Spinner, human_size, table
+from loraplane.usagereport import Line, add_arguments, render, time_range
 
 Verbs: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -245,6 +246,45 @@ def _answer(api: ApiClient, args: argparse.Namespace, messages: list[dict[str, s
     return "".join(parts)
 
 
+USAGE_PAGES = 1000  # most pages one `usage` reads: a bound on an answer that never ends
+
+
+def cmd_usage(args: argparse.Namespace) -> None:
+    start, end = time_range(args, time.time())
+    query = {"start_time": str(start), "end_time": str(end), "bucket_width": args.bucket_width, "group_by": "model"}
+    buckets: list[dict[str, Any]] = []
+    with _api(args) as api:
+        for _ in range(USAGE_PAGES):
+            page = api.call("GET", "/v1/usage/completions", params=query)
+            buckets += page.get("data") or []
+            if not page.get("has_more"):
+                break
+            if not page.get("next_page") or page["next_page"] == query.get("page"):
+                raise CliError("the usage answer says there is more but gives no next page")
+            query["page"] = str(page["next_page"])
+        else:
+            raise CliError(f"more than {USAGE_PAGES} pages of usage: ask for a shorter time or wider buckets")
+    if args.json:
+        _print_json({"object": "page", "data": buckets, "has_more": False, "next_page": None})
+        return
+    print(render(_usage_lines(buckets), args.bucket_width))
+
+
+def _usage_lines(buckets: list[dict[str, Any]]) -> list[Line]:
+    return [
+        Line(
+            start=int(b["start_time"]),
+            model=r.get("model") or "-",
+            input_tokens=int(r.get("input_tokens") or 0),
+            cached_tokens=int(r.get("input_cached_tokens") or 0),
+            output_tokens=int(r.get("output_tokens") or 0),
+            requests=int(r.get("num_model_requests") or 0),
+        )
+        for b in buckets
+        for r in b.get("results") or ()
+    ]
+
+
 def add_commands(sub: Verbs) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -298,3 +338,4 @@ def add_commands(sub: Verbs) -> None:
     chat.add_argument("--system", metavar="TEXT", help="a system message")
     chat.add_argument("--max-tokens", type=int, metavar="N")
     chat.add_argument("--temperature", type=float, metavar="T")
+    add_arguments(verb(sub, "usage", cmd_usage, "your token usage per model, in time buckets"))

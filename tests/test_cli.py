@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import pty
 import select
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -19,6 +22,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from controlplane.store import Store
 from loraplane.stack import Stack
+from loraplane.state import usage
 from loraplane.state.records import WorkerRecord
 from tests.conftest import SimStack, new_tenant
 from tests.controlplane.test_service import OPERATOR, start_control_plane
@@ -294,7 +298,13 @@ def read_until(fd: int, marker: bytes, timeout: float = 30) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("args", [["adapters", "list", "--help"], ["adapters", "upload", "--help"], ["chat", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["adapters", "list", "--help"], ["adapters", "upload", "--help"], ["chat", "--help"], ["usage", "--help"],
+        ["tenant", "set-limits", "--help"], ["tenant", "usage", "--help"],
+    ],
+)  # fmt: skip
 def test_help(args: list[str], tmp_path: Path) -> None:
     assert loraplane(env(tmp_path), *args).returncode == 0
 
@@ -335,3 +345,222 @@ async def test_worker_list_shows_each_engine(redis_server: RedisServer, tmp_path
         "    last error: torch.OutOfMemoryError: CUDA out of memory",
         "w-c  tiny-llama  down  0/4  http://c  restarts 1",
     ]
+
+
+async def test_operator_sets_a_tenants_limits(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`tenant set-limits`: the flags given change, the others keep the limits in force;
+    `--tier-default` hands the tenant back to its tier's; `tenant list` shows them and whose."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushdb()
+    await client.aclose()
+    cp = await start_control_plane(redis_server.url, tmp_path)
+    operator = env(tmp_path, LORAPLANE_CONTROLPLANE_ADDR=f"127.0.0.1:{cp.port}", LORAPLANE_OPERATOR_TOKEN=OPERATOR)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return loraplane(operator, "tenant", *args)
+
+    def ok(*args: str) -> str:
+        out = run(*args)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    try:
+        tenant_id = json.loads(await asyncio.to_thread(ok, "create", "limited", "--json"))["tenant"]["id"]
+        line = f"{tenant_id}  limited  shared  "
+        assert await asyncio.to_thread(ok, "list") == line + "rpm 600, tpm 400000, concurrency 32 (tier)\n"
+        assert await asyncio.to_thread(ok, "set-limits", tenant_id, "--rpm", "5") == (
+            line + "rpm 5, tpm 400000, concurrency 32 (own)\n"
+        )
+        assert await asyncio.to_thread(ok, "set-limits", tenant_id, "--tpm", "0", "--concurrency", "2") == (
+            line + "rpm 5, tpm unlimited, concurrency 2 (own)\n"
+        )
+        assert await asyncio.to_thread(ok, "list") == line + "rpm 5, tpm unlimited, concurrency 2 (own)\n"
+        assert await asyncio.to_thread(ok, "set-limits", tenant_id, "--tier-default") == (
+            line + "rpm 600, tpm 400000, concurrency 32 (tier)\n"
+        )
+
+        both = await asyncio.to_thread(run, "set-limits", tenant_id, "--tier-default", "--rpm", "1")
+        assert one_error_line(both) == "--tier-default takes no --rpm, --tpm or --concurrency"
+        neither = await asyncio.to_thread(run, "set-limits", tenant_id)
+        assert one_error_line(neither) == "give --rpm, --tpm or --concurrency, or --tier-default"
+        nobody = await asyncio.to_thread(run, "set-limits", "ten_nobody", "--rpm", "1")
+        assert one_error_line(nobody) == "tenant 'ten_nobody' does not exist"
+        nobody = await asyncio.to_thread(run, "set-limits", "ten_nobody", "--tier-default")
+        assert "ten_nobody" in one_error_line(nobody)  # the control plane's NOT_FOUND
+        negative = await asyncio.to_thread(run, "set-limits", tenant_id, "--rpm", "-1")
+        assert negative.returncode == 2 and "'-1' is not 0 (unlimited) or a positive whole number" in negative.stderr
+    finally:
+        await cp.stop(0)
+
+
+class UsagePages:
+    """A stand-in for the data plane's `GET /v1/usage/completions` on a free loopback port: the
+    first canned page, or the one after the page whose `next_page` the query names; it keeps the
+    queries it was sent."""
+
+    def __init__(self, pages: list[dict[str, object]]) -> None:
+        self.pages = pages
+        self.queries: list[dict[str, list[str]]] = []
+        self.auth: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                owner.queries.append(urllib.parse.parse_qs(url.query))
+                owner.auth.append(self.headers.get("Authorization", ""))
+                if url.path != "/v1/usage/completions":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                token = owner.queries[-1].get("page", [None])[0]  # the page after the one naming it
+                after = next((n + 1 for n, page in enumerate(owner.pages) if token and page["next_page"] == token), 0)
+                body = json.dumps(owner.pages[min(after, len(owner.pages) - 1)]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> UsagePages:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def bucket(start: int, *results: dict[str, object], width: int = 86400) -> dict[str, object]:
+    return {"object": "bucket", "start_time": start, "end_time": start + width, "results": list(results)}
+
+
+def result(model: str, input_tokens: int, cached: int, output: int, requests: int) -> dict[str, object]:
+    return {
+        "object": "organization.usage.completions.result", "input_tokens": input_tokens, "output_tokens": output,
+        "input_cached_tokens": cached, "input_audio_tokens": 0, "output_audio_tokens": 0,
+        "num_model_requests": requests, "project_id": None, "user_id": None, "api_key_id": None, "model": model,
+        "batch": None,
+    }  # fmt: skip
+
+
+DAY = 1_764_460_800  # 2025-11-30T00:00:00Z
+USAGE_PAGES: list[dict[str, object]] = [
+    {
+        "object": "page",
+        "data": [bucket(DAY, result("tiny-llama", 120, 0, 30, 3), result("tiny-llama:v1", 2000, 1500, 400, 10))],
+        "has_more": True,
+        "next_page": "page_2",
+    },
+    {
+        "object": "page",
+        "data": [bucket(DAY + 86400), bucket(DAY + 2 * 86400, result("tiny-llama", 7, 0, 1, 1))],
+        "has_more": False,
+        "next_page": None,
+    },  # fmt: skip
+]
+
+
+def test_tenant_usage_reads_every_page(tmp_path: Path) -> None:
+    with UsagePages(USAGE_PAGES) as api:
+        user = env(tmp_path, api.url, "lp_tenant")
+        out = loraplane(user, "usage", "--start", "2025-11-30", "--end", str(DAY + 3 * 86400))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == [
+            "START (UTC)  MODEL          INPUT  CACHED  OUTPUT  REQUESTS",
+            "2025-11-30   tiny-llama     120    0       30      3",
+            "2025-11-30   tiny-llama:v1  2000   1500    400     10",
+            "2025-12-02   tiny-llama     7      0       1       1",
+            "total                       2127   1500    431     14",
+        ]
+        first = {"start_time": [str(DAY)], "end_time": [str(DAY + 3 * 86400)], "bucket_width": ["1d"],
+                 "group_by": ["model"]}  # fmt: skip
+        assert api.queries == [first, first | {"page": ["page_2"]}]
+        assert api.auth == ["Bearer lp_tenant"] * 2
+
+        merged = json.loads(loraplane(user, "usage", "--json", "--start", "1764460800", "--end", "1764720000").stdout)
+        assert merged == {
+            "object": "page",
+            "data": [*USAGE_PAGES[0]["data"], *USAGE_PAGES[1]["data"]],  # type: ignore[misc]
+            "has_more": False,
+            "next_page": None,
+        }
+
+
+def test_tenant_usage_defaults_and_mistakes(tmp_path: Path) -> None:
+    empty: dict[str, object] = {"object": "page", "data": [], "has_more": False, "next_page": None}
+    with UsagePages([empty]) as api:
+        user = env(tmp_path, api.url, "lp_tenant")
+        before = int(time.time())
+        assert loraplane(user, "usage").stdout == "no usage\n"
+        assert loraplane(user, "usage", "--bucket-width", "1h", "--end", "2025-12-01T06:00:00+01:00").returncode == 0
+        daily, hourly = api.queries
+        end = int(daily["end_time"][0])
+        assert before <= end <= time.time() and int(daily["start_time"][0]) == end - 7 * 86400  # 1d: the last week
+        assert hourly["end_time"] == [str(DAY + 86400 + 5 * 3600)] and hourly["bucket_width"] == ["1h"]
+        assert hourly["start_time"] == [str(DAY + 5 * 3600)]  # 1h and 1m: the last day
+
+        backwards = loraplane(user, "usage", "--start", "2025-12-02", "--end", "2025-12-01")
+        assert one_error_line(backwards) == "--start must be before --end"
+        for bad in (["--start", "yesterday"], ["--bucket-width", "1w"]):
+            out = loraplane(user, "usage", *bad)
+            assert out.returncode == 2 and "usage: loraplane usage" in out.stderr
+        assert len(api.queries) == 2  # none of these was sent
+
+    endless = {"object": "page", "data": [], "has_more": True, "next_page": "same"}
+    with UsagePages([endless]) as api:
+        stuck = one_error_line(loraplane(env(tmp_path, api.url, "lp_tenant"), "usage"))
+        assert stuck == "the usage answer says there is more but gives no next page" and len(api.queries) == 2
+
+
+async def test_operator_reads_a_tenants_usage(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`tenant usage`: the tenant's rows of ExportUsage, every page, as a table or JSON."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushdb()
+    cp = await start_control_plane(redis_server.url, tmp_path)
+    operator = env(tmp_path, LORAPLANE_CONTROLPLANE_ADDR=f"127.0.0.1:{cp.port}", LORAPLANE_OPERATOR_TOKEN=OPERATOR)
+    try:
+        created = [await asyncio.to_thread(loraplane, operator, "tenant", "create", name, "--json")
+                   for name in ("metered", "other")]  # fmt: skip
+        ids = [json.loads(out.stdout)["tenant"]["id"] for out in created]
+        cells = {
+            usage.Cell(ids[0], DAY + 60, "completions", "tiny-llama", ""): usage.Counts(10, 5, 0, 1),
+            usage.Cell(ids[0], DAY + 3600, "completions", "tiny-llama:v1", "adp_1"): usage.Counts(300, 40, 100, 3),
+            usage.Cell(ids[0], DAY + 86400, "embeddings", "tiny-embed", ""): usage.Counts(50, 0, 0, 5),
+            usage.Cell(ids[1], DAY + 60, "completions", "tiny-llama", ""): usage.Counts(1, 1, 0, 1),
+        }
+        assert await usage.record(client, "cli", cells, usage.Retention(0, 0, 0))
+        span = ("--start", "2025-11-30", "--end", "2025-12-02")
+        table = await asyncio.to_thread(loraplane, operator, "tenant", "usage", ids[0], *span)
+        hourly = await asyncio.to_thread(loraplane, operator, "tenant", "usage", ids[0], *span, "--bucket-width", "1h",
+                                         "--json")  # fmt: skip
+        nobody = await asyncio.to_thread(loraplane, operator, "tenant", "usage", "ten_nobody")
+    finally:
+        await cp.stop(0)
+        await client.aclose()
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines() == [
+        "START (UTC)  MODEL          ADAPTER  INPUT  CACHED  OUTPUT  REQUESTS",
+        "2025-11-30   tiny-llama     -        10     0       5       1",
+        "2025-11-30   tiny-llama:v1  adp_1    300    100     40      3",
+        "2025-12-01   tiny-embed     -        50     0       0       5",
+        "total                                360    100     45      9",
+    ]
+    assert json.loads(hourly.stdout) == [
+        {"tenant_id": ids[0], "kind": "completions", "start_time": DAY, "end_time": DAY + 3600, "model": "tiny-llama",
+         "adapter_id": "", "input_tokens": 10, "output_tokens": 5, "input_cached_tokens": 0, "num_model_requests": 1},
+        {"tenant_id": ids[0], "kind": "completions", "start_time": DAY + 3600, "end_time": DAY + 7200,
+         "model": "tiny-llama:v1", "adapter_id": "adp_1", "input_tokens": 300, "output_tokens": 40,
+         "input_cached_tokens": 100, "num_model_requests": 3},
+        {"tenant_id": ids[0], "kind": "embeddings", "start_time": DAY + 86400, "end_time": DAY + 90000,
+         "model": "tiny-embed", "adapter_id": "", "input_tokens": 50, "output_tokens": 0, "input_cached_tokens": 0,
+         "num_model_requests": 5},
+    ]  # fmt: skip
+    assert "ten_nobody" in one_error_line(nobody)

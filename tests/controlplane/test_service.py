@@ -25,8 +25,9 @@ from tests.support import RedisServer, free_port
 OPERATOR, AGENT, PEER = "o" * 32, "a" * 32, "p" * 32
 
 
-async def start_control_plane(redis_url: str, tmp_path: Path, port: int = 0) -> server.ControlPlane:
-    """A control plane on `port` (0: a free one), with the tokens above and no metrics server."""
+async def start_control_plane(redis_url: str, tmp_path: Path, port: int = 0, **extra: str) -> server.ControlPlane:
+    """A control plane on `port` (0: a free one), with the tokens above, no metrics server and
+    the `extra` variables."""
     Catalog.write(tmp_path / "catalog.json", [{"name": "tiny-llama", "path": str(tmp_path), "lora": False}])
     env = {
         "LORAPLANE_GRPC_ADDR": f"127.0.0.1:{port or free_port()}",
@@ -39,7 +40,7 @@ async def start_control_plane(redis_url: str, tmp_path: Path, port: int = 0) -> 
         "LORAPLANE_METRICS_ADDR": "",
         "LORAPLANE_HEARTBEAT_TIMEOUT_S": "60",  # the fake agents send heartbeats only when told
     }
-    return await server.start(Settings.from_env(env))
+    return await server.start(Settings.from_env(env | extra))
 
 
 @pytest.fixture

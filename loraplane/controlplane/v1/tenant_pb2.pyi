@@ -22,20 +22,34 @@ TIER_RESERVED: Tier
 TIER_DEDICATED: Tier
 
 class Tenant(_message.Message):
-    __slots__ = ("id", "name", "tier", "max_adapters", "created_at", "suspended")
+    __slots__ = ("id", "name", "tier", "max_adapters", "created_at", "suspended", "limits", "own_limits")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SUSPENDED_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    OWN_LIMITS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     tier: Tier
     max_adapters: int
     created_at: _timestamp_pb2.Timestamp
     suspended: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., max_adapters: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., suspended: _Optional[bool] = ...) -> None: ...
+    limits: RateLimits
+    own_limits: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., max_adapters: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., suspended: _Optional[bool] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ..., own_limits: _Optional[bool] = ...) -> None: ...
+
+class RateLimits(_message.Message):
+    __slots__ = ("rpm", "tpm", "concurrency")
+    RPM_FIELD_NUMBER: _ClassVar[int]
+    TPM_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    rpm: int
+    tpm: int
+    concurrency: int
+    def __init__(self, rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., concurrency: _Optional[int] = ...) -> None: ...
 
 class CreateTenantRequest(_message.Message):
     __slots__ = ("name", "tier")
@@ -148,3 +162,67 @@ class RevokeApiKeyResponse(_message.Message):
     KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
     key_prefix: str
     def __init__(self, key_prefix: _Optional[str] = ...) -> None: ...
+
+class SetTenantLimitsRequest(_message.Message):
+    __slots__ = ("tenant_id", "limits", "tier_default")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    TIER_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    limits: RateLimits
+    tier_default: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ..., tier_default: _Optional[bool] = ...) -> None: ...
+
+class SetTenantLimitsResponse(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: Tenant
+    def __init__(self, tenant: _Optional[_Union[Tenant, _Mapping]] = ...) -> None: ...
+
+class ExportUsageRequest(_message.Message):
+    __slots__ = ("start_time", "end_time", "bucket_width", "tenant_id", "page_token", "page_size")
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    start_time: int
+    end_time: int
+    bucket_width: str
+    tenant_id: str
+    page_token: str
+    page_size: int
+    def __init__(self, start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., bucket_width: _Optional[str] = ..., tenant_id: _Optional[str] = ..., page_token: _Optional[str] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class UsageRow(_message.Message):
+    __slots__ = ("tenant_id", "kind", "start_time", "end_time", "model", "adapter_id", "input_tokens", "output_tokens", "input_cached_tokens", "num_model_requests")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_MODEL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    kind: str
+    start_time: int
+    end_time: int
+    model: str
+    adapter_id: str
+    input_tokens: int
+    output_tokens: int
+    input_cached_tokens: int
+    num_model_requests: int
+    def __init__(self, tenant_id: _Optional[str] = ..., kind: _Optional[str] = ..., start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., input_cached_tokens: _Optional[int] = ..., num_model_requests: _Optional[int] = ...) -> None: ...
+
+class ExportUsageResponse(_message.Message):
+    __slots__ = ("rows", "next_page_token")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    next_page_token: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

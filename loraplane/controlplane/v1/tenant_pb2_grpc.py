@@ -75,6 +75,16 @@ class TenantServiceStub:
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.SetTenantLimits = channel.unary_unary(
+                '/loraplane.controlplane.v1.TenantService/SetTenantLimits',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantLimitsRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantLimitsResponse.FromString,
+                _registered_method=True)
+        self.ExportUsage = channel.unary_unary(
+                '/loraplane.controlplane.v1.TenantService/ExportUsage',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageResponse.FromString,
+                _registered_method=True)
 
 
 class TenantServiceServicer:
@@ -137,6 +147,22 @@ class TenantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTenantLimits(self, request, context):
+        """Gives a tenant rate limits of its own, or hands it back to its tier's; data planes apply
+        them within seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportUsage(self, request, context):
+        """Token usage per tenant, kind, model and adapter in time buckets (UTC), a page at a time: for
+        billing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +205,16 @@ def add_TenantServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'SetTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantLimits,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantLimitsRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantLimitsResponse.SerializeToString,
+            ),
+            'ExportUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportUsage,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +434,60 @@ class TenantService:
             '/loraplane.controlplane.v1.TenantService/RevokeApiKey',
             loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.SerializeToString,
             loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.TenantService/SetTenantLimits',
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantLimitsRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.TenantService/ExportUsage',
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
