@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dataplane.upstream import Pool  # noqa: E402
+from loraplane.limits import RATE_VARS  # noqa: E402
 from loraplane.controlplane.v1 import tenant_pb2  # noqa: E402
 from loraplane.stack import Stack, StackConfig, http_ok, wait_until  # noqa: E402
 from tests.support import free_port, lora_tensors, safetensors_bytes  # noqa: E402
@@ -218,6 +219,10 @@ def before_tree(rev: str, tmp: Path) -> Path:
     return tree
 
 
+# The tenant's rate limits on (leased, checked and settled on every request) but never reached.
+LIMITS_ON = tuple((name, "1000000000") for name in RATE_VARS)
+
+
 def start_before(stack: Stack, tree: Path, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """The `before` tree's data plane, on the same stack as the current one."""
     port = free_port()
@@ -275,7 +280,7 @@ def main() -> None:
         stack = Stack(StackConfig(data_dir=Path(tmp), http_port=free_port(), grpc_port=free_port(),
                                   vllm_port=sim_port, log_dir=Path(tmp) / "logs",
                                   extra_env=(("LORAPLANE_VLLM_URL", sim_url),
-                                             ("LORAPLANE_LOG_LEVEL", "WARNING"))))  # fmt: skip
+                                             ("LORAPLANE_LOG_LEVEL", "WARNING"), *LIMITS_ON)))  # fmt: skip
         before: subprocess.Popen[bytes] | None = None
         try:
             stack.start()

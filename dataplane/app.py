@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -26,7 +27,9 @@ from dataplane.breaker import Breaker
 from dataplane.cpclient import ControlPlaneClient, answering
 from dataplane.errors import ApiError, BadRequest, RequestTimeout, TooLarge
 from dataplane.inference import State, bearer, read_json
+from dataplane.metering import Meter
 from dataplane.metrics import Metrics
+from dataplane.ratelimit import Limiter
 from dataplane.resolve import Resolver
 from dataplane.routing import RoutingTable
 from dataplane.settings import Settings
@@ -35,7 +38,7 @@ from dataplane.upstream import Pool
 from loraplane import config, logs, metrics, nopickle
 from loraplane.catalog import BaseModel, Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
-from loraplane.state import queries
+from loraplane.state import queries, usage
 
 log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 16 << 10
@@ -107,6 +110,33 @@ async def flush_used(client: redis.Redis, used: dict[str, float], every_s: float
             await queries.record_use(client, batch)
         except redis.RedisError as err:
             log.debug("recording adapter use failed: %s", err)
+
+
+async def last_usage(meter: Meter, within_s: float = 5.0) -> None:
+    """At shutdown: the usage not written yet, written (tried for a few seconds)."""
+    deadline = time.monotonic() + within_s
+    while not await meter.flush() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+
+
+async def get_usage(request: Request) -> Response:
+    """The tenant's usage in OpenAI's usage API shape: `/v1/usage/completions` (chat,
+    completions, Responses) and `/v1/usage/embeddings`; never another tenant's."""
+    st = _state(request)
+    tenant_id = await _tenant(request)
+    kind = request.path_params["kind"]
+    if kind not in usage.KINDS:
+        raise errors.NotFound(f"no usage of {kind!r}; there is /v1/usage/completions and /v1/usage/embeddings",
+                              code=None)  # fmt: skip
+    try:
+        query = usage.parse_query(kind, dict(request.query_params), time.time())
+    except usage.QueryError as err:
+        raise BadRequest(str(err), param=err.param) from None
+    try:
+        page = await usage.buckets(st.keys.client, tenant_id, query)
+    except redis.RedisError:
+        raise errors.Unavailable("usage is unavailable right now") from None
+    return JSONResponse(usage.page_json(kind, page))
 
 
 async def upload(request: Request) -> Response:
@@ -250,6 +280,7 @@ class DataPlane:
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model}", get_model, methods=["GET"]),
+            Route("/v1/usage/{kind}", get_usage, methods=["GET"]),
             Route("/v1/adapters/upload", upload, methods=["POST"]),
             Route("/v1/adapters", by_method(GET=list_adapters, POST=create_adapter), methods=["GET", "POST"]),
             Route("/v1/adapters/{adapter_id}", by_method(GET=get_adapter, DELETE=delete_adapter),
@@ -309,9 +340,19 @@ class DataPlane:
             keys = KeyCache(client, settings.key_cache_ttl_s, redis_down)
             resolver = Resolver(client, catalog, settings.adapter_cache_ttl_s, redis_down)
             used: dict[str, float] = {}
+            day = 86400
+            retention = usage.Retention(
+                minute_s=round(settings.usage_minute_days * day),
+                hour_s=round(settings.usage_retention_days * day),
+                day_s=round(settings.usage_retention_days * day),
+            )
+            meter = Meter(client, retention, settings.usage_flush_s)
+            limiter = Limiter(client, redis_down, settings.rate_burst_s)
             background = [
                 asyncio.create_task(events.follow(client, routing, [keys, resolver], settings.routing_refresh_s)),
                 asyncio.create_task(flush_used(client, used)),
+                asyncio.create_task(meter.run()),
+                asyncio.create_task(limiter.run()),
             ]
             cp = ControlPlaneClient(settings.controlplane_addr)
             headers = {"Authorization": f"Bearer {settings.worker_api_key}"} if settings.worker_api_key else {}
@@ -326,6 +367,8 @@ class DataPlane:
                 placing={},
                 used=used,
                 metrics=self.metrics,
+                meter=meter,
+                limiter=limiter,
             )
             try:
                 yield {"lp": self.state}
@@ -334,6 +377,7 @@ class DataPlane:
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
+                await last_usage(meter)
                 upstream.close()
                 await cp.close()
                 await client.aclose()

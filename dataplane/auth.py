@@ -10,27 +10,35 @@ import redis.asyncio as redis
 from dataplane.breaker import Breaker
 from dataplane.errors import Forbidden, Unauthorized, Unavailable
 from loraplane.state import queries
-from loraplane.state.messages import Invalidation, KeyChanged
+from loraplane.state.messages import Invalidation, KeyChanged, TenantChanged
+from loraplane.state.records import Tenant
 
 MAX_HEADER = 512
 
 
 class KeyCache:
     def __init__(self, client: redis.Redis, ttl_s: float, redis_down: Breaker) -> None:
-        self._r = client
+        self._r = self.client = client
         self.redis_down = redis_down
         self._ttl = ttl_s
-        self._cache: dict[str, tuple[str, float]] = {}
+        self._cache: dict[str, tuple[Tenant, float]] = {}
 
     def invalidate(self, message: Invalidation) -> None:
         if isinstance(message, KeyChanged):
             self._cache.pop(message.key_hash, None)
+        elif isinstance(message, TenantChanged):  # its tier or limits: read again at its next request
+            for digest in [d for d, (t, _) in self._cache.items() if t.id == message.tenant_id]:
+                del self._cache[digest]
 
     def clear(self) -> None:
         self._cache.clear()
 
     async def tenant_id(self, header: str) -> str:
         """The tenant whose key is in this `Authorization` header; Unauthorized otherwise."""
+        return (await self.tenant(header)).id
+
+    async def tenant(self, header: str) -> Tenant:
+        """The tenant (its record) whose key is in this `Authorization` header; Unauthorized otherwise."""
         scheme, _, key = header.partition(" ")
         if len(header) > MAX_HEADER or scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized()
@@ -40,17 +48,17 @@ class KeyCache:
         if hit and (hit[1] > now or self.redis_down.open):
             return hit[0]
         try:
-            tid, suspended = await queries.key_tenant(self._r, digest)
+            tenant = await queries.key_tenant(self._r, digest)
         except (redis.ConnectionError, redis.TimeoutError):
             self.redis_down.trip()
             if hit:  # Redis is down: a key we knew stays good until Redis is back.
                 return hit[0]
             raise Unavailable("authentication is unavailable right now") from None
-        if tid is None:
+        if tenant is None:
             self._cache.pop(digest, None)
             raise Unauthorized()
-        if suspended:
+        if tenant.suspended:
             self._cache.pop(digest, None)
             raise Forbidden("this tenant is suspended")
-        self._cache[digest] = (tid, now + self._ttl)
-        return tid
+        self._cache[digest] = (tenant, now + self._ttl)
+        return tenant

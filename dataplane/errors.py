@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import grpc
@@ -66,6 +67,16 @@ class InvalidAdapter(ApiError):
 
 class RateLimited(ApiError):
     status, type = 429, "rate_limit_error"
+
+
+class RateLimitExceeded(RateLimited):
+    """Over one of the tenant's rate limits: OpenAI's code, `Retry-After` and rate-limit headers."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float, headers: list[tuple[bytes, bytes]]) -> None:
+        fields = {k.decode(): v.decode() for k, v in headers}
+        super().__init__(message, headers=fields | {"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
 class RequestTimeout(ApiError):

@@ -29,19 +29,23 @@ from dataplane.errors import (
     ApiError,
     BadRequest,
     NotResident,
+    RateLimitExceeded,
     RequestTimeout,
     TooLarge,
     Unavailable,
     Unreachable,
     Upstream,
 )
+from dataplane.metering import Meter, Seen
 from dataplane.metrics import Metrics
+from dataplane.ratelimit import Admission, Limiter, RateLimited, estimate
 from dataplane.resolve import Resolver, Target
 from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
 from dataplane.settings import Settings
 from dataplane.upstream import Pool
 from dataplane.upstream import Response as UpstreamResponse
 from loraplane.controlplane.v1 import adapter_pb2 as apb
+from loraplane.state.records import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ class State:
     placing: dict[tuple[str, bool, frozenset[str]], asyncio.Task[apb.PlaceAdapterResponse]]
     used: dict[str, float]  # adapter id -> when last requested here, until flushed to Redis
     metrics: Metrics
+    meter: Meter
+    limiter: Limiter
 
 
 class ClientGone(Exception):
@@ -169,8 +175,8 @@ async def handle(st: State, scope: Scope, receive: Receive, send: Send, exchange
 async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: str, kind: str) -> int:
     headers = dict(scope["headers"])
     authorization = headers.get(b"authorization", b"").decode("latin-1")
-    tenant_id = await st.keys.tenant_id(authorization)
-    scope[access.TENANT] = tenant_id
+    tenant = await st.keys.tenant(authorization)
+    scope[access.TENANT] = tenant.id
     body = await read_json(
         receive, headers.get(b"content-length"), st.settings.max_body_bytes, st.settings.body_timeout_s
     )
@@ -179,9 +185,9 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
         check_responses(body)
     elif path == "/v1/chat/completions":
         check_messages(body.get("messages"))
-    body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant_id)
+    body["cache_salt"] = cache_salt(st.settings.worker_api_key, tenant.id)
     client_model = body.get("model")
-    target = await st.resolver.resolve(tenant_id, client_model)
+    target = await st.resolver.resolve(tenant.id, client_model)
     scope[access.BASE_MODEL] = target.base.name  # a catalog name: a bounded label
     assert isinstance(client_model, str)
     scope[access.MODEL] = client_model  # a name that resolved: the catalog's and the tenant's, no free text
@@ -194,24 +200,30 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
             param="tool_choice",
         )
     forced = tools.force(body) if path == "/v1/chat/completions" else None
+    wanted = ask_for_usage(body) if path in STREAM_USAGE else shape.CONTINUOUS_USAGE
     key = bearer(authorization)
+    admission = await admit(st, tenant, body, path)
+    if admission is not None:
+        send = with_headers(send, admission.headers())
+    seen = Seen()
 
     # From here a client that leaves cancels this task, and so the upstream request.
     task = asyncio.current_task()
     assert task is not None
     departure = Departure(task)
     watcher = asyncio.create_task(departure.watch(receive))
+    reply = Reply(client_model, departure.guarded(send), forced, seen, wanted)
     try:
         worker = await worker_for(st, target, key)
         scope[access.WORKER] = worker.id
         try:
-            return await _forward(st, worker, path, body, target, client_model, departure.guarded(send), forced)
+            return await _forward(st, worker, path, body, target, reply)
         except Unreachable as err:  # nothing reached the client: once more, elsewhere
             if not isinstance(err, NotResident):
                 st.routing.suspect(worker.id)
             worker = await worker_for(st, target, key, avoid=frozenset({worker.id}))
             scope[access.WORKER] = worker.id
-            return await _forward(st, worker, path, body, target, client_model, departure.guarded(send), forced)
+            return await _forward(st, worker, path, body, target, reply)
     except asyncio.CancelledError:
         if departure.left and task.cancelling() <= 1:
             task.uncancel()
@@ -219,6 +231,69 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
         raise
     finally:
         watcher.cancel()
+        used = seen.total()  # what reached the client (a retry's first try sent nothing)
+        if used is not None:
+            usage_kind = "embeddings" if kind == "embedding" else "completions"
+            st.meter.add(tenant.id, usage_kind, client_model, target.adapter_id or "", used)
+            st.metrics.tokens.inc(target.base.name, tenant.tier, "input", by=used.input_tokens)
+            st.metrics.tokens.inc(target.base.name, tenant.tier, "output", by=used.output_tokens)
+            st.metrics.metered.inc(target.base.name, tenant.tier)
+        if admission is not None:
+            admission.settle(None if used is None else used.input_tokens + used.output_tokens)
+
+
+# Where a stream's usage is asked of the worker in every event (`continuous_usage_stats`).
+STREAM_USAGE = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def ask_for_usage(body: dict[str, Any]) -> int:
+    """A stream's usage, asked of the worker in every event (for metering, and so a stream cut
+    off is counted with what it generated); what the client asked for of it is returned."""
+    if body.get("stream") is not True:
+        return shape.CONTINUOUS_USAGE  # a whole answer carries its usage anyway
+    options = body.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    wanted = shape.NO_USAGE
+    if options.get("include_usage") is True:
+        wanted = shape.CONTINUOUS_USAGE if options.get("continuous_usage_stats") is True else shape.FINAL_USAGE
+    body["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": True}
+    return wanted
+
+
+async def admit(st: State, tenant: Tenant, body: dict[str, Any], path: str) -> Admission | None:
+    """The tenant's rate limits (its own, else its tier's): None when it has none."""
+    limits = tenant.rate_limits(st.settings.tier_rate_limits)
+    if not (limits.rpm or limits.tpm or limits.concurrency):
+        return None
+    completion = 0 if path == "/v1/embeddings" else st.settings.estimate_completion_tokens
+    try:
+        return await st.limiter.admit(tenant.id, limits, estimate(body, PROMPT_PARAM[path], completion))
+    except RateLimited as err:
+        st.metrics.rate_limited.inc(err.reason)
+        raise RateLimitExceeded(err.message, err.retry_after_s, err.headers) from None
+
+
+def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """`send`, with these headers added to the answer's."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return sending
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How an answer goes back: `model` as the client sent it, through `send`; a forced tool
+    call's answer made the call; the usage noted in `seen`, of it what the client `wanted`."""
+
+    model: str
+    send: Send
+    forced: tools.Forced | None
+    seen: Seen
+    wanted: int
 
 
 class Departure:
@@ -250,16 +325,7 @@ class Departure:
         return guarded_send
 
 
-async def _forward(
-    st: State,
-    worker: Worker,
-    path: str,
-    body: dict[str, Any],
-    target: Target,
-    client_model: str,
-    send: Send,
-    forced: tools.Forced | None = None,
-) -> int:
+async def _forward(st: State, worker: Worker, path: str, body: dict[str, Any], target: Target, reply: Reply) -> int:
     in_flight, adapter_in_flight = st.routing.in_flight, st.routing.adapter_in_flight
     in_flight[worker.id] += 1
     if target.adapter_id:
@@ -280,7 +346,7 @@ async def _forward(
             # makes an engine fail would otherwise cost two workers, or take one out of routing.
             raise errors.from_worker(upstream.status, raw, PROMPT_PARAM[path])
         try:
-            return await _relay(upstream, client_model, send, timeout, forced)
+            return await _relay(upstream, reply, timeout)
         finally:
             upstream.release()
     finally:
@@ -289,17 +355,16 @@ async def _forward(
             adapter_in_flight[target.adapter_id] -= 1
 
 
-async def _relay(
-    upstream: UpstreamResponse, client_model: str, send: Send, timeout: float, forced: tools.Forced | None = None
-) -> int:
+async def _relay(upstream: UpstreamResponse, reply: Reply, timeout: float) -> int:
     """The worker's answer to the client in OpenAI's shape (`shape`), `model` what the client sent;
     SSE line by line as it arrives.
     Unreachable while nothing was sent: a stream's worker that fails before its first byte."""
     headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != access.HEADER]
+    send, model = reply.send, reply.model
     if not upstream.header(b"content-type").startswith(b"text/event-stream"):
-        content = shape.body(await upstream.read(timeout), client_model)
-        if forced is not None and upstream.status == 200:  # a forced tool call: the answer is the call
-            content_type, content = tools.answer(forced, content)
+        content = shape.body(await upstream.read(timeout), model, reply.seen)
+        if reply.forced is not None and upstream.status == 200:  # a forced tool call: the answer is the call
+            content_type, content = tools.answer(reply.forced, content)
             headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", content_type)]
         headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
@@ -319,12 +384,13 @@ async def _relay(
             cut = data.rfind(b"\n") + 1  # whole lines only: an event never straddles two sends
             partial = data[cut:]
             if cut:
-                await send({"type": "http.response.body", "body": shape.events(data[:cut], client_model),
-                            "more_body": True})  # fmt: skip
+                events = shape.events(data[:cut], model, reply.seen, reply.wanted)
+                await send({"type": "http.response.body", "body": events, "more_body": True})
             chunks = await upstream.chunks(timeout)
     except Upstream as err:  # the answer has started: all we can do is end it
         log.warning("worker stream broke: %s", err)
-    await send({"type": "http.response.body", "body": shape.events(partial, client_model), "more_body": False})
+    events = shape.events(partial, model, reply.seen, reply.wanted)
+    await send({"type": "http.response.body", "body": events, "more_body": False})
     return upstream.status
 
 

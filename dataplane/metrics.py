@@ -9,7 +9,8 @@ from loraplane import metrics
 
 PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/adapters",
-     "/v1/adapters/upload", "/healthz", "/readyz", "/metrics"}
+     "/v1/adapters/upload", "/healthz", "/readyz", "/metrics", "/v1/responses", "/v1/usage/completions",
+     "/v1/usage/embeddings"}
 )  # fmt: skip
 
 
@@ -58,6 +59,26 @@ class Metrics:
         self.upload_bytes = metrics.Counter(r, "loraplane_upload_bytes_total", "Adapter bytes received by uploads.")
         self.upload_rejections = metrics.Counter(
             r, "loraplane_upload_rejections_total", "Uploads refused, by reason.", ("reason",)
+        )
+        # Usage and rate limits, by base model and tier (per tenant: the usage API, not labels).
+        self.tokens = metrics.Counter(
+            r,
+            "loraplane_tokens_total",
+            "Tokens of answered requests as their workers reported them, by base model, tier and direction.",
+            ("base_model", "tier", "direction"),
+        )
+        self.metered = metrics.Counter(
+            r,
+            "loraplane_metered_requests_total",
+            "Answered requests counted in usage, by base model and tier.",
+            ("base_model", "tier"),
+        )
+        self.rate_limited = metrics.Counter(
+            r,
+            "loraplane_rate_limited_total",
+            "Requests refused with a 429 by a tenant's rate limits, by reason (requests, tokens, concurrency, "
+            "too_large).",
+            ("reason",),
         )
         # Read from the process's state at each scrape (see `app.metrics_endpoint`).
         self.redis_up = metrics.Gauge(

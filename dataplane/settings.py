@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplane import config
-from loraplane.config import var
-from loraplane.limits import MAX_ADAPTER_BYTES
+from loraplane.config import derived, var
+from loraplane.limits import MAX_ADAPTER_BYTES, RATE_VARS, TIER_RATE_LIMITS, RateLimits, tier_rate_limits
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,20 @@ class Settings:
     body_timeout_s: float = field(default=30.0, metadata=var("LORAPLANE_BODY_TIMEOUT_S"))
     # an upload with no bytes for this long is given up
     upload_idle_timeout_s: float = field(default=60.0, metadata=var("LORAPLANE_UPLOAD_IDLE_TIMEOUT_S"))
+
+    # rate limits per tier (LORAPLANE_TIER_<TIER>_{RPM,TPM,CONCURRENCY}); a tenant's own replace them
+    tier_rate_limits: Mapping[str, RateLimits] = field(
+        default_factory=lambda: dict(TIER_RATE_LIMITS), metadata=derived(RATE_VARS, tier_rate_limits)
+    )
+    # a per-minute limit's bucket holds this many seconds of it (the burst a tenant may send at once)
+    rate_burst_s: float = field(default=5.0, metadata=var("LORAPLANE_RATE_BURST_S"))
+    # completion tokens charged at admission for a request that does not say max_tokens
+    estimate_completion_tokens: int = field(default=256, metadata=var("LORAPLANE_ESTIMATE_COMPLETION_TOKENS"))
+    # usage is written to Redis this often (a data plane killed with -9 loses at most this much)
+    usage_flush_s: float = field(default=0.5, metadata=var("LORAPLANE_USAGE_FLUSH_S"))
+    # how long usage buckets are kept: minute, hour and day buckets (days; 0 forever)
+    usage_minute_days: float = field(default=2.0, metadata=var("LORAPLANE_USAGE_MINUTE_DAYS"))
+    usage_retention_days: float = field(default=90.0, metadata=var("LORAPLANE_USAGE_RETENTION_DAYS"))
 
     # browser origins allowed to call the API (comma-separated; "*" any); empty: no CORS
     cors_origins: str = field(default="", metadata=var("LORAPLANE_CORS_ORIGINS"))

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from dataplane.metering import Seen
+
 # Fields of the engine's own, at the top of an answer and in each choice.
 ENGINE_FIELDS = ("prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params", "ec_transfer_params",
                  "metrics", "system_fingerprint", "input_messages", "output_messages")  # fmt: skip
@@ -23,24 +25,43 @@ NULLABLE = ("content", "refusal")
 USAGE_DETAILS = ("prompt_tokens_details", "completion_tokens_details")
 
 
-def body(raw: bytes, model: str) -> bytes:
-    """A whole JSON answer, reshaped (as it was when it is not a JSON object)."""
+def body(raw: bytes, model: str, seen: Seen | None = None) -> bytes:
+    """A whole JSON answer, reshaped (as it was when it is not a JSON object); its usage noted
+    in `seen`."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return raw
     if not isinstance(obj, dict):
         return raw
+    if seen is not None:
+        seen.answer(obj)
     return orjson.dumps(answer(obj, model))
 
 
-def events(lines: bytes, model: str) -> bytes:
+# What of a stream's usage the client asked for (`stream_options`); the worker is always asked
+# for all of it (`continuous_usage_stats`), for metering.
+NO_USAGE, FINAL_USAGE, CONTINUOUS_USAGE = 0, 1, 2
+
+
+def events(lines: bytes, model: str, seen: Seen | None = None, wanted: int = CONTINUOUS_USAGE) -> bytes:
     """Whole lines of a server-sent event stream: each `data: {...}` event reshaped, the rest as
-    it is."""
-    return b"\n".join(_event(line, model) for line in lines.split(b"\n"))
+    it is; the usage each event reports noted in `seen`, and left out where the client did not
+    ask for it (an event that carries only usage goes, with the blank line that ends it)."""
+    out = []
+    dropped = False
+    for line in lines.split(b"\n"):
+        if dropped and not line.strip(b"\r"):
+            dropped = False
+            continue
+        shaped = _event(line, model, seen, wanted)
+        dropped = shaped is None
+        if shaped is not None:
+            out.append(shaped)
+    return b"\n".join(out)
 
 
-def _event(line: bytes, model: str) -> bytes:
+def _event(line: bytes, model: str, seen: Seen | None, wanted: int) -> bytes | None:
     if not line.startswith(b"data: {"):
         return line
     end = len(line.rstrip(b"\r"))
@@ -50,6 +71,13 @@ def _event(line: bytes, model: str) -> bytes:
         return line
     if not isinstance(obj, dict):
         return line
+    if seen is not None:
+        seen.event(obj)
+    if wanted != CONTINUOUS_USAGE and "usage" in obj and "choices" in obj:
+        if obj["choices"]:  # a chunk's running count
+            del obj["usage"]
+        elif wanted == NO_USAGE:  # the usage event
+            return None
     return b"data: " + orjson.dumps(answer(obj, model)) + line[end:]
 
 

@@ -48,6 +48,7 @@ class StackConfig:
     log_dir: Path | None = None
     with_worker: bool = True
     second_grpc_port: int = 0  # > 0: run a second control plane replica there
+    second_http_port: int = 0  # > 0: run a second data plane replica there
     extra_env: tuple[tuple[str, str], ...] = ()
     extra_workers: tuple[WorkerSpec, ...] = ()  # connected to the second replica when there is one
     extra_models: tuple[tuple[str, str], ...] = ()  # (name, kind) served from the tiny model's files too
@@ -126,6 +127,13 @@ class Stack:
                 )
         self._spawn("dataplane", [sys.executable, "-m", "dataplane.app"], dataplane_env)
         wait_until(lambda: http_ok(self.http_url + "/healthz"), 60, "data plane", self.procs["dataplane"])
+        if self.config.second_http_port:  # a second data plane replica, on its own port
+            port = self.config.second_http_port
+            self._spawn("dataplane-2", [sys.executable, "-m", "dataplane.app"],
+                        dataplane_env | {"LORAPLANE_HTTP_PORT": str(port)})  # fmt: skip
+            wait_until(
+                lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 60, "data plane 2", self.procs["dataplane-2"]
+            )
         if self.config.with_worker:
             wait_until(self._worker_ready, timeout, "the vLLM workers", self.procs["agent"])
 
@@ -224,7 +232,7 @@ class Stack:
             )
 
     def stop(self) -> None:
-        for name in ["dataplane", *self.agents, "controlplane-2", "controlplane", "redis"]:
+        for name in ["dataplane", "dataplane-2", *self.agents, "controlplane-2", "controlplane", "redis"]:
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue

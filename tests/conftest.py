@@ -11,6 +11,7 @@ import grpc
 import httpx
 import pytest
 
+from loraplane.limits import RATE_VARS
 from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc
 from loraplane.stack import Stack, StackConfig, WorkerSpec, vllm_args
 from tests.hubserver import HubServer
@@ -39,6 +40,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.build(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+UNLIMITED = tuple((name, "0") for name in RATE_VARS)
+
+
 def running_stack(
     tmp: Path,
     with_worker: bool,
@@ -48,8 +52,11 @@ def running_stack(
     extra_models: tuple[tuple[str, str], ...] = (),
     redis_url: str = "",
     lora_models: tuple[tuple[str, Path], ...] = (),
+    dataplanes: int = 1,
 ) -> Iterator[Stack]:
-    """A started stack on free ports, logging under `tmp/logs`; stopped afterwards."""
+    """A started stack on free ports, logging under `tmp/logs`; stopped afterwards. No tier has
+    rate limits unless `env` gives some (tests of other things send faster than a tier allows)."""
+    env = UNLIMITED + env
     config = StackConfig(
         data_dir=tmp / "data",
         redis_url=redis_url,
@@ -63,6 +70,7 @@ def running_stack(
         extra_workers=extra_workers,
         extra_models=extra_models,
         lora_models=lora_models,
+        second_http_port=free_port() if dataplanes == 2 else 0,
     )
     stack = Stack(config)
     try:

@@ -101,6 +101,9 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "loraplane_agents_connected": (GAUGE, frozenset({"base_model"})),
     "loraplane_upload_bytes_total": (COUNTER, frozenset()),
     "loraplane_upload_rejections_total": (COUNTER, frozenset({"reason"})),
+    "loraplane_tokens_total": (COUNTER, frozenset({"base_model", "tier", "direction"})),
+    "loraplane_metered_requests_total": (COUNTER, frozenset({"base_model", "tier"})),
+    "loraplane_rate_limited_total": (COUNTER, frozenset({"reason"})),
 }
 TARGET_LABELS = frozenset({"instance", "job", "node"})  # added by Prometheus to every series
 # Where the control plane and the agent serve /metrics unless LORAPLANE_METRICS_ADDR says otherwise.

@@ -65,10 +65,14 @@ def test_the_data_planes_registry() -> None:
     m.upload_rejections.inc("too_large")
     m.redis_up.set("dataplane", value=1)
     m.controlplane_up.set("dataplane", value=1)
+    m.tokens.inc("tiny-llama", "shared", "input", by=8)
+    m.metered.inc("tiny-llama", "shared")
+    m.rate_limited.inc("requests")
     expected = dashboard(
         "loraplane_requests_total", "loraplane_request_seconds", "loraplane_time_to_first_token_seconds",
         "loraplane_routing_total", "loraplane_cold_placements_waiting", "loraplane_upload_bytes_total",
         "loraplane_upload_rejections_total", "loraplane_redis_up", "loraplane_controlplane_up",
+        "loraplane_tokens_total", "loraplane_metered_requests_total", "loraplane_rate_limited_total",
     )  # fmt: skip
     page = m.render()
     check(page, expected | DATAPLANE_OWN)

@@ -308,6 +308,21 @@ def _vllm_options(chat: bool, body: dict[str, Any]) -> tuple[int, int | None, bo
     return n, top, include_usage
 
 
+def _usage(completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens,
+            "total_tokens": PROMPT_TOKENS + completion_tokens}  # fmt: skip
+
+
+def _continuous_usage(body: dict[str, Any]) -> bool:
+    """`stream_options.continuous_usage_stats` (with `include_usage`): usage in every event."""
+    options = body.get("stream_options")
+    return (
+        isinstance(options, dict)
+        and options.get("include_usage") is True
+        and options.get("continuous_usage_stats") is True
+    )
+
+
 def _chat_logprobs(tokens: int, top: int) -> dict[str, Any]:
     alternatives = [{**TOKEN, "token": f"t{k}", "logprob": -1.0 - k, "bytes": list(f"t{k}".encode())}
                     for k in range(top)]  # fmt: skip
@@ -365,6 +380,7 @@ def _vllm_chunks(rid: str, model: str, tokens: int, chat: bool, body: dict[str, 
     """A vLLM stream's events, token by token: the events each token brings (one per choice),
     the role events first (chat), the usage event last (when asked for)."""
     n, top, include_usage = _vllm_options(chat, body)
+    continuous = _continuous_usage(body)
     out = _output(chat, tokens, body)
     tokens = out.tokens
     head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
@@ -374,6 +390,9 @@ def _vllm_chunks(rid: str, model: str, tokens: int, chat: bool, body: dict[str, 
         steps.append([{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}],
                        "prompt_token_ids": None, "prompt_text": None} for i in range(n)])  # fmt: skip
+        if continuous:
+            for chunk in steps[0]:
+                chunk["usage"] = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 0, "total_tokens": PROMPT_TOKENS}
     for t in range(tokens):
         last = t == tokens - 1
         step = []
@@ -391,6 +410,9 @@ def _vllm_chunks(rid: str, model: str, tokens: int, chat: bool, body: dict[str, 
                           "finish_reason": out.finish_reason if last else None,
                           "stop_reason": None, "prompt_token_ids": None, "token_ids": None}  # fmt: skip
             chunk = {**head, "choices": [choice]}
+            if continuous:  # as vLLM counts it: this choice's tokens so far
+                chunk["usage"] = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": t + 1,
+                                  "total_tokens": PROMPT_TOKENS + t + 1}  # fmt: skip
             if last and not include_usage:
                 chunk["system_fingerprint"] = VLLM_FINGERPRINT
             step.append(chunk)
@@ -675,6 +697,8 @@ async def _stream(
             return
         created = int(time.time())
         out = _output(chat, tokens, body or {})
+        _, _, include_usage = _vllm_options(chat, body or {})
+        continuous = _continuous_usage(body or {})
         for i, delta in enumerate(out.deltas):
             if rate:
                 await asyncio.sleep(1 / rate)
@@ -687,6 +711,13 @@ async def _stream(
             obj = "chat.completion.chunk" if chat else "text_completion"
             chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
                      "sim_t": time.time()}  # fmt: skip
+            if continuous:
+                chunk["usage"] = _usage(i + 1)
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        if include_usage:
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                     "usage": _usage(out.tokens)}  # fmt: skip
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
         yield b"data: [DONE]\n\n"
         await asyncio.sleep(linger)

@@ -183,6 +183,8 @@ def engine_command(
         # left free to pad it with whitespace until its tokens run out.
         "--structured-outputs-config.backend", "xgrammar",
         "--structured-outputs-config.disable_any_whitespace", "true",
+        # Usage as billed: the prompt's tokens served from the prefix cache (`cached_tokens`).
+        "--enable-prompt-tokens-details",
         *extra_args,
     ]  # fmt: skip
 

@@ -46,6 +46,17 @@ SCHEMA = (
     Key("apikey:<sha256(key)>", "hash", CONTROL_PLANE, "`ApiKey`: tenant_id, prefix, created_at (keys only hashed)"),
     Key("keyprefix:<prefix>", "string", CONTROL_PLANE, "sha256(key), to revoke a key by its public prefix"),
     Key("tenant:<tid>:keys", "set", CONTROL_PLANE, "the tenant's key prefixes"),
+    Key(
+        "usage:<tid>:<kind>:<width>:<start>",
+        "hash",
+        DATA_PLANE,
+        "a usage bucket: `<model>\\t<aid>` -> `<input> <output> <cached> <requests>` tokens (expires)",
+    ),
+    Key("usage:tenants:<width>:<start>", "set", DATA_PLANE, "tenants with usage in that hour or day (expires)"),
+    Key("usage:batch:<id>", "string", DATA_PLANE, "a usage batch applied: each is counted once (expires in 24 h)"),
+    Key("ratelimit:<tid>:<dimension>", "hash", DATA_PLANE, "a per-minute limit's token bucket: level, at (expires)"),
+    Key("ratelimit:<tid>:slots", "hash", DATA_PLANE, "data plane replica -> concurrency slots it holds"),
+    Key("dataplane:<replica>", "string", DATA_PLANE, "a data plane replica's beat, for its slots (expires)"),
 )
 
 # Channels (published by the control plane; see `messages`).
@@ -109,3 +120,27 @@ def apikey(key_hash: str) -> str:
 
 def keyprefix(prefix: str) -> str:
     return PREFIX + "keyprefix:" + prefix
+
+
+def rate_bucket(tenant_id: str, dimension: str) -> str:
+    return f"{PREFIX}ratelimit:{tenant_id}:{dimension}"
+
+
+def rate_slots(tenant_id: str) -> str:
+    return f"{PREFIX}ratelimit:{tenant_id}:slots"
+
+
+def data_plane_beat(replica: str) -> str:
+    return PREFIX + "dataplane:" + replica
+
+
+def usage_bucket(tenant_id: str, kind: str, width: str, start: int) -> str:
+    return f"{PREFIX}usage:{tenant_id}:{kind}:{width}:{start}"
+
+
+def usage_tenants(width: str, start: int) -> str:
+    return f"{PREFIX}usage:tenants:{width}:{start}"
+
+
+def usage_batch(batch_id: str) -> str:
+    return PREFIX + "usage:batch:" + batch_id

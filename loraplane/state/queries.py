@@ -10,7 +10,7 @@ from dataclasses import replace
 import redis.asyncio as redis
 
 from loraplane.state import keys
-from loraplane.state.records import AdapterRecord, WorkerRecord
+from loraplane.state.records import AdapterRecord, Tenant, WorkerRecord
 
 
 async def read_workers(client: redis.Redis) -> list[WorkerRecord]:
@@ -46,12 +46,13 @@ async def _workers(client: redis.Redis, ids: set[str]) -> list[WorkerRecord]:
     return [WorkerRecord.from_json(r) for r in raws if r]
 
 
-async def key_tenant(client: redis.Redis, key_hash: str) -> tuple[str | None, bool]:
-    """The tenant id the key belongs to (None: no such key), and whether that tenant is suspended."""
+async def key_tenant(client: redis.Redis, key_hash: str) -> Tenant | None:
+    """The tenant the key belongs to (None: no such key, or no such tenant)."""
     tenant_id = await client.hget(keys.apikey(key_hash), "tenant_id")
     if tenant_id is None:
-        return None, False
-    return str(tenant_id), await client.hget(keys.tenant(str(tenant_id)), "suspended") == "1"
+        return None
+    h = await client.hgetall(keys.tenant(str(tenant_id)))
+    return Tenant.from_hash(h) if h else None
 
 
 async def adapter_named(client: redis.Redis, tenant_id: str, name: str) -> AdapterRecord | None:

@@ -111,6 +111,7 @@ async def dataplane(
     r = redis.Redis.from_url(url, decode_responses=True)
     await r.flushdb()
     await r.hset(keys.apikey(hashlib.sha256(KEY.encode()).hexdigest()), "tenant_id", "t1")
+    await r.hset(keys.tenant("t1"), mapping={"id": "t1", "name": "t1", "tier": "shared", "created_at": "0"})
     for worker_id, endpoint in workers.items():
         await r.set(keys.worker(worker_id), WorkerRecord(worker_id, "tiny-llama", endpoint, 8).to_json())
     await r.sadd(keys.WORKERS, *workers)
@@ -126,6 +127,7 @@ async def dataplane(
         controlplane_addr="127.0.0.1:9",
         upstream_timeout_s=upstream_timeout_s,
         cors_origins=cors_origins,
+        tier_rate_limits={},  # none
     )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -36,7 +36,7 @@ async def test_concurrent_requests_for_a_cold_adapter_place_it_once() -> None:
     routing.workers = (Worker("w1", "m", "http://w1", frozenset(), True),)
     cp = CountingControlPlane(routing)
     settings = Settings("127.0.0.1", 0, "", "", Path("."), "")
-    st = State(settings, None, None, routing, cp, None, {}, {}, Metrics())  # type: ignore[arg-type]
+    st = State(settings, None, None, routing, cp, None, {}, {}, Metrics(), None, None)  # type: ignore[arg-type]
     target = Target(BaseModel("m", "chat", "", True, 64, 8), "adp_1")
     workers: list[Any] = await asyncio.gather(*(worker_for(st, target, "key") for _ in range(20)))
     assert {w.id for w in workers} == {"w1"}
