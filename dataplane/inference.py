@@ -238,8 +238,8 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
             st.metrics.tokens.inc(target.base.name, tenant.tier, "input", by=used.input_tokens)
             st.metrics.tokens.inc(target.base.name, tenant.tier, "output", by=used.output_tokens)
             st.metrics.metered.inc(target.base.name, tenant.tier)
-        if admission is not None:
-            admission.settle(None if used is None else used.input_tokens + used.output_tokens)
+        if admission is not None:  # no usage: no answer (an error, or nothing generated yet)
+            admission.settle(0 if used is None else used.input_tokens + used.output_tokens)
 
 
 # Where a stream's usage is asked of the worker in every event (`continuous_usage_stats`).

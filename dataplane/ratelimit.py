@@ -346,14 +346,12 @@ class Admission:
     def headers(self) -> list[tuple[bytes, bytes]]:
         return self._limiter.headers(self._tenant)
 
-    def settle(self, used_tokens: int | None) -> None:
-        """The answer is done: its slot is free; its tokens, `used_tokens` (None: unknown, the
-        estimate stands), replace the estimate."""
+    def settle(self, used_tokens: int) -> None:
+        """The answer is done: its slot is free; the tokens it used replace the estimate."""
         if self._done:
             return
         self._done = True
-        back = 0.0 if used_tokens is None else float(self._charged - used_tokens)
-        self._limiter.release(self._tenant_id, self._tenant, back)
+        self._limiter.release(self._tenant_id, self._tenant, float(self._charged - used_tokens))
 
 
 def estimate(body: dict[str, Any], prompt_param: str, completion_default: int) -> int:

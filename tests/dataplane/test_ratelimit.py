@@ -28,7 +28,7 @@ async def client(redis_server: RedisServer) -> AsyncIterator[redis.Redis]:
 
 async def admitted(limiter: Limiter, tenant: str, limits: RateLimits, tokens: int = 1) -> bool:
     try:
-        (await limiter.admit(tenant, limits, tokens)).settle(None)
+        (await limiter.admit(tenant, limits, tokens)).settle(tokens)
     except RateLimited:
         return False
     return True
