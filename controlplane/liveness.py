@@ -14,7 +14,7 @@ import redis.asyncio as redis
 
 from controlplane import telemetry
 from controlplane.peers import Peers
-from controlplane.sessions import ACTIVITY_REFRESH_S, Sessions
+from controlplane.sessions import ACTIVITY_REFRESH_S, ACTIVITY_TTL_S, Sessions
 from controlplane.store import Store
 from loraplane.state.records import WorkerRecord
 
@@ -22,10 +22,14 @@ log = logging.getLogger(__name__)
 
 
 class Liveness:
-    def __init__(self, store: Store, sessions: Sessions, peers: Peers) -> None:
+    """`grace_s`: how long after this replica starts the agents of its previous life may take to
+    come back (see `reconnecting`)."""
+
+    def __init__(self, store: Store, sessions: Sessions, peers: Peers, grace_s: float = ACTIVITY_TTL_S) -> None:
         self._store = store
         self._sessions = sessions
         self._peers = peers
+        self._patient_until = time.monotonic() + grace_s
         self._epoch = ""
         # False once Redis was seen empty (when this process started, or since): its records
         # then say nothing about which bytes are unused, and no orphan sweep may trust them.
@@ -61,7 +65,7 @@ class Liveness:
                         await self._sessions.report(session, session.record.resident, healthy=False, seen=False)
                 if time.monotonic() - swept > ACTIVITY_REFRESH_S:
                     swept = time.monotonic()
-                    await self.sweep()
+                    await self.sweep(spare=self.reconnecting)
             except redis.RedisError as err:  # Redis is away: try again next round
                 telemetry.REDIS_UP.set("controlplane", value=0)
                 log.warning("watching the workers: Redis is unreachable: %s", err)
@@ -71,10 +75,10 @@ class Liveness:
         life (or by a replica that is gone) whose engines do not answer leave routing now, not
         ACTIVITY_TTL_S later (everything restarted: no engine is up yet). One whose engine
         answers keeps serving while its agent reconnects (this replica alone restarted); the
-        periodic sweep judges it if the agent does not come back. Redis away is no reason not to
-        start: the periodic sweep tries again."""
+        periodic sweep judges it if the agent does not come back (`reconnecting`). Redis away is
+        no reason not to start: the periodic sweep tries again."""
         try:
-            marked = await self.sweep(spare=engines_answering)
+            marked = await self.sweep(spare=self.reconnecting)
         except redis.RedisError as err:
             log.warning("releasing the workers of a previous run: Redis is unreachable: %s", err)
             return
@@ -104,6 +108,23 @@ class Liveness:
         for wid in marked:
             log.warning("worker %s: no agent connected anywhere since its last heartbeat; out of routing", wid)
         return marked
+
+    async def reconnecting(self, workers: list[WorkerRecord]) -> set[str]:
+        """Of these workers (no live replica vouches for them), those whose agents may still be
+        on their way back, left in routing: the engine answers, and the agent was last heard of
+        less than ACTIVITY_TTL_S ago (its activity record has not expired) or this replica
+        started less than `grace_s` ago.
+
+        An agent retries with a jittered backoff (up to 7.5 s between tries, its gRPC channel's
+        own besides), so it may register again more than ACTIVITY_REFRESH_S after its replica is
+        back, or after another replica's sweep finds its replica dead. Judged at that sweep, its
+        worker left routing and the data planes had its adapters loaded on another worker for
+        nothing (test_faults' control plane kill: an agent back 10 s after the restart, one
+        adapter loaded again)."""
+        if time.monotonic() >= self._patient_until:
+            activity = await self._store.activity([w.id for w in workers])
+            workers = [w for w in workers if w.id in activity]
+        return await engines_answering(workers) if workers else set()
 
     async def _live_peers(self, addrs: set[str]) -> set[str]:
         """The replicas among `addrs`, other than this one, that answer their health check; asked

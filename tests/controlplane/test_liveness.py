@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import redis.asyncio as redis
 
 from controlplane.liveness import Liveness
@@ -90,6 +92,63 @@ async def test_a_starting_control_plane_releases_the_workers_of_its_previous_lif
         finally:
             await cp.stop(0)
     finally:
+        engine.terminate()
+        engine.wait(10)
+
+
+async def gone(store: Store, worker_id: str, within_s: float = 5.0) -> None:
+    """Until the worker is out of routing."""
+    async with asyncio.timeout(within_s):
+        while (w := await store.get_worker(worker_id)) is None or w.healthy:
+            await asyncio.sleep(0.05)
+
+
+async def test_a_restarted_replica_waits_for_agents_on_their_way_back(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This replica restarted alone: its agents retry with backoff and may register again after
+    its first periodic sweep (CI saw one back 10 s after the restart). That sweep leaves a worker
+    whose engine answers in routing, else the data planes have its adapters loaded on another
+    worker for nothing; one whose engine does not answer leaves."""
+    monkeypatch.setattr("controlplane.liveness.ACTIVITY_REFRESH_S", 0.0)  # a periodic sweep every round
+    engine, url, _ = start_simulator("tiny-llama")
+    peers = Peers("t" * 32, 5)
+    try:
+        for wid, endpoint in (("w-up", url), ("w-down", "http://127.0.0.1:1")):
+            await store.put_worker(replace(healthy(wid, "cp-me"), endpoint=endpoint))
+            await store.put_activity(wid, Activity(owner="cp-me"), ACTIVITY_TTL_S)
+        watch = asyncio.create_task(Liveness(store, Sessions(store, "cp-me", 5, 10), peers).watch(3, every_s=0.05))
+        try:
+            await gone(store, "w-down")  # a periodic sweep ran: it judged both
+            await asyncio.sleep(0.5)  # and a few more
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        assert {w.id: w.healthy for w in await store.list_workers()} == {"w-up": True, "w-down": False}
+    finally:
+        await peers.close()
+        engine.terminate()
+        engine.wait(10)
+
+
+async def test_an_agent_is_waited_for_only_while_it_was_heard_of(store: Store) -> None:
+    """Past a replica's start (or for a dead replica's workers): a worker whose engine answers
+    stays while its agent was heard of within ACTIVITY_TTL_S (its activity record has not
+    expired); one whose agent is long gone leaves, as does one whose engine does not answer."""
+    engine, url, _ = start_simulator("tiny-llama")
+    peers = Peers("t" * 32, 5)
+    try:
+        for wid, endpoint, heard in (("w-heard", url, True), ("w-long-gone", url, False),
+                                     ("w-engine-down", "http://127.0.0.1:1", True)):  # fmt: skip
+            await store.put_worker(replace(healthy(wid, "127.0.0.1:1"), endpoint=endpoint))
+            if heard:
+                await store.put_activity(wid, Activity(owner="127.0.0.1:1"), ACTIVITY_TTL_S)
+        liveness = Liveness(store, Sessions(store, "cp-me", 5, 10), peers, grace_s=0)
+        assert sorted(await liveness.sweep(spare=liveness.reconnecting)) == ["w-engine-down", "w-long-gone"]
+        assert [w.id for w in await store.list_workers() if w.healthy] == ["w-heard"]
+    finally:
+        await peers.close()
         engine.terminate()
         engine.wait(10)
 
