@@ -203,8 +203,6 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     wanted = ask_for_usage(body) if path in STREAM_USAGE else shape.CONTINUOUS_USAGE
     key = bearer(authorization)
     admission = await admit(st, tenant, body, path)
-    if admission is not None:
-        send = with_headers(send, admission.headers())
     seen = Seen()
 
     # From here a client that leaves cancels this task, and so the upstream request.
@@ -212,7 +210,8 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     assert task is not None
     departure = Departure(task)
     watcher = asyncio.create_task(departure.watch(receive))
-    reply = Reply(client_model, departure.guarded(send), forced, seen, wanted)
+    limit_headers = admission.headers() if admission is not None else []
+    reply = Reply(client_model, departure.guarded(send), forced, seen, wanted, limit_headers)
     try:
         worker = await worker_for(st, target, key)
         scope[access.WORKER] = worker.id
@@ -273,27 +272,18 @@ async def admit(st: State, tenant: Tenant, body: dict[str, Any], path: str) -> A
         raise RateLimitExceeded(err.message, err.retry_after_s, err.headers) from None
 
 
-def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
-    """`send`, with these headers added to the answer's."""
-
-    async def sending(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), *extra]}
-        await send(message)
-
-    return sending
-
-
 @dataclass(frozen=True)
 class Reply:
     """How an answer goes back: `model` as the client sent it, through `send`; a forced tool
-    call's answer made the call; the usage noted in `seen`, of it what the client `wanted`."""
+    call's answer made the call; the usage noted in `seen`, of it what the client `wanted`; with
+    the tenant's rate-limit `headers`."""
 
     model: str
     send: Send
     forced: tools.Forced | None
     seen: Seen
     wanted: int
+    headers: list[tuple[bytes, bytes]]
 
 
 class Departure:
@@ -360,6 +350,7 @@ async def _relay(upstream: UpstreamResponse, reply: Reply, timeout: float) -> in
     SSE line by line as it arrives.
     Unreachable while nothing was sent: a stream's worker that fails before its first byte."""
     headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != access.HEADER]
+    headers += reply.headers
     send, model = reply.send, reply.model
     if not upstream.header(b"content-type").startswith(b"text/event-stream"):
         content = shape.body(await upstream.read(timeout), model, reply.seen)

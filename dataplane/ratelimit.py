@@ -273,8 +273,8 @@ class Limiter:
         bucket.level, bucket.wait_s = local.level, local.wait_s
 
     async def _slots(self, tenant_id: str, t: Tenant) -> None:
-        """Another concurrency slot (and one spare) for this replica, if the tenant has one free."""
-        want = 1 + min(2, t.limits.concurrency // 8)
+        """Another concurrency slot (and a few spare) for this replica, if the tenant has one free."""
+        want = self._slots_wanted(t)
         if not self.redis_down.open:
             try:
                 granted = await self._acquire(
@@ -288,6 +288,11 @@ class Limiter:
                 t.slots += int(granted)
                 return
         t.slots = max(t.slots, t.limits.concurrency)  # alone: the whole limit here
+
+    @staticmethod
+    def _slots_wanted(t: Tenant) -> int:
+        """Slots asked for at a time: one, and spares where the limit is large enough to share."""
+        return 1 + min(2, t.limits.concurrency // 8)
 
     def release(self, tenant_id: str, t: Tenant, tokens_back: float) -> None:
         t.in_flight -= 1
@@ -328,7 +333,8 @@ class Limiter:
     async def _return(self) -> None:
         now = time.monotonic()
         for tenant_id, t in list(self._tenants.items()):
-            spare = t.slots - t.in_flight - (1 if now - t.used_at < 1.0 else 0)
+            # Slots beyond one lease's worth of headroom go back; all of them once it is idle.
+            spare = t.slots - t.in_flight - (self._slots_wanted(t) if now - t.used_at < 1.0 else 0)
             if spare > 0 and t.limits.concurrency:
                 t.slots -= spare
                 await self._r.hincrby(keys.rate_slots(tenant_id), self.replica, -spare)
