@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dataplane.upstream import Pool  # noqa: E402
-from loraplane.limits import RATE_VARS  # noqa: E402
 from loraplane.controlplane.v1 import tenant_pb2  # noqa: E402
+from loraplane.limits import RATE_VARS  # noqa: E402
 from loraplane.stack import Stack, StackConfig, http_ok, wait_until  # noqa: E402
 from tests.support import free_port, lora_tensors, safetensors_bytes  # noqa: E402
 
@@ -223,10 +223,13 @@ def before_tree(rev: str, tmp: Path) -> Path:
 LIMITS_ON = tuple((name, "1000000000") for name in RATE_VARS)
 
 
-def start_before(stack: Stack, tree: Path, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """The `before` tree's data plane, on the same stack as the current one."""
+def start_before(stack: Stack, tree: Path, log_dir: Path, limits: bool = True) -> tuple[subprocess.Popen[bytes], str]:
+    """The `before` tree's data plane, on the same stack as the current one (`limits` False: with
+    no tier's rate limits, so that the cost of limits is measured side by side)."""
     port = free_port()
     env = stack.env() | {"LORAPLANE_HTTP_PORT": str(port), "PYTHONPATH": str(tree)}
+    if not limits:
+        env |= dict.fromkeys(RATE_VARS, "0")
     where = subprocess.run([sys.executable, "-c", "import dataplane; print(dataplane.__file__)"], env=env, cwd=tree,
                            check=True, capture_output=True, text=True).stdout  # fmt: skip
     assert where.startswith(str(tree)), f"the before data plane would run {where}"
@@ -271,6 +274,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per concurrency level")
     ap.add_argument("--rounds", type=int, default=2, help="concurrency sweeps per data plane")
     ap.add_argument("--before", default=BEFORE, help="a revision whose data plane runs next to this one ('': none)")
+    ap.add_argument("--before-without-limits", action="store_true",
+                    help="the before data plane without rate limits (--before HEAD: limits on vs off)")  # fmt: skip
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sim_port = free_port()
@@ -286,7 +291,8 @@ def main() -> None:
             stack.start()
             planes = [Plane("after", stack.http_url, stack.procs["dataplane"].pid)]
             if args.before:
-                before, url = start_before(stack, before_tree(args.before, Path(tmp)), Path(tmp) / "logs")
+                tree = before_tree(args.before, Path(tmp))
+                before, url = start_before(stack, tree, Path(tmp) / "logs", limits=not args.before_without_limits)
                 planes.insert(0, Plane("before", url, before.pid))
             key = stack.operator().create_tenant("bench", tenant_pb2.TIER_RESERVED).api_key
             import httpx

@@ -94,6 +94,10 @@ return granted
 """
 
 
+REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
 class RateLimited(Exception):
     def __init__(self, reason: str, message: str, retry_after_s: float, headers: list[tuple[bytes, bytes]]) -> None:
         super().__init__(message)
@@ -128,12 +132,14 @@ class Bucket:
     def slice(self) -> float:
         return max(1.0, self.rate * LEASE_S)
 
-    def remaining(self) -> int:
-        return max(0, int(self.held + max(self.level, 0.0)))
+    @property
+    def limit_header(self) -> bytes:
+        return b"%d" % self.limit
 
-    def reset_s(self) -> float:
-        """Until the bucket is full again, as OpenAI's `x-ratelimit-reset-*` headers say."""
-        return max(0.0, (self.capacity - self.remaining()) / self.rate)
+    def remaining(self) -> int:
+        """What the tenant may still send now, as far as this replica knows: what it holds and
+        what the shared bucket held at its last lease. (The reset header: until it is full.)"""
+        return max(0, int(self.held + max(self.level, 0.0)))
 
 
 class Local:
@@ -237,13 +243,12 @@ class Limiter:
     def headers(self, t: Tenant) -> list[tuple[bytes, bytes]]:
         """OpenAI's `x-ratelimit-*` headers for the per-minute limits the tenant has."""
         out = []
-        for name, bucket in (("requests", t.requests), ("tokens", t.tokens)):
+        for names, bucket in ((REQUEST_HEADERS, t.requests), (TOKEN_HEADERS, t.tokens)):
             if bucket is not None:
-                out += [
-                    (b"x-ratelimit-limit-" + name.encode(), str(bucket.limit).encode()),
-                    (b"x-ratelimit-remaining-" + name.encode(), str(bucket.remaining()).encode()),
-                    (b"x-ratelimit-reset-" + name.encode(), _duration(bucket.reset_s()).encode()),
-                ]
+                remaining = bucket.remaining()
+                reset = max(0.0, (bucket.capacity - remaining) / bucket.rate)
+                out += [(names[0], bucket.limit_header), (names[1], b"%d" % remaining),
+                        (names[2], _duration(reset).encode())]  # fmt: skip
         return out
 
     def _top_up(self, tenant_id: str, name: str, bucket: Bucket) -> None:
