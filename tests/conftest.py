@@ -11,8 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from loraplane.limits import RATE_VARS
 from loraplane.controlplane.v1 import adapter_pb2, adapter_pb2_grpc
+from loraplane.limits import RATE_VARS
 from loraplane.stack import Stack, StackConfig, WorkerSpec, vllm_args
 from tests.hubserver import HubServer
 from tests.support import FIGURES, RedisServer, free_port, start_simulator
