@@ -187,15 +187,12 @@ class Limiter:
 
     def _tenant(self, tenant_id: str, limits: RateLimits) -> Tenant:
         t = self._tenants.get(tenant_id)
-        if t is None or t.limits != limits:
-            t = Tenant(
-                limits,
-                Bucket(limits.rpm, self.burst_s) if limits.rpm else None,
-                Bucket(limits.tpm, self.burst_s) if limits.tpm else None,
-                in_flight=t.in_flight if t else 0,
-                slots=t.slots if t else 0,
-            )
-            self._tenants[tenant_id] = t
+        if t is None:
+            t = self._tenants[tenant_id] = Tenant(limits, None, None)
+        if t.limits != limits or (t.requests is None and t.tokens is None):  # new, or its limits changed:
+            t.limits = limits  # the same record (its admissions in flight release into it), new buckets
+            t.requests = Bucket(limits.rpm, self.burst_s) if limits.rpm else None
+            t.tokens = Bucket(limits.tpm, self.burst_s) if limits.tpm else None
         t.used_at = time.monotonic()
         return t
 
@@ -215,10 +212,9 @@ class Limiter:
             if bucket is not None and bucket.held < cost:
                 await self._lease(tenant_id, name, bucket, cost - bucket.held)
                 if bucket.held < cost:
-                    per = "requests" if name == "requests" else "tokens"
                     raise RateLimited(
                         name,
-                        f"Rate limit reached for {per} per minute: limit {bucket.limit}. "
+                        f"Rate limit reached for {name} per minute: limit {bucket.limit}. "
                         f"Please try again in {_duration(bucket.wait_s)}.",
                         bucket.wait_s,
                         self.headers(t),

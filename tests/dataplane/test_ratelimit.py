@@ -110,3 +110,14 @@ def test_the_estimate_is_the_prompt_and_the_most_it_may_generate() -> None:
     assert estimate(chat, "messages", 256) == (400 + 16) // 4 + 2 * 50
     assert estimate({"prompt": "abcd"}, "prompt", 256) == 1 + 256
     assert estimate({"input": ["ab", "cd"]}, "input", 0) == 1
+
+
+async def test_a_change_of_limits_keeps_the_requests_in_flight_counted(client: redis.Redis) -> None:
+    """Limits changed while requests run: those requests free their slots when they end."""
+    limiter = Limiter(client)
+    await client.set(keys.data_plane_beat(limiter.replica), "1", ex=10)
+    running = await limiter.admit("t1", RateLimits(concurrency=1), 1)
+    with pytest.raises(RateLimited):
+        await limiter.admit("t1", RateLimits(concurrency=1, rpm=600), 1)  # the new limits: still one in flight
+    running.settle(1)
+    assert await admitted(limiter, "t1", RateLimits(concurrency=1, rpm=600))
