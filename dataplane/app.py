@@ -124,10 +124,7 @@ async def get_usage(request: Request) -> Response:
     completions, Responses) and `/v1/usage/embeddings`; never another tenant's."""
     st = _state(request)
     tenant_id = await _tenant(request)
-    kind = request.path_params["kind"]
-    if kind not in usage.KINDS:
-        raise errors.NotFound(f"no usage of {kind!r}; there is /v1/usage/completions and /v1/usage/embeddings",
-                              code=None)  # fmt: skip
+    kind = request.url.path.rpartition("/")[2]
     try:
         query = usage.parse_query(kind, dict(request.query_params), time.time())
     except usage.QueryError as err:
@@ -280,7 +277,7 @@ class DataPlane:
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model}", get_model, methods=["GET"]),
-            Route("/v1/usage/{kind}", get_usage, methods=["GET"]),
+            *(Route(f"/v1/usage/{kind}", get_usage, methods=["GET"]) for kind in usage.KINDS),
             Route("/v1/adapters/upload", upload, methods=["POST"]),
             Route("/v1/adapters", by_method(GET=list_adapters, POST=create_adapter), methods=["GET", "POST"]),
             Route("/v1/adapters/{adapter_id}", by_method(GET=get_adapter, DELETE=delete_adapter),

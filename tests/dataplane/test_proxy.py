@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -117,6 +118,27 @@ def test_embeddings_go_to_an_embedding_models_worker(sim_stack: SimStack, tenant
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     r = chat(sim_stack, tenant, model="tiny-embed")
     assert r.status_code == 400 and "not a chat model" in r.json()["error"]["message"]
+
+
+def test_embeddings_are_metered_apart(sim_stack: SimStack) -> None:
+    """Embeddings count in /v1/usage/embeddings (input tokens and requests), not with completions."""
+    headers = {"Authorization": f"Bearer {new_tenant(sim_stack.stack, 'embed-metered')}"}
+    since = int(time.time()) - 60
+    r = httpx.post(sim_stack.stack.http_url + "/v1/embeddings", headers=headers,
+                   json={"model": "tiny-embed", "input": ["a", "bb", "ccc"]})  # fmt: skip
+    reported = r.json()["usage"]["prompt_tokens"]
+
+    def results(kind: str) -> list[dict[str, Any]]:
+        page = httpx.get(sim_stack.stack.http_url + f"/v1/usage/{kind}", headers=headers,
+                         params={"start_time": since, "bucket_width": "1m", "group_by": "model"}).json()  # fmt: skip
+        return [result for bucket in page["data"] for result in bucket["results"]]
+
+    wait_for(lambda: bool(results("embeddings")), 10, "embeddings usage is not recorded")
+    (result,) = results("embeddings")
+    assert result["object"] == "organization.usage.embeddings.result"
+    assert (result["model"], result["input_tokens"], result["num_model_requests"]) == ("tiny-embed", reported, 1)
+    assert results("completions") == []
+    assert httpx.get(sim_stack.stack.http_url + "/v1/usage/images", headers=headers).status_code == 404
 
 
 def test_models_list_the_base_models_and_the_tenants_ready_adapters(
