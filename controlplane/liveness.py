@@ -54,8 +54,11 @@ class Liveness:
         """A worker whose agent stops sending heartbeats leaves the routing table within seconds;
         Redis coming back empty is noticed within seconds too."""
         swept = time.monotonic()
+        me = asyncio.current_task()
         while True:
             await asyncio.sleep(every_s)
+            if me is not None and me.cancelling():  # cancelled, and a callee swallowed it: stop anyway
+                raise asyncio.CancelledError
             try:
                 await self.check_epoch()
                 telemetry.REDIS_UP.set("controlplane", value=1)

@@ -14,7 +14,7 @@ from tests.support import RedisServer, health_server
 @pytest.fixture
 async def store(redis_server: RedisServer) -> AsyncIterator[Store]:
     """A Store on an emptied Redis database."""
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=10)
     await client.flushdb()
     yield Store(client)
     await client.aclose()
