@@ -247,7 +247,7 @@ def test_usage_is_what_the_real_worker_reported(
     greedy stream that did not (its usage never reaches the client, and is still counted), a
     text completion; the usage API's totals are the sum, token for token (cached tokens: at least
     what the client saw; the silent stream's it cannot know)."""
-    key = new_tenant(full_stack, "metered")
+    key = new_tenant(full_stack, "usage-metered")
     assert upload(full_stack, key, "u1", (adapters["a"] / "adapter_model.safetensors").read_bytes()).status_code == 201
     client = openai_client(key)
     since = int(time.time())
