@@ -9,24 +9,20 @@ from typing import Any
 
 from loraplane import config, limits
 from loraplane.config import ConfigError, derived, var
-from loraplane.limits import MAX_ADAPTER_BYTES, RateLimits
+from loraplane.limits import MAX_ADAPTER_BYTES, RateLimits, tier_var
 from loraplane.s3 import BUCKET_ENV, STORE, S3Settings, bucket_from_env
 
 TIER_LIMITS = {"shared": 20, "reserved": 200, "dedicated": 200}  # adapters per tenant
 ARTIFACT_DIR = "LORAPLANE_ARTIFACT_DIR"
 
 
-def _tier_var(tier: str, what: str) -> str:
-    return f"LORAPLANE_TIER_{tier.upper()}_{what}"
-
-
 def _tier_limits(environ: Mapping[str, str], _: Mapping[str, Any]) -> dict[str, int]:
-    return {t: config.get(environ, _tier_var(t, "MAX_ADAPTERS"), int, n) for t, n in TIER_LIMITS.items()}
+    return {t: config.get(environ, tier_var(t, "MAX_ADAPTERS"), int, n) for t, n in TIER_LIMITS.items()}
 
 
 def _tier_max_bytes(environ: Mapping[str, str], values: Mapping[str, Any]) -> dict[str, int]:
     default: int = values["max_adapter_bytes"]
-    return {t: config.get(environ, _tier_var(t, "MAX_BYTES"), int, default) for t in TIER_LIMITS}
+    return {t: config.get(environ, tier_var(t, "MAX_BYTES"), int, default) for t in TIER_LIMITS}
 
 
 def _advertise_addr(environ: Mapping[str, str], values: Mapping[str, Any]) -> str:
@@ -64,11 +60,11 @@ class Settings:
     max_adapter_bytes: int = field(default=MAX_ADAPTER_BYTES, metadata=var("LORAPLANE_MAX_ADAPTER_BYTES"))
     tier_limits: Mapping[str, int] = field(
         default_factory=lambda: dict(TIER_LIMITS),
-        metadata=derived([_tier_var(t, "MAX_ADAPTERS") for t in TIER_LIMITS], _tier_limits),
+        metadata=derived([tier_var(t, "MAX_ADAPTERS") for t in TIER_LIMITS], _tier_limits),
     )
     tier_max_bytes: Mapping[str, int] = field(
         default_factory=lambda: dict.fromkeys(TIER_LIMITS, MAX_ADAPTER_BYTES),
-        metadata=derived([_tier_var(t, "MAX_BYTES") for t in TIER_LIMITS], _tier_max_bytes),
+        metadata=derived([tier_var(t, "MAX_BYTES") for t in TIER_LIMITS], _tier_max_bytes),
     )
     # shown to operators (the data planes enforce them)
     tier_rate_limits: Mapping[str, RateLimits] = field(

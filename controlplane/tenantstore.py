@@ -10,7 +10,7 @@ import redis.asyncio as redis
 
 from controlplane.errors import AlreadyExists, NotFound
 from loraplane.limits import RateLimits
-from loraplane.state import keys
+from loraplane.state import keys, queries
 from loraplane.state.messages import KeyChanged, TenantChanged
 from loraplane.state.records import ApiKey, Tenant, limits_to_json
 
@@ -63,8 +63,7 @@ class TenantStore:
         return sorted((t for t in tenants if t), key=lambda t: t.name)
 
     async def for_key(self, key_hash: str) -> Tenant | None:
-        tid = await self.r.hget(keys.apikey(key_hash), "tenant_id")
-        return await self.get(str(tid)) if tid else None
+        return await queries.key_tenant(self.r, key_hash)
 
     async def set_tier(self, tenant_id: str, tier: str) -> Tenant:
         await self.require(tenant_id)

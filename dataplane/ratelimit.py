@@ -341,6 +341,8 @@ class Limiter:
                 await self._r.hincrby(keys.rate_slots(tenant_id), self.replica, -spare)
             if not t.in_flight and not t.slots and now - t.used_at > 60:
                 del self._tenants[tenant_id]
+                for name in ("requests", "tokens"):
+                    self._local.pop((tenant_id, name), None)
 
 
 class Admission:
