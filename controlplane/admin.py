@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import time
 
-from controlplane.errors import BadRequest, Context, NotFound, grpc_errors
+from controlplane.errors import BadRequest, Context, FailedPrecondition, NotFound, grpc_errors
 from controlplane.keys import key_hash, key_prefix, new_api_key, new_id
 from controlplane.placer import Placer
 from controlplane.service import Auth, timestamp
 from controlplane.settings import Settings
 from controlplane.store import Store
+from controlplane.tenantstore import UNCHANGED
 from loraplane.controlplane.v1 import admin_pb2 as adpb
 from loraplane.controlplane.v1 import admin_pb2_grpc, tenant_pb2_grpc
 from loraplane.controlplane.v1 import tenant_pb2 as tpb
@@ -52,12 +53,16 @@ def usage_row(row: usage.Row) -> tpb.UsageRow:
 class TenantService(tenant_pb2_grpc.TenantServiceServicer):
     def __init__(self, settings: Settings, store: Store, auth: Auth) -> None:
         self._settings = settings
+        self._store = store
         self._tenants = store.tenants
         self._redis = store.r
         self._auth = auth
 
-    def _message(self, t: Tenant) -> tpb.Tenant:
+    async def _message(self, t: Tenant, pools: dict[str, str] | None = None) -> tpb.Tenant:
+        """`pools`: worker id -> its pool's tenant, when the caller read them already."""
         limits = t.rate_limits(self._settings.tier_rate_limits)
+        pools = await self._store.pools() if pools is None else pools
+        pool = sorted(w for w, owner in pools.items() if owner == t.id)
         return tpb.Tenant(
             id=t.id,
             name=t.name,
@@ -67,6 +72,11 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
             suspended=t.suspended,
             limits=tpb.RateLimits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency),
             own_limits=t.limits is not None,
+            pinned_slots=t.pin_allowance(self._settings.tier_pinned_slots),
+            own_pinned_slots=t.pinned_slots is not None,
+            spill_over=t.spill,
+            pool_worker_ids=pool,
+            pinned_adapter_ids=await self._store.tenant_pinned(t.id),
         )
 
     @grpc_errors
@@ -79,26 +89,33 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
         key = new_api_key()
         await self._tenants.create(tenant, key_hash(key), key_prefix(key))
         log.info("created tenant %s (%s)", tenant.id, tier)
-        return tpb.CreateTenantResponse(tenant=self._message(tenant), api_key=key)
+        return tpb.CreateTenantResponse(tenant=await self._message(tenant), api_key=key)
 
     @grpc_errors
     async def ListTenants(self, request: tpb.ListTenantsRequest, context: Context) -> tpb.ListTenantsResponse:
         self._auth.operator(context)
-        return tpb.ListTenantsResponse(tenants=[self._message(t) for t in await self._tenants.all()])
+        pools = await self._store.pools()
+        return tpb.ListTenantsResponse(tenants=[await self._message(t, pools) for t in await self._tenants.all()])
 
     @grpc_errors
     async def SetTenantTier(self, request: tpb.SetTenantTierRequest, context: Context) -> tpb.SetTenantTierResponse:
         self._auth.operator(context)
-        tenant = await self._tenants.set_tier(request.tenant_id, tier_name(request.tier))
+        tier = tier_name(request.tier)
+        pool = [w for w, owner in (await self._store.pools()).items() if owner == request.tenant_id]
+        if pool and tier != "dedicated":
+            raise FailedPrecondition(
+                f"the tenant has {len(pool)} dedicated worker(s) ({', '.join(sorted(pool))}): unassign them first"
+            )
+        tenant = await self._tenants.set_tier(request.tenant_id, tier)
         log.info("tenant %s is now %s", tenant.id, tenant.tier)
-        return tpb.SetTenantTierResponse(tenant=self._message(tenant))
+        return tpb.SetTenantTierResponse(tenant=await self._message(tenant))
 
     @grpc_errors
     async def SuspendTenant(self, request: tpb.SuspendTenantRequest, context: Context) -> tpb.SuspendTenantResponse:
         self._auth.operator(context)
         tenant = await self._tenants.set_suspended(request.tenant_id, True)
         log.info("tenant %s suspended", tenant.id)
-        return tpb.SuspendTenantResponse(tenant=self._message(tenant))
+        return tpb.SuspendTenantResponse(tenant=await self._message(tenant))
 
     @grpc_errors
     async def UnsuspendTenant(
@@ -107,7 +124,7 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
         self._auth.operator(context)
         tenant = await self._tenants.set_suspended(request.tenant_id, False)
         log.info("tenant %s unsuspended", tenant.id)
-        return tpb.UnsuspendTenantResponse(tenant=self._message(tenant))
+        return tpb.UnsuspendTenantResponse(tenant=await self._message(tenant))
 
     @grpc_errors
     async def CreateApiKey(self, request: tpb.CreateApiKeyRequest, context: Context) -> tpb.CreateApiKeyResponse:
@@ -143,7 +160,24 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
         limits = None if request.tier_default else rate_limits(request.limits)
         tenant = await self._tenants.set_limits(request.tenant_id, limits)
         log.info("tenant %s rate limits: %s", tenant.id, limits or f"its tier's ({tenant.tier})")
-        return tpb.SetTenantLimitsResponse(tenant=self._message(tenant))
+        return tpb.SetTenantLimitsResponse(tenant=await self._message(tenant))
+
+    @grpc_errors
+    async def SetTenantCapacity(
+        self, request: tpb.SetTenantCapacityRequest, context: Context
+    ) -> tpb.SetTenantCapacityResponse:
+        self._auth.operator(context)
+        has_slots = request.HasField("pinned_slots")
+        if has_slots and request.pinned_slots_tier_default:
+            raise BadRequest("give pinned_slots or pinned_slots_tier_default, not both")
+        if has_slots and request.pinned_slots < 0:
+            raise BadRequest("pinned_slots must be 0 or more")
+        slots = request.pinned_slots if has_slots else None if request.pinned_slots_tier_default else UNCHANGED
+        spill = request.spill_over if request.HasField("spill_over") else None
+        tenant = await self._tenants.set_capacity(request.tenant_id, slots, spill)
+        log.info("tenant %s capacity: pinned slots %s, spill-over %s", tenant.id,
+                 tenant.pin_allowance(self._settings.tier_pinned_slots), tenant.spill)  # fmt: skip
+        return tpb.SetTenantCapacityResponse(tenant=await self._message(tenant))
 
     @grpc_errors
     async def ExportUsage(self, request: tpb.ExportUsageRequest, context: Context) -> tpb.ExportUsageResponse:
@@ -189,6 +223,30 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return adpb.UndrainWorkerResponse(worker_id=request.worker_id)
 
     @grpc_errors
+    async def AssignWorker(self, request: adpb.AssignWorkerRequest, context: Context) -> adpb.AssignWorkerResponse:
+        self._auth.operator(context)
+        tenant = await self._store.tenants.require(request.tenant_id)
+        if tenant.tier != "dedicated":
+            raise FailedPrecondition(
+                f"tenant {tenant.id} is in the {tenant.tier} tier: only a dedicated tenant has workers of its own "
+                "(set its tier to dedicated first)"
+            )
+        owner = (await self._store.pools()).get(request.worker_id, "")
+        if owner not in ("", tenant.id):
+            raise FailedPrecondition(f"worker {request.worker_id!r} is in tenant {owner}'s pool: unassign it first")
+        evicted = await self._placer.assign(request.worker_id, tenant.id)
+        return adpb.AssignWorkerResponse(worker_id=request.worker_id, tenant_id=tenant.id, evicted_adapter_ids=evicted)
+
+    @grpc_errors
+    async def UnassignWorker(
+        self, request: adpb.UnassignWorkerRequest, context: Context
+    ) -> adpb.UnassignWorkerResponse:
+        self._auth.operator(context)
+        was = (await self._store.pools()).get(request.worker_id, "")
+        await self._placer.assign(request.worker_id, "")
+        return adpb.UnassignWorkerResponse(worker_id=request.worker_id, tenant_id=was)
+
+    @grpc_errors
     async def ForceLoadAdapter(
         self, request: adpb.ForceLoadAdapterRequest, context: Context
     ) -> adpb.ForceLoadAdapterResponse:
@@ -215,6 +273,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> adpb.GetRoutingTableResponse:
         self._auth.operator(context)
         version, workers = await self._store.routing_table()
+        pinned = await self._store.pinned()
         return adpb.GetRoutingTableResponse(
             version=version,
             workers=[
@@ -225,6 +284,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                     adapter_ids=w.resident,
                     healthy=w.healthy,
                     draining=w.draining,
+                    pool_tenant_id=w.pool,
+                    pinned_adapter_ids=[a for a in w.resident if a in pinned],
+                    max_concurrency=w.max_concurrency,
                 )  # fmt: skip
                 for w in workers
             ],

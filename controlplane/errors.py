@@ -64,6 +64,14 @@ class QuotaExceeded(ControlPlaneError):
     http_status = 429
 
 
+class FailedPrecondition(ControlPlaneError):
+    """The request is well formed but the state does not allow it (e.g. an operator's forced
+    load onto another tenant's dedicated worker)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+
+
 class TooLarge(ControlPlaneError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 413

@@ -19,6 +19,7 @@ class WorkerView:
     draining: bool = False
     in_flight: int = 0  # requests running or waiting in its vLLM
     busy: frozenset[str] = frozenset()  # its adapters with requests in flight
+    pool: str = ""  # the tenant whose dedicated pool it is in; "": shared
 
     @property
     def used(self) -> int:
@@ -68,15 +69,21 @@ def decide(
     busy: frozenset[str] = frozenset(),
     avoid: frozenset[str] = frozenset(),
     replicate: bool = False,
+    pool: str = "",
+    pinned: frozenset[str] = frozenset(),
 ) -> Decision | None:
     """Where an adapter should be: resident > free slot on the least used worker > evict, on
     the least loaded worker, its least recently used idle adapter. Draining workers keep serving
     what they hold but take nothing new. None means no capacity right now.
 
-    `busy` holds adapters with requests in flight, which are never evicted; `avoid`, workers
-    not to use; `replicate` asks for a worker that does not hold the adapter yet.
+    Only workers of `pool` are considered: a tenant's dedicated pool (its id), or "" the shared
+    workers. `busy` holds adapters with requests in flight and `pinned` those their tenants
+    pinned: neither is ever evicted. `avoid`: workers not to use; `replicate` asks for a worker
+    that does not hold the adapter yet.
     """
-    candidates = [w for w in workers if w.healthy and w.base_model == base_model and w.id not in avoid]
+    candidates = [
+        w for w in workers if w.healthy and w.base_model == base_model and w.pool == pool and w.id not in avoid
+    ]
     if not replicate:
         for w in candidates:
             if adapter_id in w.resident:
@@ -88,7 +95,7 @@ def decide(
         return Decision(best.id, already_loaded=False)
     options = []
     for w in candidates:
-        idle = [a for a in w.resident - w.loading - w.evicting - w.busy if a not in busy]
+        idle = [a for a in w.resident - w.loading - w.evicting - w.busy if a not in busy and a not in pinned]
         if idle:
             victim = min(idle, key=lambda a: (last_used.get(a, 0.0), a))
             options.append((w.in_flight, last_used.get(victim, 0.0), w.id, victim))

@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import replace
 
-from controlplane.errors import LoadFailed, NoCapacity, NotFound
+import redis.asyncio as redis
+
+from controlplane.errors import ControlPlaneError, FailedPrecondition, LoadFailed, NoCapacity, NotFound
 from controlplane.peers import Peers
-from controlplane.placement import Placement, WorkerView, decide
+from controlplane.placement import Decision, Placement, WorkerView, decide
 from controlplane.sessions import AgentSession, Sessions, WorkerLoadFailed
 from controlplane.store import Store
 from loraplane.state.records import Activity, AdapterRecord
@@ -28,6 +31,7 @@ class Placer:
         self._peers = peers
         self._failed_hold = failed_hold_s
         self._placing: dict[tuple[object, ...], asyncio.Task[Placement]] = {}
+        self._unplaced: set[str] = set()  # pinned adapters the pin keeper could not place (warned once)
         self._decide = asyncio.Lock()
 
     async def place(
@@ -58,7 +62,7 @@ class Placer:
     ) -> list[str]:
         """Evict from every worker that holds it, or from the one named (the agent lets
         requests in flight finish first). Returns the workers it was evicted from."""
-        views, owners = await self._views()
+        views, owners, _ = await self._views()
         holders = [v.id for v in views if adapter_id in v.resident and worker_id in (None, v.id)]
         if forwarded:
             holders = [h for h in holders if h in self._sessions]
@@ -87,6 +91,67 @@ class Placer:
         await self._store.set_draining(worker_id, draining)
         await self._store.put_worker(replace(record, updated_at=time.time()))  # a new routing version
         log.info("worker %s %s", worker_id, "draining" if draining else "undrained")
+
+    async def assign(self, worker_id: str, tenant_id: str) -> list[str]:
+        """Put a worker in a tenant's dedicated pool ("": shared again). The other tenants'
+        adapters it holds leave it (requests in flight finish first); the ones it was to hold
+        are dropped from its desired state, so no reconcile loads them back. Returns the
+        adapters evicted."""
+        record = await self._store.get_worker(worker_id)
+        if record is None:
+            raise NotFound(f"worker {worker_id!r} does not exist")
+        await self._store.set_pool(record, tenant_id)
+        log.info("worker %s %s", worker_id, f"in tenant {tenant_id}'s pool" if tenant_id else "shared")
+        if not tenant_id:
+            return []
+        strangers = []
+        for adapter_id in sorted(await self._store.desired(worker_id) | set(record.resident)):
+            rec = await self._store.get_adapter(adapter_id)
+            if rec is not None and rec.tenant_id != tenant_id:
+                strangers.append(adapter_id)
+                await self._store.desire(worker_id, adapter_id, wanted=False)
+        evicted = []
+        for adapter_id in strangers:
+            if adapter_id in record.resident and await self.evict_everywhere(adapter_id, worker_id):
+                evicted.append(adapter_id)
+        return evicted
+
+    async def keep_pinned(self, every_s: float = 2.0) -> None:
+        """Pinned adapters stay loaded: one not resident on any serving worker (its worker lost,
+        or restarted and not reloaded yet) is placed again. One replica at a time does it."""
+        me = self._sessions.addr
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                if await self._store.lead(me, ttl_s=max(1, round(every_s * 3))):
+                    await self._place_pinned()
+            except (redis.RedisError, ControlPlaneError) as err:  # Redis or the store away: next round
+                log.warning("keeping pinned adapters loaded: %s", err)
+
+    async def _place_pinned(self) -> None:
+        pinned = await self._store.pinned()
+        if not pinned:
+            return
+        workers = await self._store.list_workers()
+        pooled = {(w.pool, w.base_model) for w in workers if w.pool}
+        # Held only where its tenant's requests go first: for a tenant with a pool, a copy on a
+        # shared worker does not count (placing it loads it into the pool, or finds it where
+        # it is while the pool is down and the tenant spills over).
+        held = {a for w in workers if w.healthy and w.owner for a in w.resident
+                if a in pinned and w.pool == _home(pinned[a], w.base_model, pooled)}  # fmt: skip
+        for adapter_id in sorted(set(pinned) - held):
+            rec = await self._store.get_adapter(adapter_id)
+            if rec is None or rec.status != "ready":
+                continue
+            try:
+                placed = await self.place(rec)
+                self._unplaced.discard(adapter_id)
+                log.info("pinned adapter %s placed again on %s", adapter_id, placed.worker_id)
+            except ControlPlaneError as err:  # said once until it is placed, not every round
+                (log.debug if adapter_id in self._unplaced else log.warning)(
+                    "pinned adapter %s is not resident and could not be placed: %s", adapter_id, err
+                )
+                self._unplaced.add(adapter_id)
 
     async def _place_anywhere(self, adapter: AdapterRecord, replicate: bool, avoid: frozenset[str]) -> Placement:
         """A load that fails is tried on another worker, waiting a little longer each time;
@@ -118,15 +183,18 @@ class Placer:
         log.warning("placing %s failed on every worker tried: %s", adapter.id, reason)
         raise LoadFailed(f"the adapter could not be loaded: {reason}")
 
-    async def _views(self) -> tuple[list[WorkerView], dict[str, str]]:
+    async def _views(self) -> tuple[list[WorkerView], dict[str, str], set[tuple[str, str]]]:
         """Every live worker: this replica's sessions as they are now, the others' from Redis;
-        and the replica that holds each of the others."""
+        the replica that holds each of the others; and the (tenant, base model) pairs of the
+        dedicated pools (of workers live or not): a tenant's pool holds its adapters of the base
+        models it has workers of; those of other models go to the shared workers."""
         views, owners = [], {}
         remote = []
-        for w in await self._store.list_workers():
+        records = await self._store.list_workers()
+        for w in records:
             session = self._sessions.get(w.id)
             if session is not None:
-                views.append(session.view(w.draining))
+                views.append(session.view(w.draining, w.pool))
             elif w.owner and w.owner != self._sessions.addr:
                 remote.append(w)
                 owners[w.id] = w.owner
@@ -134,8 +202,46 @@ class Placer:
         for w in remote:
             act = activity.get(w.id, Activity())
             views.append(WorkerView(w.id, w.base_model, w.healthy, w.max_adapters, frozenset(w.resident),
-                                    draining=w.draining, in_flight=act.in_flight, busy=act.busy))  # fmt: skip
-        return views, owners
+                                    draining=w.draining, in_flight=act.in_flight, busy=act.busy,
+                                    pool=w.pool))  # fmt: skip
+        return views, owners, {(w.pool, w.base_model) for w in records if w.pool}
+
+    async def _pools(self, adapter: AdapterRecord, pooled: set[tuple[str, str]]) -> list[str]:
+        """The pools the adapter may be placed in, in order: its tenant's dedicated pool if it has
+        one for its base model (then the shared workers, if the tenant may spill over), else the
+        shared workers."""
+        if (adapter.tenant_id, adapter.base_model) not in pooled:
+            return [""]
+        tenant = await self._store.tenants.get(adapter.tenant_id)
+        return [adapter.tenant_id, ""] if tenant is not None and tenant.spill else [adapter.tenant_id]
+
+    async def _decide_in(
+        self,
+        views: list[WorkerView],
+        adapter: AdapterRecord,
+        pool: str,
+        pooled: set[tuple[str, str]],
+        avoid: frozenset[str],
+        replicate: bool,
+    ) -> Decision | None:
+        decision = decide(views, adapter.base_model, adapter.id, {}, avoid=avoid, replicate=replicate, pool=pool)
+        if decision is not None and decision.evict is not None:  # only now are recency and pins needed
+            residents = sorted(set().union(*(v.resident for v in views)))
+            last_used = await self._store.last_used(residents)
+            # A pinned adapter's last copy where its tenant's requests go is never evicted: in its
+            # tenant's pool, else on the shared workers (a tenant without a pool, or spilling over
+            # while its pool holds no copy). Another copy (placed while its worker restarted,
+            # being evicted already, or in another tenant's pool) may be.
+            copies = Counter((v.pool, a) for v in views if v.healthy for a in v.resident - v.evicting)
+            pins = await self._store.pinned()
+            pinned = frozenset(
+                a for a, t in pins.items()
+                if copies[pool, a] <= 1
+                and (pool == _home(t, adapter.base_model, pooled) or (pool == "" and not copies[t, a]))
+            )  # fmt: skip
+            decision = decide(views, adapter.base_model, adapter.id, last_used, avoid=avoid, replicate=replicate,
+                              pool=pool, pinned=pinned)  # fmt: skip
+        return decision
 
     async def _place(
         self,
@@ -147,17 +253,23 @@ class Placer:
     ) -> Placement:
         session: AgentSession | None
         async with self._decide:
-            views, owners = await self._views()
+            views, owners, pooled = await self._views()
+            pools = await self._pools(adapter, pooled)
             if worker_id is not None:
                 views = [replace(v, draining=False) for v in views if v.id == worker_id]
                 if not views or (forwarded and worker_id in owners):
                     raise NotFound(f"worker {worker_id!r} is not connected")
-            decision = decide(views, adapter.base_model, adapter.id, {}, avoid=avoid, replicate=replicate)
-            if decision is not None and decision.evict is not None:  # only now is recency needed
-                residents = sorted(set().union(*(v.resident for v in views)))
-                last_used = await self._store.last_used(residents)
-                decision = decide(views, adapter.base_model, adapter.id, last_used, avoid=avoid, replicate=replicate)
+                if views[0].pool not in pools:
+                    raise FailedPrecondition(_outside(worker_id, views[0].pool, adapter))
+            decision = None
+            for pool in pools:  # the tenant's own pool first; shared workers only on spill-over
+                decision = await self._decide_in(views, adapter, pool, pooled, avoid, replicate)
+                if decision is not None:
+                    break
             if decision is None:
+                if pools[0]:
+                    raise NoCapacity(f"the tenant's dedicated workers of {adapter.base_model} cannot take the "
+                                     "adapter right now (down, draining, or every slot pinned or busy)")  # fmt: skip
                 raise NoCapacity(f"no worker of {adapter.base_model} can take the adapter right now")
             if decision.already_loaded:
                 await self._store.desire(decision.worker_id, adapter.id)
@@ -175,7 +287,11 @@ class Placer:
         try:
             if decision.evict:
                 await self._sessions.evict(session, decision.evict)
-            return await self._sessions.load(session, adapter)
+            placed = await self._sessions.load(session, adapter)
+            if (await self._store.pools()).get(placed.worker_id, "") not in pools:  # assigned meanwhile
+                await self._sessions.evict(session, adapter.id)
+                raise WorkerLoadFailed(placed.worker_id, "the worker joined another tenant's dedicated pool")
+            return placed
         except WorkerLoadFailed:
             raise
         except NoCapacity as err:
@@ -183,3 +299,14 @@ class Placer:
         finally:
             session.loading.discard(adapter.id)
             session.evicting.discard(decision.evict or "")
+
+
+def _home(tenant_id: str, base_model: str, pooled: set[tuple[str, str]]) -> str:
+    """Where the tenant's adapters are served: its dedicated pool if it has one, else "" (shared)."""
+    return tenant_id if (tenant_id, base_model) in pooled else ""
+
+
+def _outside(worker_id: str, pool: str, adapter: AdapterRecord) -> str:
+    if pool:
+        return f"worker {worker_id!r} is in tenant {pool}'s dedicated pool; adapter {adapter.id} is not that tenant's"
+    return f"adapter {adapter.id}'s tenant has a dedicated pool; worker {worker_id!r} is not in it"

@@ -33,14 +33,16 @@ class Reconciler:
 
     async def _reconcile(self, session: AgentSession) -> None:
         """Load what the worker should hold and does not (a restarted vLLM); evict what it holds
-        and should not (deleted while it was away). An adapter with no record is left alone:
-        Redis may have lost it, and LRU eviction reclaims the slot when it is needed."""
+        and should not (deleted while it was away, or another tenant's on a worker now in a
+        dedicated pool). An adapter with no record is left alone: Redis may have lost it, and
+        LRU eviction reclaims the slot when it is needed."""
         wid = session.record.id
         desired = await self._store.desired(wid)
         resident = set(session.record.resident)
+        pool = (await self._store.pools()).get(wid, "")
         for adapter_id in sorted(desired - resident - session.loading):
             rec = await self._store.get_adapter(adapter_id)
-            if rec is None or rec.status != "ready":
+            if rec is None or rec.status != "ready" or pool not in ("", rec.tenant_id):
                 await self._store.desire(wid, adapter_id, wanted=False)
                 continue
             session.loading.add(adapter_id)  # a placement meanwhile counts the slot as taken
@@ -54,8 +56,13 @@ class Reconciler:
                     await self._store.desire(wid, adapter_id, wanted=False)
             finally:
                 session.loading.discard(adapter_id)
-        for adapter_id in sorted(resident - desired - session.loading - session.busy):
-            if await self._store.get_adapter(adapter_id) is None:
+        for adapter_id in sorted(resident - session.loading - session.busy):
+            rec = await self._store.get_adapter(adapter_id)
+            if rec is None:
+                continue
+            if pool not in ("", rec.tenant_id):  # another tenant's, on a dedicated worker: it goes
+                desired.discard(adapter_id)
+            if adapter_id in desired:
                 continue
             try:
                 await self._sessions.evict(session, adapter_id)

@@ -58,7 +58,7 @@ class ControlPlane:
     redis: redis.Redis
     port: int
     registry: Registry
-    maintenance: asyncio.Future[tuple[None, None]]
+    maintenance: asyncio.Future[tuple[None, None, None]]
     peers: Peers
     artifacts: ArtifactStore
     metrics: asyncio.Server | None
@@ -131,7 +131,9 @@ async def start(settings: Settings) -> ControlPlane:
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s", settings.grpc_addr)
-    maintenance = asyncio.gather(registry.maintain(), liveness.watch(settings.heartbeat_timeout_s))
+    maintenance = asyncio.gather(
+        registry.maintain(), liveness.watch(settings.heartbeat_timeout_s), placer.keep_pinned()
+    )
     metrics_server = await metrics.serve(telemetry.REGISTRY, settings.metrics_addr)
     return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers, artifacts, metrics_server)
 

@@ -19,6 +19,7 @@ from controlplane.errors import (
     InvalidAdapter,
     NotFound,
     PermissionDenied,
+    QuotaExceeded,
     TooLarge,
     Unauthenticated,
     grpc_errors,
@@ -86,7 +87,7 @@ def timestamp(t: float) -> Timestamp:
     return ts
 
 
-def adapter_message(rec: AdapterRecord) -> apb.Adapter:
+def adapter_message(rec: AdapterRecord, pinned: bool = False) -> apb.Adapter:
     return apb.Adapter(
         id=rec.id,
         name=rec.name,
@@ -102,6 +103,7 @@ def adapter_message(rec: AdapterRecord) -> apb.Adapter:
         sha256=rec.sha256,
         created_at=timestamp(rec.created_at),
         placement_error=rec.placement_error,
+        pinned=pinned,
     )
 
 
@@ -193,7 +195,8 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
     async def ListAdapters(self, request: apb.ListAdaptersRequest, context: Context) -> apb.ListAdaptersResponse:
         tenant = await self._auth.tenant(context)
         recs = await self._store.list_adapters(tenant.id)
-        return apb.ListAdaptersResponse(adapters=[adapter_message(r) for r in recs])
+        pinned = set(await self._store.tenant_pinned(tenant.id))
+        return apb.ListAdaptersResponse(adapters=[adapter_message(r, r.id in pinned) for r in recs])
 
     async def _own(self, tenant: Tenant, adapter_id: str) -> AdapterRecord:
         rec = await self._store.get_adapter(adapter_id) if adapter_id.startswith("adp_") else None
@@ -204,7 +207,42 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
     @grpc_errors
     async def GetAdapter(self, request: apb.GetAdapterRequest, context: Context) -> apb.GetAdapterResponse:
         tenant = await self._auth.tenant(context)
-        return apb.GetAdapterResponse(adapter=adapter_message(await self._own(tenant, request.id)))
+        rec = await self._own(tenant, request.id)
+        pinned = rec.id in await self._store.tenant_pinned(tenant.id)
+        return apb.GetAdapterResponse(adapter=adapter_message(rec, pinned))
+
+    @grpc_errors
+    async def PinAdapter(self, request: apb.PinAdapterRequest, context: Context) -> apb.PinAdapterResponse:
+        """Pinned within the allowance, then loaded; a pin that cannot be loaded is taken back."""
+        tenant = await self._auth.tenant(context)
+        rec = await self._own(tenant, request.id)
+        if rec.status != "ready":
+            raise InvalidAdapter(f"adapter is {rec.status}, not ready")
+        allowance = tenant.pin_allowance(self._settings.tier_pinned_slots)
+        was_pinned = rec.id in await self._store.tenant_pinned(tenant.id)
+        pinned = await self._store.pin(rec, allowance)
+        if pinned is None:
+            whose = f"its {tenant.tier} tier's allowance" if tenant.pinned_slots is None else "its own allowance"
+            hint = "unpin one first" if allowance else "the reserved and dedicated tiers have pinned slots"
+            raise QuotaExceeded(f"the tenant may pin at most {allowance} adapter(s) ({whose}); {hint}")
+        try:
+            placed = await self._placer.place(rec)
+        except ControlPlaneError:
+            if not was_pinned:
+                await self._store.unpin(rec)
+            raise
+        log.info("tenant %s pinned %s on %s (%d of %d)", tenant.id, rec.id, placed.worker_id, pinned, allowance)
+        return apb.PinAdapterResponse(
+            adapter=adapter_message(rec, pinned=True), worker_id=placed.worker_id, pinned=pinned,
+            pinned_slots=allowance,
+        )  # fmt: skip
+
+    @grpc_errors
+    async def UnpinAdapter(self, request: apb.UnpinAdapterRequest, context: Context) -> apb.UnpinAdapterResponse:
+        tenant = await self._auth.tenant(context)
+        rec = await self._own(tenant, request.id)
+        await self._store.unpin(rec)
+        return apb.UnpinAdapterResponse(adapter=adapter_message(rec, pinned=False))
 
     @grpc_errors
     async def PlaceAdapter(self, request: apb.PlaceAdapterRequest, context: Context) -> apb.PlaceAdapterResponse:
@@ -308,6 +346,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     @grpc_errors
     async def ListWorkers(self, request: wpb.ListWorkersRequest, context: Context) -> wpb.ListWorkersResponse:
         self._auth.operator(context)
+        pinned = await self._store.pinned()
         return wpb.ListWorkersResponse(
             workers=[
                 wpb.Worker(
@@ -320,6 +359,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     engine_state=w.engine_state,
                     engine_last_error=w.engine_error,
                     engine_restarts=w.engine_restarts,
+                    pool_tenant_id=w.pool,
+                    pinned_adapter_ids=[a for a in w.resident if a in pinned],
+                    draining=w.draining,
+                    max_concurrency=w.max_concurrency,
                 )
                 for w in await self._store.list_workers()
             ]

@@ -71,7 +71,7 @@ class AgentSession:
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set: the control plane closes the stream
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
 
-    def view(self, draining: bool) -> WorkerView:
+    def view(self, draining: bool, pool: str = "") -> WorkerView:
         r = self.record
         return WorkerView(
             id=r.id,
@@ -84,6 +84,7 @@ class AgentSession:
             draining=draining,
             in_flight=self.in_flight,
             busy=self.busy,
+            pool=pool,
         )
 
     async def command(self, msg: pb.ConnectResponse, command_id: str, timeout: float) -> pb.CommandResult:
@@ -147,6 +148,7 @@ class Sessions:
             engine_state=reg.engine.state,
             engine_error=reg.engine.last_error[:ENGINE_ERROR_CHARS],
             engine_restarts=reg.engine.restarts,
+            max_concurrency=reg.max_concurrency,
         )
         session = AgentSession(record, LoadBudget(self._max_loads_per_s))
         self._by_worker[reg.worker_id] = session

@@ -71,6 +71,11 @@ class Settings:
         default_factory=lambda: dict(limits.TIER_RATE_LIMITS),
         metadata=derived(limits.RATE_VARS, limits.tier_rate_limits),
     )
+    # adapters a tenant may pin, per tier (LORAPLANE_TIER_<TIER>_PINNED_SLOTS); a tenant's own replaces it
+    tier_pinned_slots: Mapping[str, int] = field(
+        default_factory=lambda: dict(limits.TIER_PINNED_SLOTS),
+        metadata=derived(limits.PINNED_SLOT_VARS, limits.tier_pinned_slots),
+    )
     load_timeout_s: float = field(default=60.0, metadata=var("LORAPLANE_LOAD_TIMEOUT_S"))
     heartbeat_timeout_s: float = field(default=6.0, metadata=var("LORAPLANE_HEARTBEAT_TIMEOUT_S"))
     max_loads_per_s: int = field(default=10, metadata=var("LORAPLANE_MAX_LOADS_PER_S"))

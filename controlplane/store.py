@@ -14,7 +14,7 @@ from typing import ParamSpec, TypeVar
 
 import redis.asyncio as redis
 
-from controlplane.errors import AlreadyExists, QuotaExceeded
+from controlplane.errors import AlreadyExists, NotFound, QuotaExceeded
 from controlplane.tenantstore import TenantStore
 from loraplane.state import keys, messages, queries
 from loraplane.state.records import Activity, AdapterRecord, WorkerRecord
@@ -60,6 +60,24 @@ return 1
 """
 
 
+# Pin an adapter within the tenant's allowance, in one step, unless it is no longer ready (a
+# delete that came first; its pin would outlive it).
+# KEYS[1] tenant pinned set, KEYS[2] pinned hash, KEYS[3] adapter record key; ARGV[1] adapter id,
+# ARGV[2] tenant id, ARGV[3] allowance
+# Returns the tenant's pins now, -1 when the allowance is used up (an adapter already pinned is
+# pinned again: 0 more), or -2 when the adapter is not ready.
+PIN = """
+local raw = redis.call('GET', KEYS[3])
+if not raw or cjson.decode(raw)['status'] ~= 'ready' then return -2 end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[3]) then return -1 end
+  redis.call('SADD', KEYS[1], ARGV[1])
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return redis.call('SCARD', KEYS[1])
+"""
+
+
 class Store:
     """Over a client made with decode_responses=True."""
 
@@ -67,6 +85,7 @@ class Store:
         self.r = client
         self.tenants = TenantStore(client)
         self._create_adapter = client.register_script(CREATE_ADAPTER)
+        self._pin = client.register_script(PIN)
 
     # adapters
 
@@ -175,6 +194,8 @@ class Store:
             pipe.set(keys.adapter(rec.id), replace(rec, status="deleting").to_json())
             pipe.zrem(keys.tenant_ids(rec.tenant_id), rec.id)
             pipe.sadd(keys.DELETING, rec.id)
+            pipe.srem(keys.tenant_pinned(rec.tenant_id), rec.id)  # a deleted adapter's pin is freed
+            pipe.hdel(keys.PINNED, rec.id)
             await pipe.execute()
         await self.invalidate_adapter(rec)
 
@@ -277,6 +298,57 @@ class Store:
             pipe.get(keys.EPOCH)
             made, epoch = await pipe.execute()
         return str(epoch), bool(made)
+
+    # pins and pools
+
+    async def pin(self, rec: AdapterRecord, allowance: int) -> int | None:
+        """Pin the adapter; the tenant's pins now, or None when its allowance is used up."""
+        n = await self._pin(
+            keys=[keys.tenant_pinned(rec.tenant_id), keys.PINNED, keys.adapter(rec.id)],
+            args=[rec.id, rec.tenant_id, allowance],
+        )
+        if n == -2:
+            raise NotFound(f"adapter {rec.id!r} does not exist")
+        return None if n == -1 else int(n)
+
+    async def unpin(self, rec: AdapterRecord) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.srem(keys.tenant_pinned(rec.tenant_id), rec.id)
+            pipe.hdel(keys.PINNED, rec.id)
+            await pipe.execute()
+
+    async def pinned(self) -> dict[str, str]:
+        """Every pinned adapter's id, with its tenant's."""
+        return {str(a): str(t) for a, t in (await self.r.hgetall(keys.PINNED)).items()}
+
+    async def tenant_pinned(self, tenant_id: str) -> list[str]:
+        return sorted(str(a) for a in await self.r.smembers(keys.tenant_pinned(tenant_id)))
+
+    async def pools(self) -> dict[str, str]:
+        """Worker id -> the tenant whose dedicated pool it is in."""
+        return {str(w): str(t) for w, t in (await self.r.hgetall(keys.POOLS)).items()}
+
+    async def set_pool(self, worker: WorkerRecord, tenant_id: str) -> None:
+        """Put the worker in the tenant's pool ("": shared again), as a new routing version."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            if tenant_id:
+                pipe.hset(keys.POOLS, worker.id, tenant_id)
+            else:
+                pipe.hdel(keys.POOLS, worker.id)
+            pipe.set(keys.worker(worker.id), replace(worker, updated_at=time.time()).to_json())
+            pipe.incr(keys.ROUTING_VERSION)
+            *_, version = await pipe.execute()
+        await self.r.publish(keys.ROUTING_CHANNEL, messages.encode_routing_version(version))
+
+    async def lead(self, replica: str, ttl_s: int) -> bool:
+        """Whether this replica keeps the pinned adapters loaded for the next `ttl_s` seconds:
+        the first to ask, until it stops asking."""
+        if await self.r.set(keys.PIN_KEEPER, replica, nx=True, ex=ttl_s):
+            return True
+        if await self.r.get(keys.PIN_KEEPER) == replica:
+            await self.r.expire(keys.PIN_KEEPER, ttl_s)
+            return True
+        return False
 
     async def set_draining(self, worker_id: str, draining: bool) -> None:
         if draining:

@@ -29,6 +29,9 @@ return 1
 """
 
 
+UNCHANGED = -1  # `set_capacity`'s pinned_slots: leave it as it is
+
+
 class TenantStore:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
@@ -81,6 +84,22 @@ class TenantStore:
                 pipe.hdel(keys.tenant(tenant_id), "limits")
             else:
                 pipe.hset(keys.tenant(tenant_id), "limits", limits_to_json(limits))
+            pipe.publish(keys.INVALIDATE_CHANNEL, TenantChanged(tenant_id).encode())
+            await pipe.execute()
+        return await self.require(tenant_id)
+
+    async def set_capacity(self, tenant_id: str, pinned_slots: int | None, spill: bool | None) -> Tenant:
+        """Its own pinned-adapter allowance (None: its tier's; UNCHANGED) and whether it may
+        spill over to shared workers (None: unchanged)."""
+        await self.require(tenant_id)
+        key = keys.tenant(tenant_id)
+        async with self.r.pipeline(transaction=True) as pipe:
+            if pinned_slots is None:
+                pipe.hdel(key, "pinned_slots")
+            elif pinned_slots != UNCHANGED:
+                pipe.hset(key, "pinned_slots", str(pinned_slots))
+            if spill is not None:
+                pipe.hset(key, "spill", "1" if spill else "0")
             pipe.publish(keys.INVALIDATE_CHANNEL, TenantChanged(tenant_id).encode())
             await pipe.execute()
         return await self.require(tenant_id)

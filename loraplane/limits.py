@@ -59,3 +59,37 @@ def tier_rate_limits(environ: Mapping[str, str], _: Mapping[str, Any] | None = N
         )
         for t, d in TIER_RATE_LIMITS.items()
     }
+
+
+# Adapters a tenant may pin (always resident) per tier, unless LORAPLANE_TIER_<TIER>_PINNED_SLOTS
+# says otherwise; a tenant's own allowance (`loraplane tenant set-capacity`) replaces its tier's.
+TIER_PINNED_SLOTS = {"shared": 0, "reserved": 2, "dedicated": 2}
+PINNED_SLOT_VARS = tuple(tier_var(t, "PINNED_SLOTS") for t in TIER_PINNED_SLOTS)
+
+# A tier's weight in the data plane's fair queuing when a base model's workers are full (a tenant
+# gets this share of the capacity against a shared-tier tenant's 1), unless
+# LORAPLANE_TIER_<TIER>_WEIGHT says otherwise.
+TIER_WEIGHTS = {"shared": 1, "reserved": 4, "dedicated": 4}
+WEIGHT_VARS = tuple(tier_var(t, "WEIGHT") for t in TIER_WEIGHTS)
+
+
+def _per_tier(environ: Mapping[str, str], what: str, defaults: Mapping[str, int], least: int) -> dict[str, int]:
+    from loraplane import config
+
+    out = {}
+    for tier, default in defaults.items():
+        n = config.get(environ, tier_var(tier, what), int, default)
+        if n < least:
+            raise config.ConfigError(f"{tier_var(tier, what)}={n}: must be {least} or more")
+        out[tier] = n
+    return out
+
+
+def tier_pinned_slots(environ: Mapping[str, str], _: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Each tier's pinned-adapter allowance (a `config.derived` reader)."""
+    return _per_tier(environ, "PINNED_SLOTS", TIER_PINNED_SLOTS, 0)
+
+
+def tier_weights(environ: Mapping[str, str], _: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Each tier's fair-queuing weight (a `config.derived` reader)."""
+    return _per_tier(environ, "WEIGHT", TIER_WEIGHTS, 1)

@@ -34,6 +34,10 @@ SCHEMA = (
     Key("worker:<wid>", "string", CONTROL_PLANE, "JSON `WorkerRecord` (endpoint, base model, resident adapter ids)"),
     Key("workers", "set", CONTROL_PLANE, "worker ids"),
     Key("draining", "set", CONTROL_PLANE, "ids of workers that take no new placements"),
+    Key("pools", "hash", CONTROL_PLANE, "worker id -> the tenant whose dedicated pool it is in"),
+    Key("pinned", "hash", CONTROL_PLANE, "aid -> tenant id of every pinned adapter (never evicted for room)"),
+    Key("tenant:<tid>:pinned", "set", CONTROL_PLANE, "ids of the tenant's pinned adapters (its allowance)"),
+    Key("pinkeeper", "string", CONTROL_PLANE, "the replica keeping pinned adapters loaded this round (expires)"),
     Key("desired:<wid>", "set", CONTROL_PLANE, "adapter ids the worker should hold; its owner converges it"),
     Key("generation:<wid>", "int", CONTROL_PLANE, "bumped with every change of desired:<wid>; commands carry it"),
     Key("routing:version", "int", CONTROL_PLANE, "bumped on every routing change; published on `lp:routing`"),
@@ -41,7 +45,12 @@ SCHEMA = (
     Key("placed", "hash", CONTROL_PLANE, "aid -> when a placement last asked for it"),
     Key("used", "hash", DATA_PLANE, "aid -> when a request last used it (each data plane, once a second)"),
     Key("epoch", "string", CONTROL_PLANE, "this Redis's data epoch: made once, gone only if Redis lost its data"),
-    Key("tenant:<tid>", "hash", CONTROL_PLANE, "`Tenant`: id, name, tier, created_at, suspended, own limits (JSON)"),
+    Key(
+        "tenant:<tid>",
+        "hash",
+        CONTROL_PLANE,
+        "`Tenant`: id, name, tier, created_at, suspended, own limits (JSON), pinned_slots, spill",
+    ),
     Key("tenants", "hash", CONTROL_PLANE, "name -> tid"),
     Key("apikey:<sha256(key)>", "hash", CONTROL_PLANE, "`ApiKey`: tenant_id, prefix, created_at (keys only hashed)"),
     Key("keyprefix:<prefix>", "string", CONTROL_PLANE, "sha256(key), to revoke a key by its public prefix"),
@@ -57,6 +66,7 @@ SCHEMA = (
     Key("ratelimit:<tid>:<dimension>", "hash", DATA_PLANE, "a per-minute limit's token bucket: level, at (expires)"),
     Key("ratelimit:<tid>:slots", "hash", DATA_PLANE, "data plane replica -> concurrency slots it holds"),
     Key("dataplane:<replica>", "string", DATA_PLANE, "a data plane replica's beat, for its slots (expires)"),
+    Key("dataplanes", "zset", DATA_PLANE, "replica -> its last beat (unix s): the live replicas share each worker"),
 )
 
 # Channels (published by the control plane; see `messages`).
@@ -67,11 +77,15 @@ PENDING = PREFIX + "pending"
 DELETING = PREFIX + "deleting"
 WORKERS = PREFIX + "workers"
 DRAINING = PREFIX + "draining"
+POOLS = PREFIX + "pools"
+PINNED = PREFIX + "pinned"
+PIN_KEEPER = PREFIX + "pinkeeper"
 ROUTING_VERSION = PREFIX + "routing:version"
 PLACED = PREFIX + "placed"
 USED = PREFIX + "used"
 EPOCH = PREFIX + "epoch"
 TENANTS = PREFIX + "tenants"
+DATA_PLANES = PREFIX + "dataplanes"
 
 
 def adapter(adapter_id: str) -> str:
@@ -108,6 +122,10 @@ def activity(worker_id: str) -> str:
 
 def tenant(tenant_id: str) -> str:
     return PREFIX + "tenant:" + tenant_id
+
+
+def tenant_pinned(tenant_id: str) -> str:
+    return f"{PREFIX}tenant:{tenant_id}:pinned"
 
 
 def tenant_keys(tenant_id: str) -> str:

@@ -14,13 +14,14 @@ from loraplane.state.records import AdapterRecord, Tenant, WorkerRecord
 
 
 async def read_workers(client: redis.Redis) -> list[WorkerRecord]:
-    """Every worker record, with `draining` from the draining set."""
+    """Every worker record, with `draining` from the draining set and `pool` from the pools hash."""
     async with client.pipeline(transaction=False) as pipe:
         pipe.smembers(keys.WORKERS)
         pipe.smembers(keys.DRAINING)
-        ids, draining = await pipe.execute()
+        pipe.hgetall(keys.POOLS)
+        ids, draining, pools = await pipe.execute()
     records = await _workers(client, ids)
-    return [replace(w, draining=w.id in draining) for w in records]
+    return [replace(w, draining=w.id in draining, pool=str(pools.get(w.id, ""))) for w in records]
 
 
 async def routing_version(client: redis.Redis) -> int:
@@ -28,15 +29,17 @@ async def routing_version(client: redis.Redis) -> int:
 
 
 async def routing_table(client: redis.Redis, known_version: int) -> tuple[int, list[WorkerRecord] | None]:
-    """The routing version and, unless it is `known_version`, the worker records of that version."""
+    """The routing version and, unless it is `known_version`, the worker records of that version
+    (with `pool`: a pool's change bumps the version too)."""
     async with client.pipeline(transaction=True) as pipe:
         pipe.get(keys.ROUTING_VERSION)
         pipe.smembers(keys.WORKERS)
-        raw_version, ids = await pipe.execute()
+        pipe.hgetall(keys.POOLS)
+        raw_version, ids, pools = await pipe.execute()
     version = int(raw_version or 0)
     if version == known_version:
         return version, None
-    return version, await _workers(client, ids)
+    return version, [replace(w, pool=str(pools.get(w.id, ""))) for w in await _workers(client, ids)]
 
 
 async def _workers(client: redis.Redis, ids: set[str]) -> list[WorkerRecord]:

@@ -63,10 +63,12 @@ class WorkerRecord:
     healthy: bool = True
     updated_at: float = 0.0
     draining: bool = False  # read from the `draining` set, never from the record
+    pool: str = ""  # the tenant whose dedicated pool it is in, read from the `pools` hash; "": shared
     owner: str = ""  # address of the control plane replica holding the agent's stream
     engine_state: str = ""  # as the agent reports it (`EngineStatus.state` in worker.proto)
     engine_error: str = ""  # the engine's last error line
     engine_restarts: int = 0  # since the agent started
+    max_concurrency: int = 0  # most requests its engine runs at once (--max-num-seqs); 0: not known
 
     def to_json(self) -> str:
         return _json(self)
@@ -104,9 +106,14 @@ class Tenant:
     created_at: float
     suspended: bool = False
     limits: RateLimits | None = None  # its own rate limits; None: its tier's
+    pinned_slots: int | None = None  # its own pinned-adapter allowance; None: its tier's
+    spill: bool = False  # its requests may go to shared workers when its pool cannot take them
 
     def rate_limits(self, tiers: Mapping[str, RateLimits]) -> RateLimits:
         return self.limits if self.limits is not None else tiers.get(self.tier, RateLimits())
+
+    def pin_allowance(self, tiers: Mapping[str, int]) -> int:
+        return self.pinned_slots if self.pinned_slots is not None else tiers.get(self.tier, 0)
 
     @classmethod
     def from_hash(cls, h: Mapping[Any, Any]) -> Tenant:
@@ -117,6 +124,8 @@ class Tenant:
             created_at=float(h["created_at"]),
             suspended=h.get("suspended") == "1",
             limits=limits_from_json(h["limits"]) if h.get("limits") else None,
+            pinned_slots=int(h["pinned_slots"]) if h.get("pinned_slots") else None,
+            spill=h.get("spill") == "1",
         )
 
 

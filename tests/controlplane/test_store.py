@@ -7,7 +7,7 @@ import time
 import pytest
 import redis.asyncio as redis
 
-from controlplane.errors import AlreadyExists, QuotaExceeded
+from controlplane.errors import AlreadyExists, NotFound, QuotaExceeded
 from controlplane.keys import key_hash, new_api_key, new_id
 from controlplane.store import Store
 from loraplane.state.records import AdapterRecord, Tenant
@@ -64,3 +64,27 @@ async def test_blob_references_follow_adapters(store: Store) -> None:
     await store.create_adapter(rec, 20)
     assert await store.blob_referenced(rec.sha256)
     assert await store.get_adapter(rec.id) == dataclasses.replace(rec)
+
+
+async def test_racing_pins_admit_exactly_the_allowance(store: Store) -> None:
+    recs = [record("ten_a", f"p{i}") for i in range(10)]
+    for r in recs:
+        await store.create_adapter(r, 20)
+    results = await asyncio.gather(*(store.pin(r, 3) for r in recs))
+    assert sorted(n for n in results if n is not None) == [1, 2, 3]
+    pinned = await store.tenant_pinned("ten_a")
+    assert len(pinned) == 3 and set(await store.pinned()) == set(pinned)
+    assert await store.pin(next(r for r in recs if r.id in pinned), 3) == 3  # pinned again: no other slot
+
+
+async def test_a_pin_never_outlives_its_adapter(store: Store) -> None:
+    first, second = record("ten_a", "first"), record("ten_a", "second")
+    for r in (first, second):
+        await store.create_adapter(r, 20)
+    await store.pin(first, 2)
+    await store.mark_deleting(first)
+    assert await store.tenant_pinned("ten_a") == [] and await store.pinned() == {}
+    await store.mark_deleting(second)
+    with pytest.raises(NotFound):  # a pin that lost the race with the delete
+        await store.pin(second, 2)
+    assert await store.tenant_pinned("ten_a") == []

@@ -25,45 +25,53 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'loraplane/controlplane/v1/adapter.proto\x12\x19loraplane.controlplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\rAdapterSource\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04repo\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x12\n\ncommit_sha\x18\x04 \x01(\t\"\xf8\x02\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x38\n\x06status\x18\x05 \x01(\x0e\x32(.loraplane.controlplane.v1.AdapterStatus\x12\x15\n\rstatus_reason\x18\x06 \x01(\t\x12\x38\n\x06source\x18\x07 \x01(\x0b\x32(.loraplane.controlplane.v1.AdapterSource\x12\x0c\n\x04rank\x18\x08 \x01(\x05\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x12\n\nlora_alpha\x18\n \x01(\x01\x12\x12\n\nsize_bytes\x18\x0b \x01(\x03\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fplacement_error\x18\x0e \x01(\t\"e\n\x15UploadAdapterMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nlora_alpha\x18\x03 \x01(\x01\x12\x16\n\x0e\x61\x64\x61pter_config\x18\x04 \x01(\x0c\"u\n\x14UploadAdapterRequest\x12\x44\n\x08metadata\x18\x01 \x01(\x0b\x32\x30.loraplane.controlplane.v1.UploadAdapterMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"L\n\x15UploadAdapterResponse\x12\x33\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\".loraplane.controlplane.v1.Adapter\"j\n\x14\x43reateAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0c\n\x04repo\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t\x12\x10\n\x08hf_token\x18\x05 \x01(\t\"L\n\x15\x43reateAdapterResponse\x12\x33\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\".loraplane.controlplane.v1.Adapter\"\"\n\x14\x44\x65leteAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x15\x44\x65leteAdapterResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"\x15\n\x13ListAdaptersRequest\"L\n\x14ListAdaptersResponse\x12\x34\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\".loraplane.controlplane.v1.Adapter\"\x1f\n\x11GetAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x12GetAdapterResponse\x12\x33\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\".loraplane.controlplane.v1.Adapter\"V\n\x13PlaceAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\treplicate\x18\x02 \x01(\x08\x12\x18\n\x10\x61void_worker_ids\x18\x03 \x03(\t\"R\n\x14PlaceAdapterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\x12\x0f\n\x07load_ms\x18\x03 \x01(\x03*\x80\x01\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x44\x41PTER_STATUS_PENDING\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATUS_READY\x10\x02\x12\x19\n\x15\x41\x44\x41PTER_STATUS_FAILED\x10\x03\x32\xbb\x05\n\x0e\x41\x64\x61pterService\x12t\n\rUploadAdapter\x12/.loraplane.controlplane.v1.UploadAdapterRequest\x1a\x30.loraplane.controlplane.v1.UploadAdapterResponse(\x01\x12r\n\rCreateAdapter\x12/.loraplane.controlplane.v1.CreateAdapterRequest\x1a\x30.loraplane.controlplane.v1.CreateAdapterResponse\x12o\n\x0cListAdapters\x12..loraplane.controlplane.v1.ListAdaptersRequest\x1a/.loraplane.controlplane.v1.ListAdaptersResponse\x12i\n\nGetAdapter\x12,.loraplane.controlplane.v1.GetAdapterRequest\x1a-.loraplane.controlplane.v1.GetAdapterResponse\x12r\n\rDeleteAdapter\x12/.loraplane.controlplane.v1.DeleteAdapterRequest\x1a\x30.loraplane.controlplane.v1.DeleteAdapterResponse\x12o\n\x0cPlaceAdapter\x12..loraplane.controlplane.v1.PlaceAdapterRequest\x1a/.loraplane.controlplane.v1.PlaceAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'loraplane/controlplane/v1/adapter.proto\x12\x19loraplane.controlplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\rAdapterSource\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04repo\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x12\n\ncommit_sha\x18\x04 \x01(\t\"\x88\x03\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x38\n\x06status\x18\x05 \x01(\x0e\x32(.loraplane.controlplane.v1.AdapterStatus\x12\x15\n\rstatus_reason\x18\x06 \x01(\t\x12\x38\n\x06source\x18\x07 \x01(\x0b\x32(.loraplane.controlplane.v1.AdapterSource\x12\x0c\n\x04rank\x18\x08 \x01(\x05\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x12\n\nlora_alpha\x18\n \x01(\x01\x12\x12\n\nsize_bytes\x18\x0b \x01(\x03\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fplacement_error\x18\x0e \x01(\t\x12\x0e\n\x06pinned\x18\x0f \x01(\x08\"e\n\x15UploadAdapterMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nlora_alpha\x18\x03 \x01(\x01\x12\x16\n\x0e\x61\x64\x61pter_config\x18\x04 \x01(\x0c\"u\n\x14UploadAdapterRequest\x12\x44\n\x08metadata\x18\x01 \x01(\x0b\x32\x30.loraplane.controlplane.v1.UploadAdapterMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"L\n\x15UploadAdapterResponse\x12\x33\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\".loraplane.controlplane.v1.Adapter\"j\n\x14\x43reateAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0c\n\x04repo\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t\x12\x10\n\x08hf_token\x18\x05 \x01(\t\"L\n\x15\x43reateAdapterResponse\x12\x33\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\".loraplane.controlplane.v1.Adapter\"\"\n\x14\x44\x65leteAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x15\x44\x65leteAdapterResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"\x15\n\x13ListAdaptersRequest\"L\n\x14ListAdaptersResponse\x12\x34\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\".loraplane.controlplane.v1.Adapter\"\x1f\n\x11GetAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x12GetAdapterResponse\x12\x33\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\".loraplane.controlplane.v1.Adapter\"V\n\x13PlaceAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\treplicate\x18\x02 \x01(\x08\x12\x18\n\x10\x61void_worker_ids\x18\x03 \x03(\t\"R\n\x14PlaceAdapterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\x12\x0f\n\x07load_ms\x18\x03 \x01(\x03\"\x1f\n\x11PinAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x82\x01\n\x12PinAdapterResponse\x12\x33\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\".loraplane.controlplane.v1.Adapter\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x05\x12\x14\n\x0cpinned_slots\x18\x04 \x01(\x05\"!\n\x13UnpinAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"K\n\x14UnpinAdapterResponse\x12\x33\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\".loraplane.controlplane.v1.Adapter*\x80\x01\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x44\x41PTER_STATUS_PENDING\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATUS_READY\x10\x02\x12\x19\n\x15\x41\x44\x41PTER_STATUS_FAILED\x10\x03\x32\x97\x07\n\x0e\x41\x64\x61pterService\x12t\n\rUploadAdapter\x12/.loraplane.controlplane.v1.UploadAdapterRequest\x1a\x30.loraplane.controlplane.v1.UploadAdapterResponse(\x01\x12r\n\rCreateAdapter\x12/.loraplane.controlplane.v1.CreateAdapterRequest\x1a\x30.loraplane.controlplane.v1.CreateAdapterResponse\x12o\n\x0cListAdapters\x12..loraplane.controlplane.v1.ListAdaptersRequest\x1a/.loraplane.controlplane.v1.ListAdaptersResponse\x12i\n\nGetAdapter\x12,.loraplane.controlplane.v1.GetAdapterRequest\x1a-.loraplane.controlplane.v1.GetAdapterResponse\x12r\n\rDeleteAdapter\x12/.loraplane.controlplane.v1.DeleteAdapterRequest\x1a\x30.loraplane.controlplane.v1.DeleteAdapterResponse\x12o\n\x0cPlaceAdapter\x12..loraplane.controlplane.v1.PlaceAdapterRequest\x1a/.loraplane.controlplane.v1.PlaceAdapterResponse\x12i\n\nPinAdapter\x12,.loraplane.controlplane.v1.PinAdapterRequest\x1a-.loraplane.controlplane.v1.PinAdapterResponse\x12o\n\x0cUnpinAdapter\x12..loraplane.controlplane.v1.UnpinAdapterRequest\x1a/.loraplane.controlplane.v1.UnpinAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplane.controlplane.v1.adapter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERSTATUS']._serialized_start=1523
-  _globals['_ADAPTERSTATUS']._serialized_end=1651
+  _globals['_ADAPTERSTATUS']._serialized_start=1817
+  _globals['_ADAPTERSTATUS']._serialized_end=1945
   _globals['_ADAPTERSOURCE']._serialized_start=103
   _globals['_ADAPTERSOURCE']._serialized_end=184
   _globals['_ADAPTER']._serialized_start=187
-  _globals['_ADAPTER']._serialized_end=563
-  _globals['_UPLOADADAPTERMETADATA']._serialized_start=565
-  _globals['_UPLOADADAPTERMETADATA']._serialized_end=666
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=668
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=785
-  _globals['_UPLOADADAPTERRESPONSE']._serialized_start=787
-  _globals['_UPLOADADAPTERRESPONSE']._serialized_end=863
-  _globals['_CREATEADAPTERREQUEST']._serialized_start=865
-  _globals['_CREATEADAPTERREQUEST']._serialized_end=971
-  _globals['_CREATEADAPTERRESPONSE']._serialized_start=973
-  _globals['_CREATEADAPTERRESPONSE']._serialized_end=1049
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1051
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1085
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1087
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1139
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1141
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1162
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1164
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1240
-  _globals['_GETADAPTERREQUEST']._serialized_start=1242
-  _globals['_GETADAPTERREQUEST']._serialized_end=1273
-  _globals['_GETADAPTERRESPONSE']._serialized_start=1275
-  _globals['_GETADAPTERRESPONSE']._serialized_end=1348
-  _globals['_PLACEADAPTERREQUEST']._serialized_start=1350
-  _globals['_PLACEADAPTERREQUEST']._serialized_end=1436
-  _globals['_PLACEADAPTERRESPONSE']._serialized_start=1438
-  _globals['_PLACEADAPTERRESPONSE']._serialized_end=1520
-  _globals['_ADAPTERSERVICE']._serialized_start=1654
-  _globals['_ADAPTERSERVICE']._serialized_end=2353
+  _globals['_ADAPTER']._serialized_end=579
+  _globals['_UPLOADADAPTERMETADATA']._serialized_start=581
+  _globals['_UPLOADADAPTERMETADATA']._serialized_end=682
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=684
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=801
+  _globals['_UPLOADADAPTERRESPONSE']._serialized_start=803
+  _globals['_UPLOADADAPTERRESPONSE']._serialized_end=879
+  _globals['_CREATEADAPTERREQUEST']._serialized_start=881
+  _globals['_CREATEADAPTERREQUEST']._serialized_end=987
+  _globals['_CREATEADAPTERRESPONSE']._serialized_start=989
+  _globals['_CREATEADAPTERRESPONSE']._serialized_end=1065
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1067
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1101
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1103
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1155
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1157
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1178
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1180
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1256
+  _globals['_GETADAPTERREQUEST']._serialized_start=1258
+  _globals['_GETADAPTERREQUEST']._serialized_end=1289
+  _globals['_GETADAPTERRESPONSE']._serialized_start=1291
+  _globals['_GETADAPTERRESPONSE']._serialized_end=1364
+  _globals['_PLACEADAPTERREQUEST']._serialized_start=1366
+  _globals['_PLACEADAPTERREQUEST']._serialized_end=1452
+  _globals['_PLACEADAPTERRESPONSE']._serialized_start=1454
+  _globals['_PLACEADAPTERRESPONSE']._serialized_end=1536
+  _globals['_PINADAPTERREQUEST']._serialized_start=1538
+  _globals['_PINADAPTERREQUEST']._serialized_end=1569
+  _globals['_PINADAPTERRESPONSE']._serialized_start=1572
+  _globals['_PINADAPTERRESPONSE']._serialized_end=1702
+  _globals['_UNPINADAPTERREQUEST']._serialized_start=1704
+  _globals['_UNPINADAPTERREQUEST']._serialized_end=1737
+  _globals['_UNPINADAPTERRESPONSE']._serialized_start=1739
+  _globals['_UNPINADAPTERRESPONSE']._serialized_end=1814
+  _globals['_ADAPTERSERVICE']._serialized_start=1948
+  _globals['_ADAPTERSERVICE']._serialized_end=2867
 # @@protoc_insertion_point(module_scope)

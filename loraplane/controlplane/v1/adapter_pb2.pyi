@@ -34,7 +34,7 @@ class AdapterSource(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., repo: _Optional[str] = ..., revision: _Optional[str] = ..., commit_sha: _Optional[str] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("id", "name", "base_model", "model", "status", "status_reason", "source", "rank", "target_modules", "lora_alpha", "size_bytes", "sha256", "created_at", "placement_error")
+    __slots__ = ("id", "name", "base_model", "model", "status", "status_reason", "source", "rank", "target_modules", "lora_alpha", "size_bytes", "sha256", "created_at", "placement_error", "pinned")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class Adapter(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     base_model: str
@@ -63,7 +64,8 @@ class Adapter(_message.Message):
     sha256: str
     created_at: _timestamp_pb2.Timestamp
     placement_error: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., base_model: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., status_reason: _Optional[str] = ..., source: _Optional[_Union[AdapterSource, _Mapping]] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., lora_alpha: _Optional[float] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., placement_error: _Optional[str] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., base_model: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., status_reason: _Optional[str] = ..., source: _Optional[_Union[AdapterSource, _Mapping]] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., lora_alpha: _Optional[float] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., placement_error: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class UploadAdapterMetadata(_message.Message):
     __slots__ = ("name", "base_model", "lora_alpha", "adapter_config")
@@ -166,3 +168,33 @@ class PlaceAdapterResponse(_message.Message):
     already_loaded: bool
     load_ms: int
     def __init__(self, worker_id: _Optional[str] = ..., already_loaded: _Optional[bool] = ..., load_ms: _Optional[int] = ...) -> None: ...
+
+class PinAdapterRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class PinAdapterResponse(_message.Message):
+    __slots__ = ("adapter", "worker_id", "pinned", "pinned_slots")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    PINNED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    adapter: Adapter
+    worker_id: str
+    pinned: int
+    pinned_slots: int
+    def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ..., worker_id: _Optional[str] = ..., pinned: _Optional[int] = ..., pinned_slots: _Optional[int] = ...) -> None: ...
+
+class UnpinAdapterRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class UnpinAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: Adapter
+    def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...

@@ -65,6 +65,16 @@ class AdapterServiceStub:
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PlaceAdapterRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PlaceAdapterResponse.FromString,
                 _registered_method=True)
+        self.PinAdapter = channel.unary_unary(
+                '/loraplane.controlplane.v1.AdapterService/PinAdapter',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PinAdapterRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PinAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnpinAdapter = channel.unary_unary(
+                '/loraplane.controlplane.v1.AdapterService/UnpinAdapter',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UnpinAdapterRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UnpinAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterServiceServicer:
@@ -121,6 +131,23 @@ class AdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinAdapter(self, request, context):
+        """Pins an adapter into one of the tenant's always-resident slots: it is loaded now (the call
+        returns once it is), kept loaded (reloaded after a worker restart, placed elsewhere if its
+        worker is lost) and never evicted for room. More pins than the tenant's allowance:
+        RESOURCE_EXHAUSTED (HTTP 429). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinAdapter(self, request, context):
+        """Unpins an adapter: it stays loaded until evicted for room like any other. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +180,16 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     servicer.PlaceAdapter,
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PlaceAdapterRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PlaceAdapterResponse.SerializeToString,
+            ),
+            'PinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinAdapter,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PinAdapterRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PinAdapterResponse.SerializeToString,
+            ),
+            'UnpinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinAdapter,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UnpinAdapterRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UnpinAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +355,60 @@ class AdapterService:
             '/loraplane.controlplane.v1.AdapterService/PlaceAdapter',
             loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PlaceAdapterRequest.SerializeToString,
             loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PlaceAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.AdapterService/PinAdapter',
+            loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PinAdapterRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.PinAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.AdapterService/UnpinAdapter',
+            loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UnpinAdapterRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_adapter__pb2.UnpinAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AssignWorkerRequest(_message.Message):
+    __slots__ = ("worker_id", "tenant_id")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    tenant_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., tenant_id: _Optional[str] = ...) -> None: ...
+
+class AssignWorkerResponse(_message.Message):
+    __slots__ = ("worker_id", "tenant_id", "evicted_adapter_ids")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    tenant_id: str
+    evicted_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., evicted_adapter_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UnassignWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class UnassignWorkerResponse(_message.Message):
+    __slots__ = ("worker_id", "tenant_id")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    tenant_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., tenant_id: _Optional[str] = ...) -> None: ...
+
 class DrainWorkerRequest(_message.Message):
     __slots__ = ("worker_id",)
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -65,20 +97,26 @@ class GetRoutingTableRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RoutingEntry(_message.Message):
-    __slots__ = ("worker_id", "base_model", "endpoint", "adapter_ids", "healthy", "draining")
+    __slots__ = ("worker_id", "base_model", "endpoint", "adapter_ids", "healthy", "draining", "pool_tenant_id", "pinned_adapter_ids", "max_concurrency")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    POOL_TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     base_model: str
     endpoint: str
     adapter_ids: _containers.RepeatedScalarFieldContainer[str]
     healthy: bool
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., adapter_ids: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ...) -> None: ...
+    pool_tenant_id: str
+    pinned_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_concurrency: int
+    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., adapter_ids: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., pool_tenant_id: _Optional[str] = ..., pinned_adapter_ids: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
 
 class GetRoutingTableResponse(_message.Message):
     __slots__ = ("version", "workers")

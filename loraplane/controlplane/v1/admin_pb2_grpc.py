@@ -60,6 +60,16 @@ class AdminServiceStub:
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.GetRoutingTableRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.GetRoutingTableResponse.FromString,
                 _registered_method=True)
+        self.AssignWorker = channel.unary_unary(
+                '/loraplane.controlplane.v1.AdminService/AssignWorker',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.AssignWorkerRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.AssignWorkerResponse.FromString,
+                _registered_method=True)
+        self.UnassignWorker = channel.unary_unary(
+                '/loraplane.controlplane.v1.AdminService/UnassignWorker',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -101,6 +111,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssignWorker(self, request, context):
+        """Puts a worker in a tenant's dedicated pool: from then on only that tenant's adapters and
+        base-model requests go there (the other tenants' adapters it holds are evicted), and that
+        tenant's go only to its pool. The tenant's tier must be dedicated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnassignWorker(self, request, context):
+        """Takes a worker out of its tenant's pool: a shared worker again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +154,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetRoutingTable,
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.GetRoutingTableRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.GetRoutingTableResponse.SerializeToString,
+            ),
+            'AssignWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignWorker,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.AssignWorkerRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.AssignWorkerResponse.SerializeToString,
+            ),
+            'UnassignWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnassignWorker,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +302,60 @@ class AdminService:
             '/loraplane.controlplane.v1.AdminService/GetRoutingTable',
             loraplane_dot_controlplane_dot_v1_dot_admin__pb2.GetRoutingTableRequest.SerializeToString,
             loraplane_dot_controlplane_dot_v1_dot_admin__pb2.GetRoutingTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.AdminService/AssignWorker',
+            loraplane_dot_controlplane_dot_v1_dot_admin__pb2.AssignWorkerRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_admin__pb2.AssignWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnassignWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.AdminService/UnassignWorker',
+            loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,7 +22,7 @@ TIER_RESERVED: Tier
 TIER_DEDICATED: Tier
 
 class Tenant(_message.Message):
-    __slots__ = ("id", "name", "tier", "max_adapters", "created_at", "suspended", "limits", "own_limits")
+    __slots__ = ("id", "name", "tier", "max_adapters", "created_at", "suspended", "limits", "own_limits", "pinned_slots", "own_pinned_slots", "spill_over", "pool_worker_ids", "pinned_adapter_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,11 @@ class Tenant(_message.Message):
     SUSPENDED_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     OWN_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    OWN_PINNED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SPILL_OVER_FIELD_NUMBER: _ClassVar[int]
+    POOL_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     tier: Tier
@@ -39,7 +44,12 @@ class Tenant(_message.Message):
     suspended: bool
     limits: RateLimits
     own_limits: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., max_adapters: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., suspended: _Optional[bool] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ..., own_limits: _Optional[bool] = ...) -> None: ...
+    pinned_slots: int
+    own_pinned_slots: bool
+    spill_over: bool
+    pool_worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    pinned_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., max_adapters: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., suspended: _Optional[bool] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ..., own_limits: _Optional[bool] = ..., pinned_slots: _Optional[int] = ..., own_pinned_slots: _Optional[bool] = ..., spill_over: _Optional[bool] = ..., pool_worker_ids: _Optional[_Iterable[str]] = ..., pinned_adapter_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RateLimits(_message.Message):
     __slots__ = ("rpm", "tpm", "concurrency")
@@ -226,3 +236,21 @@ class ExportUsageResponse(_message.Message):
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
     next_page_token: str
     def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SetTenantCapacityRequest(_message.Message):
+    __slots__ = ("tenant_id", "pinned_slots", "pinned_slots_tier_default", "spill_over")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_SLOTS_TIER_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    SPILL_OVER_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    pinned_slots: int
+    pinned_slots_tier_default: bool
+    spill_over: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., pinned_slots: _Optional[int] = ..., pinned_slots_tier_default: _Optional[bool] = ..., spill_over: _Optional[bool] = ...) -> None: ...
+
+class SetTenantCapacityResponse(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: Tenant
+    def __init__(self, tenant: _Optional[_Union[Tenant, _Mapping]] = ...) -> None: ...

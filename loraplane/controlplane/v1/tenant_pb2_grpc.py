@@ -85,6 +85,11 @@ class TenantServiceStub:
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageResponse.FromString,
                 _registered_method=True)
+        self.SetTenantCapacity = channel.unary_unary(
+                '/loraplane.controlplane.v1.TenantService/SetTenantCapacity',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantCapacityRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantCapacityResponse.FromString,
+                _registered_method=True)
 
 
 class TenantServiceServicer:
@@ -163,6 +168,15 @@ class TenantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTenantCapacity(self, request, context):
+        """Sets how a tenant's capacity is given: its pinned-adapter allowance (its own, or its tier's)
+        and whether its requests may spill over to shared workers when its dedicated pool is down
+        or full. Fields not set are left as they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +229,11 @@ def add_TenantServiceServicer_to_server(servicer, server):
                     servicer.ExportUsage,
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageResponse.SerializeToString,
+            ),
+            'SetTenantCapacity': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantCapacity,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantCapacityRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantCapacityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -488,6 +507,33 @@ class TenantService:
             '/loraplane.controlplane.v1.TenantService/ExportUsage',
             loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageRequest.SerializeToString,
             loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.ExportUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantCapacity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.TenantService/SetTenantCapacity',
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantCapacityRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_tenant__pb2.SetTenantCapacityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident", "engine")
+    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident", "engine", "max_concurrency")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     base_model: str
     endpoint: str
     max_adapters: int
     resident: _containers.RepeatedScalarFieldContainer[str]
     engine: EngineStatus
-    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ...) -> None: ...
+    max_concurrency: int
+    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
     __slots__ = ("state", "last_error", "restarts")
@@ -131,7 +133,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident_adapter_ids", "healthy", "engine_state", "engine_last_error", "engine_restarts")
+    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident_adapter_ids", "healthy", "engine_state", "engine_last_error", "engine_restarts", "pool_tenant_id", "pinned_adapter_ids", "draining", "max_concurrency")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,10 @@ class Worker(_message.Message):
     ENGINE_STATE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     ENGINE_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     base_model: str
     endpoint: str
@@ -150,7 +156,11 @@ class Worker(_message.Message):
     engine_state: str
     engine_last_error: str
     engine_restarts: int
-    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., engine_state: _Optional[str] = ..., engine_last_error: _Optional[str] = ..., engine_restarts: _Optional[int] = ...) -> None: ...
+    pool_tenant_id: str
+    pinned_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    draining: bool
+    max_concurrency: int
+    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., engine_state: _Optional[str] = ..., engine_last_error: _Optional[str] = ..., engine_restarts: _Optional[int] = ..., pool_tenant_id: _Optional[str] = ..., pinned_adapter_ids: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
