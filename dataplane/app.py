@@ -21,11 +21,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dataplane import access, errors, events, httpserver, inference
+from dataplane import access, errors, events, fairshare, httpserver, inference
 from dataplane.auth import KeyCache
 from dataplane.breaker import Breaker
 from dataplane.cpclient import ControlPlaneClient, answering
 from dataplane.errors import ApiError, BadRequest, RequestTimeout, TooLarge
+from dataplane.fairshare import Gate
 from dataplane.inference import State, bearer, read_json
 from dataplane.metering import Meter
 from dataplane.metrics import Metrics
@@ -94,6 +95,7 @@ def adapter_json(a: apb.Adapter) -> dict[str, object]:
         "sha256": a.sha256,
         "created_at": a.created_at.seconds,
         "placement_error": a.placement_error or None,
+        "pinned": a.pinned,
     }
 
 
@@ -181,6 +183,22 @@ async def delete_adapter(request: Request) -> Response:
     await st.cp.delete_adapter(_key(request), adapter_id)
     st.resolver.forget_id(adapter_id)  # at once here; other data planes hear it from Redis
     return JSONResponse({"id": adapter_id, "object": "adapter", "deleted": True})
+
+
+async def pin_adapter(request: Request) -> Response:
+    """Pin the adapter into one of the tenant's always-resident slots; answered once it is loaded."""
+    st = _state(request)
+    await _tenant(request)
+    pinned = await st.cp.pin(_key(request), request.path_params["adapter_id"], st.settings.place_timeout_s)
+    return JSONResponse(
+        adapter_json(pinned.adapter) | {"pinned_slots": {"used": pinned.pinned, "allowed": pinned.pinned_slots}}
+    )
+
+
+async def unpin_adapter(request: Request) -> Response:
+    st = _state(request)
+    await _tenant(request)
+    return JSONResponse(adapter_json(await st.cp.unpin(_key(request), request.path_params["adapter_id"])))
 
 
 async def list_adapters(request: Request) -> Response:
@@ -282,6 +300,8 @@ class DataPlane:
             Route("/v1/adapters", by_method(GET=list_adapters, POST=create_adapter), methods=["GET", "POST"]),
             Route("/v1/adapters/{adapter_id}", by_method(GET=get_adapter, DELETE=delete_adapter),
                   methods=["GET", "DELETE"]),
+            Route("/v1/adapters/{adapter_id}/pin", by_method(POST=pin_adapter, DELETE=unpin_adapter),
+                  methods=["POST", "DELETE"]),
         ]  # fmt: skip
         handlers = {ApiError: errors.handle, HTTPException: errors.handle_http}
         self.starlette = Starlette(routes=routes, lifespan=self._lifespan(settings), exception_handlers=handlers)
@@ -354,6 +374,17 @@ class DataPlane:
             cp = ControlPlaneClient(settings.controlplane_addr)
             headers = {"Authorization": f"Bearer {settings.worker_api_key}"} if settings.worker_api_key else {}
             upstream = Pool(headers)
+            gate = Gate(
+                routing.in_flight,
+                self.metrics,
+                dict(settings.tier_weights),
+                settings.queue_timeout_s,
+                settings.queue_max_per_tenant,
+                replicas=settings.dataplane_replicas or 1,
+                capacity_override=settings.worker_concurrency,
+            )
+            if not settings.dataplane_replicas:
+                background.append(asyncio.create_task(fairshare.follow_replicas(client, gate, limiter.replica)))
             self.state = State(
                 settings=settings,
                 keys=keys,
@@ -366,6 +397,7 @@ class DataPlane:
                 metrics=self.metrics,
                 meter=meter,
                 limiter=limiter,
+                gate=gate,
             )
             try:
                 yield {"lp": self.state}

@@ -75,6 +75,25 @@ class ControlPlaneClient:
             raise from_grpc(err) from None
         return resp.adapter
 
+    async def pin(self, key: str, adapter_id: str, timeout: float) -> apb.PinAdapterResponse:
+        """Pinned and loaded (the call waits for the load)."""
+        try:
+            resp: apb.PinAdapterResponse = await self.adapters.PinAdapter(
+                apb.PinAdapterRequest(id=adapter_id), metadata=self.auth(key), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_grpc(err) from None
+        return resp
+
+    async def unpin(self, key: str, adapter_id: str) -> apb.Adapter:
+        try:
+            resp: apb.UnpinAdapterResponse = await self.adapters.UnpinAdapter(
+                apb.UnpinAdapterRequest(id=adapter_id), metadata=self.auth(key), timeout=10
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_grpc(err) from None
+        return resp.adapter
+
     async def place(
         self, key: str, adapter_id: str, timeout: float, replicate: bool = False, avoid: list[str] | None = None
     ) -> apb.PlaceAdapterResponse:

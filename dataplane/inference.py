@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from dataplane.errors import (
     Unreachable,
     Upstream,
 )
+from dataplane.fairshare import Gate, Slot
 from dataplane.metering import Meter, Seen
 from dataplane.metrics import Metrics
 from dataplane.ratelimit import Admission, Limiter, RateLimited, estimate
@@ -76,6 +78,7 @@ class State:
     metrics: Metrics
     meter: Meter
     limiter: Limiter
+    gate: Gate
 
 
 class ClientGone(Exception):
@@ -212,23 +215,28 @@ async def _answer(st: State, scope: Scope, receive: Receive, send: Send, path: s
     watcher = asyncio.create_task(departure.watch(receive))
     limit_headers = admission.headers() if admission is not None else []
     reply = Reply(client_model, departure.guarded(send), forced, seen, wanted, limit_headers)
+    slot: Slot | None = None
     try:
-        worker = await worker_for(st, target, key)
-        scope[access.WORKER] = worker.id
+        slot = await worker_for(st, target, key, tenant)
+        scope[access.WORKER] = slot.worker.id
         try:
-            return await _forward(st, worker, path, body, target, reply)
+            return await _forward(st, slot.worker, path, body, target, reply)
         except Unreachable as err:  # nothing reached the client: once more, elsewhere
+            tried = slot.worker.id
             if not isinstance(err, NotResident):
-                st.routing.suspect(worker.id)
-            worker = await worker_for(st, target, key, avoid=frozenset({worker.id}))
-            scope[access.WORKER] = worker.id
-            return await _forward(st, worker, path, body, target, reply)
+                st.routing.suspect(tried)
+            slot.release()
+            slot = await worker_for(st, target, key, tenant, avoid=frozenset({tried}))
+            scope[access.WORKER] = slot.worker.id
+            return await _forward(st, slot.worker, path, body, target, reply)
     except asyncio.CancelledError:
         if departure.left and task.cancelling() <= 1:
             task.uncancel()
             return 499
         raise
     finally:
+        if slot is not None:
+            slot.release()
         watcher.cancel()
         used = seen.total()  # what reached the client (a retry's first try sent nothing)
         if used is not None:
@@ -316,8 +324,7 @@ class Departure:
 
 
 async def _forward(st: State, worker: Worker, path: str, body: dict[str, Any], target: Target, reply: Reply) -> int:
-    in_flight, adapter_in_flight = st.routing.in_flight, st.routing.adapter_in_flight
-    in_flight[worker.id] += 1
+    adapter_in_flight = st.routing.adapter_in_flight
     if target.adapter_id:
         adapter_in_flight[target.adapter_id] += 1
     try:
@@ -340,7 +347,6 @@ async def _forward(st: State, worker: Worker, path: str, body: dict[str, Any], t
         finally:
             upstream.release()
     finally:
-        in_flight[worker.id] -= 1
         if target.adapter_id:
             adapter_in_flight[target.adapter_id] -= 1
 
@@ -385,36 +391,78 @@ async def _relay(upstream: UpstreamResponse, reply: Reply, timeout: float) -> in
     return upstream.status
 
 
-async def worker_for(st: State, target: Target, key: str, avoid: frozenset[str] = frozenset()) -> Worker:
-    """Adapter affinity first, then load; a cold adapter is placed once, whoever asks."""
-    usable = st.routing.usable(st.routing.workers)
-    if avoid:
-        usable = [w for w in usable if w.id not in avoid]
-    pool = candidates(usable, target.base.name, target.adapter_id)
-    worker = least_loaded(pool, st.routing.in_flight)
+async def worker_for(st: State, target: Target, key: str, tenant: Tenant, avoid: frozenset[str] = frozenset()) -> Slot:
+    """A slot on a worker of the tenant's pool (`pool_for`): adapter affinity first, then load (a
+    cold adapter is placed once, whoever asks); then the fair queue's turn (`fairshare`)."""
+    base = target.base.name
+    pool = pool_for(st, tenant, base)
+
+    def usable() -> list[Worker]:
+        workers = st.routing.usable(st.routing.workers)
+        return [w for w in workers if w.id not in avoid] if avoid else list(workers)
+
     if target.adapter_id is None:
+        return await _enter(st, tenant, base, pool, lambda: candidates(usable(), base, None, pool))
+    adapter_id = target.adapter_id
+    st.used[adapter_id] = time.time()
+    holders = candidates(usable(), base, adapter_id, pool)
+    st.metrics.routing.inc("hit" if holders else "miss")
+    if holders:
+        hot = is_hot(st.routing.adapter_in_flight[adapter_id] + 1, len(holders), st.settings.replicate_at_in_flight)
+        full = not any(st.gate.has_room(w) for w in holders)  # its copies are full: one more, elsewhere
+        if (hot or full) and len(candidates(usable(), base, None, pool)) > len(holders):
+            single_flight(st, key, adapter_id, replicate=True)
+    else:
+        st.metrics.cold_waiting.add(by=1)
+        try:
+            placed = await asyncio.shield(single_flight(st, key, adapter_id, avoid=avoid))
+        finally:
+            st.metrics.cold_waiting.add(by=-1)
+        worker = st.routing.placed(placed.worker_id, adapter_id)
         if worker is None:
-            raise Unavailable(f"no worker serves {target.base.name} right now")
-        return worker
-    st.used[target.adapter_id] = time.time()
-    st.metrics.routing.inc("hit" if worker is not None else "miss")
-    if worker is not None:
-        hot = is_hot(st.routing.adapter_in_flight[target.adapter_id] + 1, len(pool), st.settings.replicate_at_in_flight)
-        if hot and len(candidates(usable, target.base.name, None)) > len(pool):
-            single_flight(st, key, target.adapter_id, replicate=True)
-        return worker
-    st.metrics.cold_waiting.add(by=1)
-    try:
-        placed = await asyncio.shield(single_flight(st, key, target.adapter_id, avoid=avoid))
-    finally:
-        st.metrics.cold_waiting.add(by=-1)
-    worker = st.routing.placed(placed.worker_id, target.adapter_id)
-    if worker is None:
-        await st.routing.refresh()
-        worker = st.routing.placed(placed.worker_id, target.adapter_id)
-    if worker is None:
-        raise Unavailable("the adapter's worker is not in the routing table yet")
-    return worker
+            await st.routing.refresh()
+            worker = st.routing.placed(placed.worker_id, adapter_id)
+        if worker is None:
+            raise Unavailable("the adapter's worker is not in the routing table yet")
+        pool = worker.pool  # its own pool, or the shared workers when it spilled over
+    return await _enter(st, tenant, base, pool, lambda: candidates(usable(), base, None, pool), adapter_id)
+
+
+async def _enter(
+    st: State,
+    tenant: Tenant,
+    base: str,
+    pool: str,
+    scope_workers: Callable[[], list[Worker]],
+    adapter_id: str | None = None,
+) -> Slot:
+    """The fair queue of the base model's workers in the pool: a slot on the least loaded of the
+    request's workers (those holding its adapter) that has room."""
+    gate, in_flight = st.gate, st.routing.in_flight
+    if not scope_workers():
+        raise Unavailable(f"no worker serves {base} right now")
+
+    def pick() -> Worker | None:
+        workers = scope_workers()
+        if adapter_id is not None:
+            workers = [w for w in workers if adapter_id in w.resident]
+        return least_loaded([w for w in workers if gate.has_room(w)], in_flight)
+
+    return await gate.enter(gate.scope(base, pool, scope_workers), tenant.id, tenant.tier, pick, base)
+
+
+def pool_for(st: State, tenant: Tenant, base: str) -> str:
+    """The pool the tenant's requests for the base model go to: its dedicated pool (its id) if it
+    has one, else the shared workers (""); the shared ones too when its pool has no worker of the
+    model serving and it may spill over. Unavailable (503) when none serves, with the reason."""
+    pools = st.routing.pools(tenant.id, base, tenant.spill)
+    for pool in pools:
+        if any(w.healthy and w.base_model == base and w.pool == pool for w in st.routing.workers):
+            return pool
+    if pools[0]:
+        spill = "" if tenant.spill else " (spill-over to shared workers is off for this tenant)"
+        raise Unavailable(f"none of the tenant's dedicated workers of {base} is serving right now{spill}")
+    raise Unavailable(f"no worker serves {base} right now")
 
 
 def single_flight(

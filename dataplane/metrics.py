@@ -80,6 +80,25 @@ class Metrics:
             "too_large).",
             ("reason",),
         )
+        # Fair queuing when a base model's workers are full (`fairshare`), by tier.
+        self.queue_depth = metrics.Gauge(
+            r,
+            "loraplane_queue_depth",
+            "Requests waiting for a slot on a full base model's workers, by base model and tier.",
+            ("base_model", "tier"),
+        )
+        self.queue_wait = metrics.Histogram(
+            r,
+            "loraplane_queue_wait_seconds",
+            "Time requests waited for a slot on their base model's workers, by tier (only those that waited).",
+            ("tier",),
+        )
+        self.queue_rejected = metrics.Counter(
+            r,
+            "loraplane_queue_rejected_total",
+            "Requests refused while waiting for a slot, by tier and reason (timeout: 503, full: 429).",
+            ("tier", "reason"),
+        )
         # Read from the process's state at each scrape (see `app.metrics_endpoint`).
         self.redis_up = metrics.Gauge(
             r, "loraplane_redis_up", "1 if Redis answers (as far as this process knows).", ("component",)

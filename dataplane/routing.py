@@ -25,11 +25,14 @@ class Worker:
     endpoint: str
     resident: frozenset[str]
     healthy: bool
+    pool: str = ""  # the tenant whose dedicated pool it is in; "": shared
+    capacity: int = 0  # most requests its engine runs at once; 0: not known (no queueing)
 
 
-def candidates(workers: Sequence[Worker], base_model: str, adapter_id: str | None) -> list[Worker]:
-    """Healthy workers of the base model; for an adapter, only those that hold it."""
-    ok = [w for w in workers if w.healthy and w.base_model == base_model]
+def candidates(workers: Sequence[Worker], base_model: str, adapter_id: str | None, pool: str = "") -> list[Worker]:
+    """Healthy workers of the base model in `pool` (a tenant's id, or "" the shared workers); for
+    an adapter, only those that hold it."""
+    ok = [w for w in workers if w.healthy and w.base_model == base_model and w.pool == pool]
     if adapter_id is None:
         return ok
     return [w for w in ok if adapter_id in w.resident]
@@ -59,6 +62,8 @@ class RoutingTable:
         self._unproven: dict[str, float] = {}  # worker id -> `updated_at` of the record not vouched for
         self.version = -1
         self.workers: tuple[Worker, ...] = ()
+        # (tenant, base model) of every dedicated pool (of workers live or not)
+        self.pooled: frozenset[tuple[str, str]] = frozenset()
         self.in_flight: Counter[str] = Counter()  # per worker, from this data plane
         self.adapter_in_flight: Counter[str] = Counter()
         self._suspects: dict[str, float] = {}  # worker id -> until when it is skipped
@@ -112,7 +117,7 @@ class RoutingTable:
         none: tuple[float, frozenset[str]] = (0.0, frozenset())
         workers = tuple(
             Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident) | self._placed.get(w.id, none)[1],
-                   w.healthy and w.id not in self._unproven)
+                   w.healthy and w.id not in self._unproven, w.pool, w.max_concurrency)
             for w in records
         )  # fmt: skip
         if self._suspects:  # a worker whose agent reported it down and then serving again has proved itself
@@ -121,3 +126,12 @@ class RoutingTable:
                 if w.healthy and w.id in was_down:
                     self._suspects.pop(w.id, None)
         self.workers, self.version = workers, version
+        self.pooled = frozenset((w.pool, w.base_model) for w in workers if w.pool)
+
+    def pools(self, tenant_id: str, base_model: str, spill: bool) -> tuple[str, ...]:
+        """Where a tenant's requests for a base model may go, in order: its dedicated pool if it
+        has one of that model (then the shared workers, if it may spill over), else the shared
+        workers."""
+        if (tenant_id, base_model) not in self.pooled:
+            return ("",)
+        return (tenant_id, "") if spill else (tenant_id,)

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from loraplane import config
 from loraplane.config import derived, var
-from loraplane.limits import MAX_ADAPTER_BYTES, RATE_VARS, TIER_RATE_LIMITS, RateLimits, tier_rate_limits
+from loraplane.limits import (
+    MAX_ADAPTER_BYTES,
+    RATE_VARS,
+    TIER_RATE_LIMITS,
+    TIER_WEIGHTS,
+    WEIGHT_VARS,
+    RateLimits,
+    tier_rate_limits,
+    tier_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,19 @@ class Settings:
     # how long usage buckets are kept: minute, hour and day buckets (days; 0 forever)
     usage_minute_days: float = field(default=2.0, metadata=var("LORAPLANE_USAGE_MINUTE_DAYS"))
     usage_retention_days: float = field(default=90.0, metadata=var("LORAPLANE_USAGE_RETENTION_DAYS"))
+
+    # fair queuing when a base model's workers are full (dataplane/fairshare.py): each worker's
+    # concurrency (0: what its agent reports, vLLM's --max-num-seqs), split among this many data
+    # plane replicas (0: the live ones, counted in Redis); how long a request may wait for a slot
+    # (then 503), and how many of one tenant's may wait per base model (then 429); weights per
+    # tier (LORAPLANE_TIER_<TIER>_WEIGHT)
+    worker_concurrency: int = field(default=0, metadata=var("LORAPLANE_WORKER_CONCURRENCY"))
+    dataplane_replicas: int = field(default=0, metadata=var("LORAPLANE_DATAPLANE_REPLICAS"))
+    queue_timeout_s: float = field(default=30.0, metadata=var("LORAPLANE_QUEUE_TIMEOUT_S"))
+    queue_max_per_tenant: int = field(default=1000, metadata=var("LORAPLANE_QUEUE_MAX_PER_TENANT"))
+    tier_weights: Mapping[str, int] = field(
+        default_factory=lambda: dict(TIER_WEIGHTS), metadata=derived(WEIGHT_VARS, tier_weights)
+    )
 
     # browser origins allowed to call the API (comma-separated; "*" any); empty: no CORS
     cors_origins: str = field(default="", metadata=var("LORAPLANE_CORS_ORIGINS"))

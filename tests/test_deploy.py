@@ -104,6 +104,9 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "loraplane_tokens_total": (COUNTER, frozenset({"base_model", "tier", "direction"})),
     "loraplane_metered_requests_total": (COUNTER, frozenset({"base_model", "tier"})),
     "loraplane_rate_limited_total": (COUNTER, frozenset({"reason"})),
+    "loraplane_queue_depth": (GAUGE, frozenset({"base_model", "tier"})),
+    "loraplane_queue_wait_seconds": (HISTOGRAM, frozenset({"tier"})),
+    "loraplane_queue_rejected_total": (COUNTER, frozenset({"tier", "reason"})),
 }
 TARGET_LABELS = frozenset({"instance", "job", "node"})  # added by Prometheus to every series
 # Where the control plane and the agent serve /metrics unless LORAPLANE_METRICS_ADDR says otherwise.
@@ -788,7 +791,7 @@ def _grpcurl_calls() -> list[tuple[str, str, str | None]]:
 
 OPERATOR_VERBS = [
     *[(admin_pb2.DESCRIPTOR.services_by_name["AdminService"], m) for m in ("DrainWorker", "UndrainWorker",
-      "ForceLoadAdapter", "ForceEvictAdapter", "GetRoutingTable")],
+      "ForceLoadAdapter", "ForceEvictAdapter", "GetRoutingTable", "AssignWorker", "UnassignWorker")],
     *[(tenant_pb2.DESCRIPTOR.services_by_name["TenantService"], m.name)
       for m in tenant_pb2.DESCRIPTOR.services_by_name["TenantService"].methods],
     (worker_pb2.DESCRIPTOR.services_by_name["WorkerService"], "ListWorkers"),

@@ -68,11 +68,15 @@ def test_the_data_planes_registry() -> None:
     m.tokens.inc("tiny-llama", "shared", "input", by=8)
     m.metered.inc("tiny-llama", "shared")
     m.rate_limited.inc("requests")
+    m.queue_depth.add("tiny-llama", "shared", by=1)
+    m.queue_wait.observe("shared", value=0.2)
+    m.queue_rejected.inc("shared", "timeout")
     expected = dashboard(
         "loraplane_requests_total", "loraplane_request_seconds", "loraplane_time_to_first_token_seconds",
         "loraplane_routing_total", "loraplane_cold_placements_waiting", "loraplane_upload_bytes_total",
         "loraplane_upload_rejections_total", "loraplane_redis_up", "loraplane_controlplane_up",
         "loraplane_tokens_total", "loraplane_metered_requests_total", "loraplane_rate_limited_total",
+        "loraplane_queue_depth", "loraplane_queue_wait_seconds", "loraplane_queue_rejected_total",
     )  # fmt: skip
     page = m.render()
     check(page, expected | DATAPLANE_OWN)

@@ -110,3 +110,23 @@ async def test_a_placements_word_holds_until_the_workers_record_is_rewritten(red
     await table.refresh()
     assert candidates(table.workers, "m", "x") == [] and candidates(table.workers, "m", "y") != []
     await r.aclose()
+
+
+async def test_a_tenants_pool_holds_the_base_models_it_serves_only(redis_server: RedisServer) -> None:
+    """A tenant whose pool has workers of model m only: its m requests go to its pool (and, when it
+    may spill over, the shared workers after), its requests for other models to the shared ones."""
+    r = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/10", decode_responses=True)
+    await r.flushdb()
+    store, table = Store(r), RoutingTable(r)
+    pooled = WorkerRecord("p", "m", "http://p", 8)
+    for rec in (pooled, WorkerRecord("s", "m", "http://s", 8), WorkerRecord("o", "other", "http://o", 8)):
+        await store.put_worker(rec)
+    await store.set_pool(pooled, "t1")
+    await table.refresh()
+    assert table.pools("t1", "m", spill=False) == ("t1",)
+    assert table.pools("t1", "m", spill=True) == ("t1", "")
+    assert table.pools("t1", "other", spill=False) == ("",)
+    assert table.pools("t2", "m", spill=False) == ("",)
+    assert [w.id for w in candidates(table.workers, "m", None, "t1")] == ["p"]
+    assert [w.id for w in candidates(table.workers, "m", None, "")] == ["s"]
+    await r.aclose()

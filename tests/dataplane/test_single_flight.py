@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from dataplane.fairshare import Gate
 from dataplane.inference import State, worker_for
 from dataplane.metrics import Metrics
 from dataplane.resolve import Target
@@ -13,6 +14,7 @@ from dataplane.routing import RoutingTable, Worker
 from dataplane.settings import Settings
 from loraplane.catalog import BaseModel
 from loraplane.controlplane.v1 import adapter_pb2 as apb
+from loraplane.state.records import Tenant
 
 
 class CountingControlPlane:
@@ -36,9 +38,12 @@ async def test_concurrent_requests_for_a_cold_adapter_place_it_once() -> None:
     routing.workers = (Worker("w1", "m", "http://w1", frozenset(), True),)
     cp = CountingControlPlane(routing)
     settings = Settings("127.0.0.1", 0, "", "", Path("."), "")
-    st = State(settings, None, None, routing, cp, None, {}, {}, Metrics(), None, None)  # type: ignore[arg-type]
+    metrics = Metrics()
+    gate = Gate(routing.in_flight, metrics, {"shared": 1}, queue_timeout_s=5, max_queued=100)
+    st = State(settings, None, None, routing, cp, None, {}, {}, metrics, None, None, gate)  # type: ignore[arg-type]
     target = Target(BaseModel("m", "chat", "", True, 64, 8), "adp_1")
-    workers: list[Any] = await asyncio.gather(*(worker_for(st, target, "key") for _ in range(20)))
-    assert {w.id for w in workers} == {"w1"}
+    tenant = Tenant("ten_1", "t", "shared", 0.0)
+    slots: list[Any] = await asyncio.gather(*(worker_for(st, target, "key", tenant) for _ in range(20)))
+    assert {s.worker.id for s in slots} == {"w1"}
     assert cp.calls == [("adp_1", False)]
     assert not st.placing  # the flight is over
