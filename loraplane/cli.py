@@ -9,7 +9,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -18,6 +20,9 @@ from google.protobuf.message import Message
 from loraplane import tenantcli, usagereport
 from loraplane.controlplane.v1 import tenant_pb2, worker_pb2
 from loraplane.operator import Operator
+
+if TYPE_CHECKING:
+    from loraplane.stack import Stack, StackConfig
 
 TIERS = {"shared": tenant_pb2.TIER_SHARED, "reserved": tenant_pb2.TIER_RESERVED, "dedicated": tenant_pb2.TIER_DEDICATED}
 
@@ -38,33 +43,47 @@ def _operator(args: argparse.Namespace) -> tuple[str, str]:
     return addr, token
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from loraplane.stack import Stack, StackConfig
+def up_config(data_dir: Path, workers: int = 1) -> StackConfig:
+    """The stack `loraplane up` runs: `workers` vLLM workers of tiny-llama, the first's vLLM on
+    port 8100, the next ones' on 8101, 8102, …"""
+    from loraplane.stack import StackConfig, WorkerSpec
 
-    d = _data_dir(args)
-    stack = Stack(
-        StackConfig(
-            data_dir=d, redis_url=os.environ.get("LORAPLANE_REDIS_URL", ""), log_dir=d / "logs", metrics_port=9090
-        )
-    )
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"starting loraplane (logs in {d / 'logs'}) ...", flush=True)
-    try:
-        stack.start()
-        print(
-            f"""
+    config = StackConfig(
+        data_dir=data_dir, redis_url=os.environ.get("LORAPLANE_REDIS_URL", ""), log_dir=data_dir / "logs",
+        metrics_port=9090,
+    )  # fmt: skip
+    return replace(config, extra_workers=tuple(WorkerSpec(config.vllm_port + i) for i in range(1, workers)))
+
+
+def banner(stack: Stack) -> str:
+    """What `loraplane up` prints once the stack serves."""
+    workers = [f"{worker_id} (vLLM {url})" for worker_id, url in stack.workers()]
+    label = "workers" if len(workers) > 1 else "worker"
+    listed = ("\n" + " " * 28).join(workers)
+    return f"""
 loraplane is up.
   OpenAI API (data plane)   {stack.http_url}/v1
   gRPC (control plane)      {stack.grpc_addr}
   base model                tiny-llama
+  {label:<26}{listed}
   Redis                     {stack.redis_url}
 
 Create a tenant and its API key (in another shell, from this directory):
   .venv/bin/loraplane tenant create acme --tier shared
 
-Press Ctrl-C to stop.""",
-            flush=True,
-        )
+Press Ctrl-C to stop."""
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from loraplane.stack import Stack
+
+    d = _data_dir(args)
+    stack = Stack(up_config(d, args.workers))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"starting loraplane (logs in {d / 'logs'}) ...", flush=True)
+    try:
+        stack.start()
+        print(banner(stack), flush=True)
         signal.pause()
     except KeyboardInterrupt:
         pass
@@ -101,8 +120,16 @@ def _limits(t: tenant_pb2.Tenant) -> str:
     return f"{', '.join(values)} ({'own' if t.own_limits else 'tier'})"
 
 
+def _capacity(t: tenant_pb2.Tenant) -> str:
+    """`pinned 1/2 (tier), spill-over off, pool w-1 w-2`: its pins of its allowance, and where its
+    requests go."""
+    workers = f"pool {' '.join(t.pool_worker_ids)}" if t.pool_worker_ids else "shared workers"
+    pins = f"pinned {len(t.pinned_adapter_ids)}/{t.pinned_slots} ({'own' if t.own_pinned_slots else 'tier'})"
+    return f"{pins}, spill-over {'on' if t.spill_over else 'off'}, {workers}"
+
+
 def _tenant_line(t: tenant_pb2.Tenant) -> str:
-    return f"{t.id}  {t.name}  {_tier(t)}{'  suspended' if t.suspended else ''}  {_limits(t)}"
+    return f"{t.id}  {t.name}  {_tier(t)}{'  suspended' if t.suspended else ''}  {_limits(t)}  {_capacity(t)}"
 
 
 def cmd_tenant_list(args: argparse.Namespace) -> None:
@@ -132,6 +159,16 @@ def cmd_tenant_set_limits(args: argparse.Namespace) -> None:
         for name, value in given.items():
             setattr(limits, name, value)
     print(_tenant_line(op.set_limits(args.tenant_id, limits)))
+
+
+def cmd_tenant_set_capacity(args: argparse.Namespace) -> None:
+    """Flags not given leave that part as it is."""
+    if args.tier_default_pins and args.pinned_slots is not None:
+        raise tenantcli.CliError("--tier-default-pins takes no --pinned-slots")
+    if args.pinned_slots is None and not args.tier_default_pins and args.spill_over is None:
+        raise tenantcli.CliError("give --pinned-slots or --tier-default-pins, and/or --spill-over or --no-spill-over")
+    tenant = _op(args).set_capacity(args.tenant_id, args.pinned_slots, args.tier_default_pins, args.spill_over)
+    print(_tenant_line(tenant))
 
 
 def cmd_tenant_usage(args: argparse.Namespace) -> None:
@@ -166,6 +203,14 @@ def _count(text: str) -> int:
     return n
 
 
+def _positive(text: str) -> int:
+    """A count of 1 or more."""
+    n = int(text) if text.isdigit() else 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return n
+
+
 def cmd_tenant_suspend(args: argparse.Namespace) -> None:
     _show(_op(args).suspend(args.tenant_id, suspended=args.suspend))
 
@@ -192,14 +237,50 @@ def _worker_state(w: worker_pb2.Worker) -> str:
     return w.engine_state if w.engine_state not in ("", "serving") else "down"
 
 
+def _worker_json(w: worker_pb2.Worker) -> dict[str, object]:
+    return {
+        "worker_id": w.worker_id,
+        "base_model": w.base_model,
+        "endpoint": w.endpoint,
+        "state": _worker_state(w),
+        "pool_tenant_id": w.pool_tenant_id,
+        "draining": w.draining,
+        "max_adapters": w.max_adapters,
+        "max_concurrency": w.max_concurrency,
+        "resident_adapter_ids": list(w.resident_adapter_ids),
+        "pinned_adapter_ids": list(w.pinned_adapter_ids),
+        "engine_state": w.engine_state,
+        "engine_restarts": w.engine_restarts,
+        "engine_last_error": w.engine_last_error,
+    }
+
+
 def cmd_worker_list(args: argparse.Namespace) -> None:
-    for w in _op(args).list_workers().workers:
+    workers = _op(args).list_workers().workers
+    if args.json:
+        print(json.dumps([_worker_json(w) for w in workers], indent=2))
+        return
+    for w in workers:
+        state = _worker_state(w) + ("  draining" if w.draining else "")
+        pool = f"pool {w.pool_tenant_id}" if w.pool_tenant_id else "shared"
         slots = f"{len(w.resident_adapter_ids)}/{w.max_adapters}"
-        print(f"{w.worker_id}  {w.base_model}  {_worker_state(w)}  {slots}  {w.endpoint}  restarts {w.engine_restarts}")
+        print(f"{w.worker_id}  {w.base_model}  {state}  {pool}  {slots}  {w.endpoint}  restarts {w.engine_restarts}")
         if w.engine_last_error:
             print(f"    last error: {w.engine_last_error}")
         for adapter_id in w.resident_adapter_ids:
-            print(f"    {adapter_id}")
+            print(f"    {adapter_id}{' (pinned)' if adapter_id in w.pinned_adapter_ids else ''}")
+
+
+def cmd_worker_assign(args: argparse.Namespace) -> None:
+    resp = _op(args).assign_worker(args.worker_id, args.tenant_id)
+    evicted = " ".join(resp.evicted_adapter_ids) or "nothing"
+    print(f"{resp.worker_id} is in the pool of {resp.tenant_id}; evicted {evicted}")
+
+
+def cmd_worker_unassign(args: argparse.Namespace) -> None:
+    resp = _op(args).unassign_worker(args.worker_id)
+    was = f"left the pool of {resp.tenant_id}" if resp.tenant_id else "was in no pool"
+    print(f"{resp.worker_id} is shared ({was})")
 
 
 def cmd_worker_drain(args: argparse.Namespace) -> None:
@@ -232,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="the embedded stack's directory (default .loraplane)")
     sub = parser.add_subparsers(required=True)
     up = sub.add_parser("up", help="run the whole stack on this machine")
+    up.add_argument(
+        "--workers", type=_positive, default=1, metavar="N",
+        help="vLLM workers of tiny-llama (default 1): their vLLMs on ports 8100, 8101, …",
+    )  # fmt: skip
     up.set_defaults(func=cmd_up)
     tenantcli.add_commands(sub)
     tenant = sub.add_parser("tenant", help="tenants (operator)").add_subparsers(required=True)
@@ -251,6 +336,19 @@ def main(argv: list[str] | None = None) -> int:
                        ("--concurrency", "requests in flight at once")):  # fmt: skip
         limits.add_argument(flag, type=_count, metavar="N", help=f"{what}, 0: unlimited (default: as now)")
     limits.add_argument("--tier-default", action="store_true", help="drop the tenant's own limits: its tier's apply")
+    capacity = _verb(
+        tenant, "set-capacity", cmd_tenant_set_capacity, "set a tenant's pinned-adapter allowance and spill-over",
+        "tenant_id",
+    )  # fmt: skip
+    capacity.add_argument("--pinned-slots", type=_count, metavar="N", help="adapters it may pin (default: as now)")
+    capacity.add_argument(
+        "--tier-default-pins", action="store_true", help="drop the tenant's own allowance: its tier's applies"
+    )
+    capacity.add_argument(
+        "--spill-over", action=argparse.BooleanOptionalAction,
+        help="whether its requests may go to shared workers when its dedicated pool cannot take them "
+        "(default: as now)",
+    )  # fmt: skip
     usage = _verb(tenant, "usage", cmd_tenant_usage, "a tenant's token usage per model and adapter", "tenant_id")
     usagereport.add_arguments(usage)
     key = sub.add_parser("key", help="API keys (operator)").add_subparsers(required=True)
@@ -258,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     _verb(key, "list", cmd_key_list, "list a tenant's keys by prefix", "tenant_id")
     _verb(key, "revoke", cmd_key_revoke, "revoke a key by its prefix", "prefix")
     worker = sub.add_parser("worker", help="workers (operator)").add_subparsers(required=True)
-    _verb(worker, "list", cmd_worker_list, "list workers and what they hold")
+    _verb(worker, "list", cmd_worker_list, "list workers and what they hold").add_argument(
+        "--json", action="store_true", help="print JSON"
+    )
+    assign = _verb(worker, "assign", cmd_worker_assign, "put a worker in a dedicated tenant's pool", "worker_id")
+    assign.add_argument("tenant_id")
+    _verb(worker, "unassign", cmd_worker_unassign, "make a pool's worker a shared one again", "worker_id")
     _verb(worker, "drain", cmd_worker_drain, "no new placements on a worker", "worker_id").set_defaults(drain=True)
     _verb(worker, "undrain", cmd_worker_drain, "let a worker take placements", "worker_id").set_defaults(drain=False)
     adapter = sub.add_parser("adapter", help="placements (operator)").add_subparsers(required=True)

@@ -79,6 +79,21 @@ class Operator:
         resp: tpb.SetTenantLimitsResponse = self._call(tenant_pb2_grpc.TenantServiceStub, "SetTenantLimits", request)
         return resp.tenant
 
+    def set_capacity(
+        self, tenant_id: str, pinned_slots: int | None = None, tier_default_pins: bool = False,
+        spill_over: bool | None = None,
+    ) -> tpb.Tenant:  # fmt: skip
+        """The tenant's own pinned-adapter allowance (`tier_default_pins`: its tier's again) and
+        whether it may spill over to shared workers; None: as it is."""
+        request = tpb.SetTenantCapacityRequest(
+            tenant_id=tenant_id, pinned_slots=pinned_slots, pinned_slots_tier_default=tier_default_pins,
+            spill_over=spill_over,
+        )  # fmt: skip
+        resp: tpb.SetTenantCapacityResponse = self._call(
+            tenant_pb2_grpc.TenantServiceStub, "SetTenantCapacity", request
+        )
+        return resp.tenant
+
     def usage(self, start: int, end: int, bucket_width: str, tenant_id: str = "") -> Iterator[tpb.UsageRow]:
         """Every usage row in [start, end), page after page (end 0: now, fixed at the first page)."""
         end = end or int(time.time())
@@ -103,6 +118,23 @@ class Operator:
             self._call(admin_pb2_grpc.AdminServiceStub, "DrainWorker", adpb.DrainWorkerRequest(worker_id=worker_id))
         else:
             self._call(admin_pb2_grpc.AdminServiceStub, "UndrainWorker", adpb.UndrainWorkerRequest(worker_id=worker_id))
+
+    def assign_worker(self, worker_id: str, tenant_id: str) -> adpb.AssignWorkerResponse:
+        """Into the tenant's dedicated pool; the other tenants' adapters it holds are evicted."""
+        resp: adpb.AssignWorkerResponse = self._call(
+            admin_pb2_grpc.AdminServiceStub,
+            "AssignWorker",
+            adpb.AssignWorkerRequest(worker_id=worker_id, tenant_id=tenant_id),
+            timeout=120,
+        )
+        return resp
+
+    def unassign_worker(self, worker_id: str) -> adpb.UnassignWorkerResponse:
+        """Out of its pool: a shared worker again."""
+        resp: adpb.UnassignWorkerResponse = self._call(
+            admin_pb2_grpc.AdminServiceStub, "UnassignWorker", adpb.UnassignWorkerRequest(worker_id=worker_id)
+        )
+        return resp
 
     def force_load(self, adapter_id: str, worker_id: str = "") -> adpb.ForceLoadAdapterResponse:
         resp: adpb.ForceLoadAdapterResponse = self._call(

@@ -183,6 +183,15 @@ class Stack:
             env.update(CPU_SHARE)
         return env | dict(spec.env)
 
+    def workers(self) -> list[tuple[str, str]]:
+        """Each worker's id and the URL of its vLLM, the first worker first (once started)."""
+        envs = [self.env(), *(self.worker_env(i, spec) for i, spec in enumerate(self.config.extra_workers, start=2))]
+        local = "http://127.0.0.1:{}"  # a vLLM its agent starts
+        return [
+            (e["LORAPLANE_WORKER_ID"], e.get("LORAPLANE_VLLM_URL") or local.format(e["LORAPLANE_VLLM_PORT"]))
+            for e in envs
+        ]
+
     @property
     def agents(self) -> list[str]:
         return ["agent"] + [f"agent-{i}" for i in range(2, len(self.config.extra_workers) + 2)]

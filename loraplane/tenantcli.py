@@ -170,7 +170,8 @@ def cmd_list(args: argparse.Namespace) -> None:
     for a in adapters:
         created = datetime.fromtimestamp(a["created_at"]).strftime("%Y-%m-%d %H:%M")
         size = human_size(a["size_bytes"]) if a["size_bytes"] else "-"
-        rows.append([a["name"], a["base_model"], a["status"], size, created])
+        status = a["status"] + (" (pinned)" if a.get("pinned") else "")
+        rows.append([a["name"], a["base_model"], status, size, created])
         if a.get("status_reason"):
             notes.append(f"{a['name']}: {a['status_reason']}")
         if a.get("placement_error"):
@@ -188,6 +189,30 @@ def cmd_delete(args: argparse.Namespace) -> None:
         for a in matches:
             api.call("DELETE", f"/v1/adapters/{quote(a['id'], safe='')}")
             print(f"deleted {a['name']} ({a['id']})")
+
+
+def _named(api: ApiClient, name: str) -> dict[str, Any]:
+    """The adapter NAME (or id) names: the live one, not a failed registration of the name."""
+    matches = [a for a in _adapters(api) if name in (a["name"], a["id"])]
+    if not matches:
+        raise CliError(f"no adapter named {name!r}")
+    live = [a for a in matches if a["status"] != "failed"] or matches
+    return live[-1]  # the newest
+
+
+def cmd_pin(args: argparse.Namespace) -> None:
+    with _api(args) as api:
+        a = _named(api, args.name)
+        pinned = api.call("POST", f"/v1/adapters/{quote(a['id'], safe='')}/pin")
+    slots = pinned.get("pinned_slots") or {}
+    print(f"pinned {a['name']} ({a['id']}): {slots.get('used')} of {slots.get('allowed')} pinned slots used")
+
+
+def cmd_unpin(args: argparse.Namespace) -> None:
+    with _api(args) as api:
+        a = _named(api, args.name)
+        api.call("DELETE", f"/v1/adapters/{quote(a['id'], safe='')}/pin")
+    print(f"unpinned {a['name']} ({a['id']})")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -330,6 +355,11 @@ def add_commands(sub: Verbs) -> None:
     listing = verb(group, "list", cmd_list, "list your adapters")
     listing.add_argument("--json", action="store_true", help="print them as JSON")
     verb(group, "delete", cmd_delete, "delete an adapter by name (or id)").add_argument("name", metavar="NAME")
+    for name, func, what in (
+        ("pin", cmd_pin, "keep an adapter loaded at all times, in one of your pinned slots (reserved, dedicated)"),
+        ("unpin", cmd_unpin, "free an adapter's pinned slot: it may be evicted for room again"),
+    ):
+        verb(group, name, func, what).add_argument("name", metavar="NAME", help="its name (or id)")
     chat = verb(sub, "chat", cmd_chat, "chat with a base model or BASE:ADAPTER, streamed")
     chat.add_argument(
         "prompt", nargs="?", metavar="PROMPT", help="one prompt (default: read stdin, or a conversation on a terminal)"

@@ -13,7 +13,10 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,13 +24,14 @@ import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2_grpc
 
 from controlplane.store import Store
-from loraplane.stack import Stack
-from loraplane.state import usage
+from loraplane.controlplane.v1 import tenant_pb2
+from loraplane.stack import Stack, StackConfig, WorkerSpec
+from loraplane.state import keys, usage
 from loraplane.state.records import WorkerRecord
-from tests.conftest import SimStack, new_tenant
+from tests.conftest import SimStack, new_tenant, running_stack, upload
 from tests.controlplane.test_service import OPERATOR, start_control_plane
 from tests.hubserver import HubServer, Repo
-from tests.support import RedisServer, free_port, lora_tensors, safetensors_bytes
+from tests.support import ROOT, RedisServer, free_port, lora_tensors, safetensors_bytes, wait_for
 
 ADAPTER = safetensors_bytes(lora_tensors(rank=4))
 CONFIG = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
@@ -302,7 +306,9 @@ def read_until(fd: int, marker: bytes, timeout: float = 30) -> bytes:
     "args",
     [
         ["adapters", "list", "--help"], ["adapters", "upload", "--help"], ["chat", "--help"], ["usage", "--help"],
-        ["tenant", "set-limits", "--help"], ["tenant", "usage", "--help"],
+        ["tenant", "set-limits", "--help"], ["tenant", "usage", "--help"], ["tenant", "set-capacity", "--help"],
+        ["adapters", "pin", "--help"], ["adapters", "unpin", "--help"], ["worker", "list", "--help"],
+        ["worker", "assign", "--help"], ["worker", "unassign", "--help"], ["up", "--help"],
     ],
 )  # fmt: skip
 def test_help(args: list[str], tmp_path: Path) -> None:
@@ -310,8 +316,10 @@ def test_help(args: list[str], tmp_path: Path) -> None:
 
 
 async def test_worker_list_shows_each_engine(redis_server: RedisServer, tmp_path: Path) -> None:
-    """`loraplane worker list`: healthy, the engine's state when it is not serving, or down; its
-    restarts; the engine's last error line below the worker, then what it holds."""
+    """`loraplane worker list`: healthy, the engine's state when it is not serving, or down;
+    draining; its pool (a dedicated tenant's) or shared; its restarts; the engine's last error
+    line below the worker, then what it holds, pinned adapters marked. `--json`: the same, one
+    object per worker."""
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     await client.flushdb()
     store = Store(client)
@@ -324,27 +332,46 @@ async def test_worker_list_shows_each_engine(redis_server: RedisServer, tmp_path
         now = time.time()
         for w in (
             WorkerRecord("w-a", "tiny-llama", "http://a", 4, ["adp_1", "adp_2"], True, now, owner=owner,
-                         engine_state="serving"),
+                         engine_state="serving", max_concurrency=256),
             WorkerRecord("w-b", "tiny-llama", "http://b", 4, [], False, now, owner=owner, engine_state="crash_loop",
                          engine_error="torch.OutOfMemoryError: CUDA out of memory", engine_restarts=5),
             WorkerRecord("w-c", "tiny-llama", "http://c", 4, [], False, now, engine_state="serving", engine_restarts=1),
         ):  # fmt: skip
             await store.put_worker(w)
+        await client.hset(keys.POOLS, "w-a", "ten_pool")
+        await client.hset(keys.PINNED, "adp_2", "ten_pool")
+        await client.sadd(keys.DRAINING, "w-b")
         operator = env(tmp_path, LORAPLANE_CONTROLPLANE_ADDR=f"127.0.0.1:{cp.port}", LORAPLANE_OPERATOR_TOKEN=OPERATOR)
         out = await asyncio.to_thread(loraplane, operator, "worker", "list")
+        as_json = await asyncio.to_thread(loraplane, operator, "worker", "list", "--json")
     finally:
         await cp.stop(0)
         await peer.stop(None)
         await client.aclose()
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        "w-a  tiny-llama  healthy  2/4  http://a  restarts 0",
+        "w-a  tiny-llama  healthy  pool ten_pool  2/4  http://a  restarts 0",
         "    adp_1",
-        "    adp_2",
-        "w-b  tiny-llama  crash_loop  0/4  http://b  restarts 5",
+        "    adp_2 (pinned)",
+        "w-b  tiny-llama  crash_loop  draining  shared  0/4  http://b  restarts 5",
         "    last error: torch.OutOfMemoryError: CUDA out of memory",
-        "w-c  tiny-llama  down  0/4  http://c  restarts 1",
+        "w-c  tiny-llama  down  shared  0/4  http://c  restarts 1",
     ]
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == [
+        {"worker_id": "w-a", "base_model": "tiny-llama", "endpoint": "http://a", "state": "healthy",
+         "pool_tenant_id": "ten_pool", "draining": False, "max_adapters": 4, "max_concurrency": 256,
+         "resident_adapter_ids": ["adp_1", "adp_2"], "pinned_adapter_ids": ["adp_2"], "engine_state": "serving",
+         "engine_restarts": 0, "engine_last_error": ""},
+        {"worker_id": "w-b", "base_model": "tiny-llama", "endpoint": "http://b", "state": "crash_loop",
+         "pool_tenant_id": "", "draining": True, "max_adapters": 4, "max_concurrency": 0,
+         "resident_adapter_ids": [], "pinned_adapter_ids": [], "engine_state": "crash_loop", "engine_restarts": 5,
+         "engine_last_error": "torch.OutOfMemoryError: CUDA out of memory"},
+        {"worker_id": "w-c", "base_model": "tiny-llama", "endpoint": "http://c", "state": "down",
+         "pool_tenant_id": "", "draining": False, "max_adapters": 4, "max_concurrency": 0,
+         "resident_adapter_ids": [], "pinned_adapter_ids": [], "engine_state": "serving", "engine_restarts": 1,
+         "engine_last_error": ""},
+    ]  # fmt: skip
 
 
 async def test_operator_sets_a_tenants_limits(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -367,16 +394,17 @@ async def test_operator_sets_a_tenants_limits(redis_server: RedisServer, tmp_pat
     try:
         tenant_id = json.loads(await asyncio.to_thread(ok, "create", "limited", "--json"))["tenant"]["id"]
         line = f"{tenant_id}  limited  shared  "
-        assert await asyncio.to_thread(ok, "list") == line + "rpm 600, tpm 400000, concurrency 32 (tier)\n"
+        capacity = "  pinned 0/0 (tier), spill-over off, shared workers\n"
+        assert await asyncio.to_thread(ok, "list") == line + "rpm 600, tpm 400000, concurrency 32 (tier)" + capacity
         assert await asyncio.to_thread(ok, "set-limits", tenant_id, "--rpm", "5") == (
-            line + "rpm 5, tpm 400000, concurrency 32 (own)\n"
+            line + "rpm 5, tpm 400000, concurrency 32 (own)" + capacity
         )
         assert await asyncio.to_thread(ok, "set-limits", tenant_id, "--tpm", "0", "--concurrency", "2") == (
-            line + "rpm 5, tpm unlimited, concurrency 2 (own)\n"
+            line + "rpm 5, tpm unlimited, concurrency 2 (own)" + capacity
         )
-        assert await asyncio.to_thread(ok, "list") == line + "rpm 5, tpm unlimited, concurrency 2 (own)\n"
+        assert await asyncio.to_thread(ok, "list") == line + "rpm 5, tpm unlimited, concurrency 2 (own)" + capacity
         assert await asyncio.to_thread(ok, "set-limits", tenant_id, "--tier-default") == (
-            line + "rpm 600, tpm 400000, concurrency 32 (tier)\n"
+            line + "rpm 600, tpm 400000, concurrency 32 (tier)" + capacity
         )
 
         both = await asyncio.to_thread(run, "set-limits", tenant_id, "--tier-default", "--rpm", "1")
@@ -388,6 +416,56 @@ async def test_operator_sets_a_tenants_limits(redis_server: RedisServer, tmp_pat
         nobody = await asyncio.to_thread(run, "set-limits", "ten_nobody", "--tier-default")
         assert "ten_nobody" in one_error_line(nobody)  # the control plane's NOT_FOUND
         negative = await asyncio.to_thread(run, "set-limits", tenant_id, "--rpm", "-1")
+        assert negative.returncode == 2 and "'-1' is not 0 (unlimited) or a positive whole number" in negative.stderr
+    finally:
+        await cp.stop(0)
+
+
+async def test_operator_sets_a_tenants_capacity(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`tenant set-capacity`: the pinned-slot allowance (its own, or `--tier-default-pins` its
+    tier's) and spill-over; a flag not given leaves that part as it is; `tenant list` shows them."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushdb()
+    await client.aclose()
+    cp = await start_control_plane(redis_server.url, tmp_path)
+    operator = env(tmp_path, LORAPLANE_CONTROLPLANE_ADDR=f"127.0.0.1:{cp.port}", LORAPLANE_OPERATOR_TOKEN=OPERATOR)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return loraplane(operator, "tenant", *args)
+
+    def ok(*args: str) -> str:
+        out = run(*args)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    try:
+        tenant_id = json.loads(await asyncio.to_thread(ok, "create", "big", "--tier", "reserved", "--json"))
+        tenant_id = tenant_id["tenant"]["id"]
+        line = f"{tenant_id}  big  reserved  rpm 3000, tpm 2000000, concurrency 128 (tier)  "
+        assert await asyncio.to_thread(ok, "list") == line + "pinned 0/2 (tier), spill-over off, shared workers\n"
+        assert await asyncio.to_thread(ok, "set-capacity", tenant_id, "--pinned-slots", "5") == (
+            line + "pinned 0/5 (own), spill-over off, shared workers\n"
+        )
+        assert await asyncio.to_thread(ok, "set-capacity", tenant_id, "--spill-over") == (
+            line + "pinned 0/5 (own), spill-over on, shared workers\n"
+        )
+        assert await asyncio.to_thread(ok, "set-capacity", tenant_id, "--pinned-slots", "0") == (
+            line + "pinned 0/0 (own), spill-over on, shared workers\n"
+        )
+        assert await asyncio.to_thread(ok, "set-capacity", tenant_id, "--tier-default-pins", "--no-spill-over") == (
+            line + "pinned 0/2 (tier), spill-over off, shared workers\n"
+        )
+        assert await asyncio.to_thread(ok, "list") == line + "pinned 0/2 (tier), spill-over off, shared workers\n"
+
+        both = await asyncio.to_thread(run, "set-capacity", tenant_id, "--tier-default-pins", "--pinned-slots", "1")
+        assert one_error_line(both) == "--tier-default-pins takes no --pinned-slots"
+        neither = await asyncio.to_thread(run, "set-capacity", tenant_id)
+        assert one_error_line(neither) == (
+            "give --pinned-slots or --tier-default-pins, and/or --spill-over or --no-spill-over"
+        )
+        nobody = await asyncio.to_thread(run, "set-capacity", "ten_nobody", "--spill-over")
+        assert "ten_nobody" in one_error_line(nobody)  # the control plane's NOT_FOUND
+        negative = await asyncio.to_thread(run, "set-capacity", tenant_id, "--pinned-slots", "-1")
         assert negative.returncode == 2 and "'-1' is not 0 (unlimited) or a positive whole number" in negative.stderr
     finally:
         await cp.stop(0)
@@ -564,3 +642,176 @@ async def test_operator_reads_a_tenants_usage(redis_server: RedisServer, tmp_pat
          "num_model_requests": 5},
     ]  # fmt: skip
     assert "ten_nobody" in one_error_line(nobody)
+
+
+# --- pools and pins on a running stack --------------------------------------------------------
+
+SHARED_WORKER, POOL_WORKER = "embedded-tiny-llama", "embedded-tiny-llama-2"
+ENGINE_CONCURRENCY = 4
+
+
+@pytest.fixture(scope="module")
+def pool_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The stack with two tiny-llama workers, each agent running a vLLM simulator as its engine
+    (which it gives `--max-num-seqs 4`, from LORAPLANE_MAX_CONCURRENCY)."""
+    env = (
+        ("LORAPLANE_VLLM_COMMAND", f"{sys.executable} {ROOT / 'tests' / 'vllmsim.py'}"),
+        ("LORAPLANE_MAX_CONCURRENCY", str(ENGINE_CONCURRENCY)),
+    )
+    yield from running_stack(
+        tmp_path_factory.mktemp("pool-stack"), with_worker=True, env=env, extra_workers=(WorkerSpec(free_port()),)
+    )
+
+
+def operator_env(stack: Stack, tmp_path: Path) -> dict[str, str]:
+    return env(
+        tmp_path, LORAPLANE_CONTROLPLANE_ADDR=stack.grpc_addr, LORAPLANE_OPERATOR_TOKEN=stack.secrets["operator_token"]
+    )
+
+
+def ok(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def workers(stack: Stack, tmp_path: Path) -> dict[str, dict[str, Any]]:
+    listed = json.loads(ok(loraplane(operator_env(stack, tmp_path), "worker", "list", "--json")))
+    return {w["worker_id"]: w for w in listed}
+
+
+def uploaded(stack: Stack, key: str, *names: str) -> dict[str, str]:
+    """Adapters uploaded for the tenant of `key`: name -> id."""
+    ids = {}
+    for name in names:
+        r = upload(stack, key, name, ADAPTER, CONFIG.encode())
+        assert r.status_code == 201, r.text
+        ids[name] = r.json()["id"]
+    return ids
+
+
+def test_worker_list_json_on_a_running_stack(pool_stack: Stack, tmp_path: Path) -> None:
+    """Both workers, healthy and shared, with the concurrency their agents registered."""
+    listed = workers(pool_stack, tmp_path)
+    assert sorted(listed) == [SHARED_WORKER, POOL_WORKER]
+    for w in listed.values():
+        assert (w["state"], w["pool_tenant_id"], w["draining"]) == ("healthy", "", False)
+        assert (w["max_adapters"], w["max_concurrency"], w["engine_state"]) == (8, ENGINE_CONCURRENCY, "serving")
+
+
+def test_a_tenant_pins_adapters_within_its_allowance(pool_stack: Stack, tmp_path: Path) -> None:
+    """`adapters pin NAME`: loaded and kept, counted against the tier's 2 pinned slots (the third
+    is the data plane's 429, one error line); `adapters list` and `worker list` mark them;
+    `adapters unpin NAME` frees the slot."""
+    key = pool_stack.operator().create_tenant("pinner", tenant_pb2.TIER_RESERVED).api_key
+    user = env(tmp_path, pool_stack.http_url, key)
+    ids = uploaded(pool_stack, key, "p1", "p2", "p3")
+
+    assert ok(loraplane(user, "adapters", "pin", "p1")) == f"pinned p1 ({ids['p1']}): 1 of 2 pinned slots used\n"
+    assert ok(loraplane(user, "adapters", "pin", ids["p2"])) == f"pinned p2 ({ids['p2']}): 2 of 2 pinned slots used\n"
+    assert ok(loraplane(user, "adapters", "pin", "p2")) == f"pinned p2 ({ids['p2']}): 2 of 2 pinned slots used\n"
+    refused = one_error_line(loraplane(user, "adapters", "pin", "p3"))
+    assert "at most 2" in refused and "unpin one first" in refused
+    assert one_error_line(loraplane(user, "adapters", "pin", "p9")) == "no adapter named 'p9'"
+
+    rows = [line.split()[:4] for line in ok(loraplane(user, "adapters", "list")).splitlines()[1:]]
+    assert rows == [["p1", "tiny-llama", "ready", "(pinned)"], ["p2", "tiny-llama", "ready", "(pinned)"],
+                    ["p3", "tiny-llama", "ready", "33.8"]]  # fmt: skip
+    assert [a["pinned"] for a in json.loads(ok(loraplane(user, "adapters", "list", "--json")))] == [True, True, False]
+    pinned = {a for w in workers(pool_stack, tmp_path).values() for a in w["pinned_adapter_ids"]}
+    assert pinned == {ids["p1"], ids["p2"]}  # loaded, and marked where they are
+    text = ok(loraplane(operator_env(pool_stack, tmp_path), "worker", "list"))
+    assert f"    {ids['p1']} (pinned)\n" in text and f"    {ids['p2']} (pinned)\n" in text
+
+    assert ok(loraplane(user, "adapters", "unpin", "p1")) == f"unpinned p1 ({ids['p1']})\n"
+    assert ok(loraplane(user, "adapters", "pin", "p3")) == f"pinned p3 ({ids['p3']}): 2 of 2 pinned slots used\n"
+    assert [a["pinned"] for a in json.loads(ok(loraplane(user, "adapters", "list", "--json")))] == [False, True, True]
+    line = next(
+        t for t in ok(loraplane(operator_env(pool_stack, tmp_path), "tenant", "list")).splitlines() if "pinner" in t
+    )
+    assert line.endswith("  pinned 2/2 (tier), spill-over off, shared workers")
+    shared = env(tmp_path, pool_stack.http_url, new_tenant(pool_stack, "no-pins"))
+    uploaded(pool_stack, shared.get("LORAPLANE_API_KEY", ""), "s1")
+    assert "at most 0" in one_error_line(loraplane(shared, "adapters", "pin", "s1"))  # the shared tier has none
+
+
+def test_an_operator_gives_a_dedicated_tenant_a_worker(pool_stack: Stack, tmp_path: Path) -> None:
+    """`worker assign`: only a dedicated tenant (else the control plane's refusal, one line); the
+    worker shows its pool, the tenant its worker; `worker unassign` makes it shared again."""
+    op = operator_env(pool_stack, tmp_path)
+    dedicated = pool_stack.operator().create_tenant("pooled", tenant_pb2.TIER_DEDICATED).tenant.id
+    shared = pool_stack.operator().create_tenant("not-pooled", tenant_pb2.TIER_SHARED).tenant.id
+    refused = one_error_line(loraplane(op, "worker", "assign", POOL_WORKER, shared))
+    assert "shared tier" in refused and "dedicated" in refused
+    assert "no-such-worker" in one_error_line(loraplane(op, "worker", "assign", "no-such-worker", dedicated))
+    try:
+        assigned = ok(loraplane(op, "worker", "assign", POOL_WORKER, dedicated))
+        assert assigned.startswith(f"{POOL_WORKER} is in the pool of {dedicated}; evicted ")
+        assert workers(pool_stack, tmp_path)[POOL_WORKER]["pool_tenant_id"] == dedicated
+        lines = ok(loraplane(op, "worker", "list")).splitlines()
+        assert any(t.startswith(f"{POOL_WORKER}  tiny-llama  healthy  pool {dedicated}  0/8  ") for t in lines)
+        line = next(t for t in ok(loraplane(op, "tenant", "list")).splitlines() if t.startswith(dedicated))
+        assert line.endswith(f"  pinned 0/2 (tier), spill-over off, pool {POOL_WORKER}")
+    finally:
+        left = ok(loraplane(op, "worker", "unassign", POOL_WORKER))
+    assert left == f"{POOL_WORKER} is shared (left the pool of {dedicated})\n"
+    assert ok(loraplane(op, "worker", "unassign", POOL_WORKER)) == f"{POOL_WORKER} is shared (was in no pool)\n"
+    assert workers(pool_stack, tmp_path)[POOL_WORKER]["pool_tenant_id"] == ""
+
+
+def test_assigning_a_worker_evicts_the_other_tenants_adapters(pool_stack: Stack, tmp_path: Path) -> None:
+    """What `worker assign` evicted: the other tenants' adapters the worker held, named in its
+    answer, and gone from the worker."""
+    op = operator_env(pool_stack, tmp_path)
+    stranger = pool_stack.operator().create_tenant("stranger").api_key
+    [adapter_id] = uploaded(pool_stack, stranger, "elsewhere").values()
+    pool_stack.operator().force_load(adapter_id, POOL_WORKER)
+    wait_for(lambda: adapter_id in workers(pool_stack, tmp_path)[POOL_WORKER]["resident_adapter_ids"], 30)
+    dedicated = pool_stack.operator().create_tenant("evictor", tenant_pb2.TIER_DEDICATED).tenant.id
+    try:
+        assigned = ok(loraplane(op, "worker", "assign", POOL_WORKER, dedicated))
+        wait_for(lambda: adapter_id not in workers(pool_stack, tmp_path)[POOL_WORKER]["resident_adapter_ids"], 30)
+    finally:
+        ok(loraplane(op, "worker", "unassign", POOL_WORKER))
+    assert assigned == f"{POOL_WORKER} is in the pool of {dedicated}; evicted {adapter_id}\n"
+
+
+# --- loraplane up ------------------------------------------------------------------------------
+
+
+def test_up_runs_one_worker_unless_told(tmp_path: Path) -> None:
+    from loraplane.cli import up_config
+
+    plain = up_config(tmp_path)
+    assert plain == StackConfig(data_dir=tmp_path, log_dir=tmp_path / "logs", metrics_port=9090)  # as it always was
+    three = up_config(tmp_path, workers=3)
+    assert [w.vllm_port for w in three.extra_workers] == [8101, 8102] and three.vllm_port == 8100
+    assert replace(three, extra_workers=()) == plain
+
+
+def test_up_lists_its_workers(tmp_path: Path) -> None:
+    """`loraplane up --workers 3`: three workers, each with its own id, vLLM port and cache."""
+    from loraplane.cli import banner, up_config
+
+    stack = Stack(up_config(tmp_path, workers=3))
+    stack.secrets = dict.fromkeys(("operator_token", "agent_token", "worker_api_key", "peer_token"), "s" * 32)
+    envs = [stack.env(), *(stack.worker_env(i, spec) for i, spec in enumerate(stack.config.extra_workers, start=2))]
+    assert len({e["LORAPLANE_CACHE_DIR"] for e in envs}) == 3
+    assert stack.workers() == [
+        ("embedded-tiny-llama", "http://127.0.0.1:8100"),
+        ("embedded-tiny-llama-2", "http://127.0.0.1:8101"),
+        ("embedded-tiny-llama-3", "http://127.0.0.1:8102"),
+    ]
+    lines = banner(stack).splitlines()
+    at = lines.index("  workers                   embedded-tiny-llama (vLLM http://127.0.0.1:8100)")
+    assert lines[at + 1 : at + 3] == [
+        " " * 28 + "embedded-tiny-llama-2 (vLLM http://127.0.0.1:8101)",
+        " " * 28 + "embedded-tiny-llama-3 (vLLM http://127.0.0.1:8102)",
+    ]
+    one = banner(Stack(up_config(tmp_path), secrets=stack.secrets)).splitlines()
+    assert "  worker                    embedded-tiny-llama (vLLM http://127.0.0.1:8100)" in one
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two"])
+def test_up_refuses_a_worker_count_that_is_not_one_or_more(bad: str, tmp_path: Path) -> None:
+    out = loraplane(env(tmp_path), "up", "--workers", bad)
+    assert out.returncode == 2 and f"{bad!r} is not a positive whole number" in out.stderr

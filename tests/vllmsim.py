@@ -11,7 +11,10 @@ request with `"sim_vllm": true` is answered in vLLM 0.32's exact shapes (`n` cho
 completion with a `response_format` (`json_schema`, `json_object`) or a forced tool (`tool_choice`
 a named function, or `"required"`) answers what structured output gives a model that finishes: a
 JSON document made from the schema, deterministically, or a call of the tool with such arguments.
-`max_completion_tokens` takes precedence over `max_tokens`. From the repository's root:
+`max_completion_tokens` takes precedence over `max_tokens`. With `--max-num-seqs N`, as vLLM's
+scheduler does, at most N requests generate at once and the others wait their turn in arrival order
+(a waiting stream's first token comes once it runs); `/metrics` counts them running and waiting.
+From the repository's root:
 
     python -m tests.vllmsim --port 8100 --max-loras 8 --tokens-per-s 50 --load-ms-per-mb 20
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import struct
@@ -29,8 +33,8 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ class SimConfig:
     load_ms_per_mb: float = 20.0
     load_ms_base: float = 5.0
     api_key: str = ""
+    max_num_seqs: int = 0  # most requests generating at once (vLLM's --max-num-seqs); 0: no limit
 
 
 @dataclass
@@ -57,9 +62,55 @@ class Sim:
     config: SimConfig
     adapters: dict[str, str] = field(default_factory=dict)  # name -> path
     loading: set[str] = field(default_factory=set)
-    running: Counter[str] = field(default_factory=Counter)  # model name -> requests in flight
+    running: Counter[str] = field(default_factory=Counter)  # model name -> requests generating
+    waiting: Counter[str] = field(default_factory=Counter)  # model name -> requests waiting for a slot
     loads: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)  # the last requests' bodies, for tests
+    slots_taken: int = 0  # of max_num_seqs, by requests generating or handed a slot
+    queue: deque[asyncio.Future[None]] = field(default_factory=deque)  # the waiting requests' turns, in order
+
+    @contextlib.asynccontextmanager
+    async def generating(self, model: str) -> AsyncIterator[None]:
+        """A request generating, once one of `max_num_seqs` slots is free: a request that finds
+        none free (or others waiting) waits its turn, first come first served, as vLLM's
+        scheduler does; one whose client leaves (its task cancelled) leaves the queue."""
+        limit = self.config.max_num_seqs
+        if limit and (self.slots_taken >= limit or self.queue):
+            turn = asyncio.get_running_loop().create_future()
+            self.queue.append(turn)
+            self.waiting[model] += 1
+            try:
+                await turn  # a finishing request hands its slot over
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # handed a slot, then cancelled: pass it on
+                    self._free_slot()
+                elif turn in self.queue:
+                    self.queue.remove(turn)
+                raise
+            finally:
+                self.waiting[model] -= 1
+        elif limit:
+            self.slots_taken += 1
+        self.running[model] += 1
+        try:
+            yield
+        finally:
+            self.running[model] -= 1
+            if limit:
+                self._free_slot()
+
+    def _free_slot(self) -> None:
+        """A slot given up: the first request waiting takes it, else it is free."""
+        while self.queue:
+            turn = self.queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.slots_taken -= 1
+
+    def slot_free(self) -> bool:
+        limit = self.config.max_num_seqs
+        return not limit or (self.slots_taken < limit and not self.queue)
 
     def error(self, status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status)
@@ -106,17 +157,20 @@ def create_app(config: SimConfig) -> Any:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def seen(request: Request) -> Response:
-        state = {"requests": sim.seen, "running": sum(sim.running.values()), "loads": sim.loads}
+        state = {"requests": sim.seen, "running": sum(sim.running.values()), "waiting": sum(sim.waiting.values()),
+                 "max_num_seqs": config.max_num_seqs, "loads": sim.loads}  # fmt: skip
         return JSONResponse({**state, "adapters": sorted(sim.adapters)})
 
     async def metrics(request: Request) -> Response:
-        busy = ",".join(sorted(n for n, c in sim.running.items() if c and n != config.model))
-        total = sum(sim.running.values())
+        def adapters(requests: Counter[str]) -> str:
+            return ",".join(sorted(n for n, c in requests.items() if c and n != config.model))
+
+        running, waiting = sum(sim.running.values()), sum(sim.waiting.values())
         lines = [
-            f'vllm:lora_requests_info{{max_lora="{config.max_loras}",running_lora_adapters="{busy}",'
-            f'waiting_lora_adapters=""}} {time.time()}',
-            f'vllm:num_requests_running{{model_name="{config.model}"}} {float(total)}',
-            f'vllm:num_requests_waiting{{model_name="{config.model}"}} 0.0',
+            f'vllm:lora_requests_info{{max_lora="{config.max_loras}",running_lora_adapters="{adapters(sim.running)}",'
+            f'waiting_lora_adapters="{adapters(sim.waiting)}"}} {time.time()}',
+            f'vllm:num_requests_running{{model_name="{config.model}"}} {float(running)}',
+            f'vllm:num_requests_waiting{{model_name="{config.model}"}} {float(waiting)}',
         ]
         return PlainTextResponse("\n".join(lines) + "\n")
 
@@ -144,12 +198,8 @@ def create_app(config: SimConfig) -> Any:
                 linger = float(body.get("sim_linger_s", 0))  # between `[DONE]` and the body's end
                 stream = _stream(sim, rid, model, tokens, chat, rate, linger, body)
                 return StreamingResponse(stream, media_type="text/event-stream")
-            sim.running[model] += 1
-            try:
-                if rate and await _client_left_within(request, tokens / rate):
-                    return Response(status_code=499)  # vLLM, too, aborts a request whose client left
-            finally:
-                sim.running[model] -= 1
+            if await _client_left_during(request, _generate(sim, model, tokens / rate if rate else 0.0)):
+                return Response(status_code=499)  # vLLM, too, aborts a request whose client left
             return JSONResponse(_completion_body(chat, model, tokens, body))
 
         return endpoint
@@ -181,12 +231,8 @@ def create_app(config: SimConfig) -> Any:
         rate = float(body.get("sim_tokens_per_s", config.tokens_per_s))
         if body.get("stream"):
             return StreamingResponse(_responses_stream(sim, model, tokens, rate, body), media_type="text/event-stream")
-        sim.running[model] += 1
-        try:
-            if rate and await _client_left_within(request, tokens / rate):
-                return Response(status_code=499)
-        finally:
-            sim.running[model] -= 1
+        if await _client_left_during(request, _generate(sim, model, tokens / rate if rate else 0.0)):
+            return Response(status_code=499)
         text = " ".join(["tok"] * tokens)
         item = _response_message(f"msg_{uuid.uuid4().hex[:16]}", text, "completed")
         rid, created = f"resp_{uuid.uuid4().hex[:16]}", int(time.time())
@@ -242,6 +288,7 @@ class _FastPath:
         authorized = not key or (b"authorization", f"Bearer {key}".encode()) in scope["headers"]
         model = body.get("model")
         simple = not body.get("stream") and not body.get("sim_tokens_per_s") and not sim.config.tokens_per_s
+        simple = simple and sim.slot_free()  # an answer taking no time takes no slot from anyone
         if not (simple and authorized and (model == sim.config.model or model in sim.adapters)):
             replayed = False
 
@@ -634,8 +681,7 @@ async def _responses_stream(
 
     text = " ".join(["tok"] * tokens)
     head = {"item_id": mid, "output_index": 0}
-    sim.running[model] += 1
-    try:
+    async with sim.generating(model):
         started = _response_object(rid, created, model, tokens, body, [], "in_progress")
         yield event("response.created", {"response": started})
         yield event("response.in_progress", {"response": started})
@@ -654,23 +700,34 @@ async def _responses_stream(
         yield event("response.output_item.done", {"item": item, "output_index": 0})
         done = _response_object(rid, created, model, tokens, body, [item], "incomplete")
         yield event("response.completed", {"response": done})
-    finally:
-        sim.running[model] -= 1
 
 
-async def _client_left_within(request: Request, seconds: float) -> bool:
+async def _generate(sim: Sim, model: str, seconds: float) -> None:
+    """A request answered whole: its turn for a slot, then `seconds` of generating."""
+    async with sim.generating(model):
+        if seconds:
+            await asyncio.sleep(seconds)
+
+
+async def _client_left_during(request: Request, work: Awaitable[None]) -> bool:
+    """Whether the client left before `work` (waiting and generating) was done; if so, it is
+    stopped."""
+
     async def left() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    watcher = asyncio.create_task(left())
+    watcher, task = asyncio.ensure_future(left()), asyncio.ensure_future(work)
     try:
-        await asyncio.wait_for(asyncio.shield(watcher), seconds)
-    except TimeoutError:
-        return False
+        await asyncio.wait((watcher, task), return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    return True
+        task.cancel()  # nothing, if it is done
+        await asyncio.gather(watcher, task, return_exceptions=True)
+    if task.cancelled():
+        return True
+    task.result()  # what the work raised, if anything
+    return False
 
 
 async def _stream(
@@ -684,8 +741,7 @@ async def _stream(
     body: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
     """Chunks carry `sim_t`, when they were sent, so a benchmark can measure what a proxy adds."""
-    sim.running[model] += 1
-    try:
+    async with sim.generating(model):
         if body is not None and body.get("sim_vllm") is True:
             for k, step in enumerate(_vllm_chunks(rid, model, tokens, chat, body)):
                 if rate and k:
@@ -721,8 +777,6 @@ async def _stream(
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
         yield b"data: [DONE]\n\n"
         await asyncio.sleep(linger)
-    finally:
-        sim.running[model] -= 1
 
 
 # What an engine core does to its API server's SIGTERM: nothing (it outlives a killed parent).
@@ -746,6 +800,7 @@ def main() -> None:
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--tokens-per-s", type=float, default=0.0)
     p.add_argument("--load-ms-per-mb", type=float, default=20.0)
+    p.add_argument("--max-num-seqs", type=int, default=0, help="most requests generating at once (0: no limit)")
     p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY", ""))
     # As an agent's engine (LORAPLANE_VLLM_COMMAND): vLLM's name flag; its other flags ignored.
     p.add_argument("--served-model-name", default="")
@@ -760,7 +815,9 @@ def main() -> None:
         core = subprocess.Popen([sys.executable, "-c", ENGINE_CORE])
         threading.Thread(target=_exit_with, args=(core,), daemon=True).start()
     model = a.served_model_name or a.model
-    config = SimConfig(model, a.max_loras, a.tokens_per_s, a.load_ms_per_mb, api_key=a.api_key)
+    config = SimConfig(
+        model, a.max_loras, a.tokens_per_s, a.load_ms_per_mb, api_key=a.api_key, max_num_seqs=a.max_num_seqs
+    )
     uvicorn.run(create_app(config), host=a.host, port=a.port, log_level="warning", loop="uvloop", http="httptools")
 
 

@@ -22,6 +22,7 @@ from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
 from loraplane.state.records import DOWN, SERVING
 from workeragent.cache import ArtifactCache, Fetch, IntegrityError, S3Source
+from workeragent.concurrency import MAX_NUM_SEQS, detect, engine_max_seqs, flag
 from workeragent.engine import Engine, become_subreaper
 from workeragent.settings import Settings
 from workeragent.supervisor import Supervisor, Timing
@@ -43,6 +44,7 @@ class Agent:
         self._commands_done = 0  # results sent this session: heartbeats say how fresh their `resident` is
         self._vllm_secret = settings.vllm_agent_secret
         self.engine: Engine | None = None
+        self.max_concurrency = settings.max_concurrency  # as registered; an engine started here: see run()
         if not settings.vllm_url:
             self._vllm_secret = _local_secret(settings.cache_dir / "vllm.secret")
             command = engine_command(
@@ -53,7 +55,7 @@ class Agent:
                 port=settings.vllm_port,
                 max_loras=model.max_adapters_per_worker,
                 max_rank=model.max_rank,
-                extra_args=settings.vllm_args,
+                extra_args=_with_max_num_seqs(settings.vllm_args, settings.max_concurrency),
                 tool_parser=model.tool_parser,
                 chat_template=model.chat_template,
             )
@@ -96,6 +98,8 @@ class Agent:
             if self._s.artifact_s3 is not None:  # straight from the bucket, not through the control plane
                 fetch = (await asyncio.to_thread(S3Source, self._s.artifact_s3)).fetch
             self._cache = ArtifactCache(self._s.cache_dir, fetch, self._s.cache_max_bytes)
+            if self.engine:
+                self.max_concurrency = await asyncio.to_thread(engine_max_seqs, self.engine.args, detect)
             metrics_server = await metrics.serve(self.metrics, self._s.metrics_addr)
             tasks = []
             if self.engine:
@@ -160,6 +164,7 @@ class Agent:
             max_adapters=self._model.max_adapters_per_worker,
             resident=await self._vllm.resident() if serving else [],
             engine=engine,
+            max_concurrency=self.max_concurrency,
         )
         await asyncio.wait_for(call.write(pb.ConnectRequest(register=register)), REGISTER_TIMEOUT_S)
         log.info("registered %s with the control plane", self._s.worker_id)
@@ -328,6 +333,20 @@ class CommandOrder:
 
     def applied(self, name: str, generation: int) -> None:
         self._applied[name] = max(generation, self._applied.get(name, 0))
+
+
+def _with_max_num_seqs(vllm_args: tuple[str, ...], max_concurrency: int) -> tuple[str, ...]:
+    """The operator's vLLM arguments, with `--max-num-seqs` from LORAPLANE_MAX_CONCURRENCY when
+    they do not have it (when they do, theirs is what vLLM runs with, and what the agent reports)."""
+    if not max_concurrency:
+        return vllm_args
+    given = flag(vllm_args, MAX_NUM_SEQS)
+    if given is None:
+        return (*vllm_args, MAX_NUM_SEQS, str(max_concurrency))
+    if given != max_concurrency:
+        log.warning("LORAPLANE_VLLM_ARGS has %s %d: LORAPLANE_MAX_CONCURRENCY=%d is not used",
+                    MAX_NUM_SEQS, given, max_concurrency)  # fmt: skip
+    return vllm_args
 
 
 def _local_secret(path: Path) -> str:

@@ -42,6 +42,26 @@ def _devices(nvml: ModuleType, environ: Mapping[str, str]) -> list[int]:
     return list(range(nvml.nvmlDeviceGetCount()))
 
 
+def first_device(environ: Mapping[str, str] = os.environ) -> tuple[int, str] | None:
+    """The total memory (bytes) and name of the first GPU the engine uses, or None on a node
+    without NVML or GPUs. Blocking."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        devices = _devices(nvml, environ)
+        if not devices:
+            return None
+        handle = nvml.nvmlDeviceGetHandleByIndex(devices[0])
+        name = nvml.nvmlDeviceGetName(handle)
+        return int(nvml.nvmlDeviceGetMemoryInfo(handle).total), name.decode() if isinstance(name, bytes) else str(name)
+    except nvml.NVMLError as err:
+        log.warning("cannot read the GPU's memory and name (NVML: %s)", err)
+        return None
+    finally:
+        nvml.nvmlShutdown()
+
+
 def holders(nvml: ModuleType, devices: list[int]) -> int:
     """Compute processes on the devices, with the memory they hold."""
     count = 0

@@ -17,6 +17,12 @@ def _worker_id(environ: Mapping[str, str], values: Mapping[str, Any]) -> str:
     return environ.get("LORAPLANE_WORKER_ID") or f"{socket.gethostname()}-{values['base_model']}"
 
 
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("not 0 or a positive whole number")
+    return int(text)
+
+
 def _artifact_s3(environ: Mapping[str, str], _: Mapping[str, Any]) -> S3Settings | None:
     return bucket_from_env(environ)  # else the agent fetches blobs through the control plane
 
@@ -41,6 +47,9 @@ class Settings:
     vllm_args: tuple[str, ...] = field(default=(), metadata=var("LORAPLANE_VLLM_ARGS"))  # split like a shell
     # what runs vLLM's OpenAI server; empty: this Python's `-m vllm.entrypoints.openai.api_server`
     vllm_command: tuple[str, ...] = field(default=(), metadata=var("LORAPLANE_VLLM_COMMAND"))
+    # most requests the engine runs at once (a vLLM the agent starts gets it as --max-num-seqs,
+    # unless vllm_args has that flag); 0: vLLM's default, or not known (workeragent/concurrency.py)
+    max_concurrency: int = field(default=0, metadata=var("LORAPLANE_MAX_CONCURRENCY", parse=_count))
     heartbeat_s: float = field(default=2.0, metadata=var("LORAPLANE_HEARTBEAT_S"))
     # host:port of /metrics; empty: none
     metrics_addr: str = field(default="127.0.0.1:9091", metadata=var("LORAPLANE_METRICS_ADDR"))

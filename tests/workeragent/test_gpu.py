@@ -21,6 +21,7 @@ class FakeNvml(types.ModuleType):
         self.held = held  # device index -> queries during which it still lists a process
         self.asked: list[int] = []
         self.shut = False
+        self.described: dict[int, tuple[int, bytes]] = {}  # device index -> (total memory, name)
 
     def nvmlInit(self) -> None:  # noqa: N802 (NVML's names)
         pass
@@ -33,6 +34,12 @@ class FakeNvml(types.ModuleType):
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:  # noqa: N802
         return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:  # noqa: N802
+        return types.SimpleNamespace(total=self.described[handle][0])
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:  # noqa: N802 (older nvidia-ml-py: bytes)
+        return self.described[handle][1]
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[object]:  # noqa: N802
         self.asked.append(handle)
@@ -70,3 +77,15 @@ async def test_only_the_engines_devices_count(nvml: FakeNvml) -> None:
 async def test_a_node_without_nvml_does_not_wait() -> None:
     sys.modules.pop("pynvml", None)
     assert await gpu.wait_released(5, environ={})  # nvidia-ml-py is not installed here
+
+
+def test_the_first_device_described_is_the_engines_first(nvml: FakeNvml) -> None:
+    nvml.described = {0: (24 << 30, b"NVIDIA L4"), 1: (80 << 30, b"NVIDIA H100 80GB HBM3")}
+    assert gpu.first_device({}) == (24 << 30, "NVIDIA L4")
+    assert gpu.first_device({"CUDA_VISIBLE_DEVICES": "1,0"}) == (80 << 30, "NVIDIA H100 80GB HBM3")
+    assert nvml.shut
+
+
+def test_a_node_without_nvml_describes_no_device() -> None:
+    sys.modules.pop("pynvml", None)
+    assert gpu.first_device({}) is None
