@@ -425,7 +425,7 @@ async def worker_for(st: State, target: Target, key: str, tenant: Tenant, avoid:
         if worker is None:
             raise Unavailable("the adapter's worker is not in the routing table yet")
         pool = worker.pool  # its own pool, or the shared workers when it spilled over
-    return await _enter(st, tenant, base, pool, lambda: candidates(usable(), base, None, pool), adapter_id)
+    return await _enter(st, tenant, base, pool, lambda: candidates(usable(), base, None, pool), (adapter_id, key))
 
 
 async def _enter(
@@ -434,18 +434,21 @@ async def _enter(
     base: str,
     pool: str,
     scope_workers: Callable[[], list[Worker]],
-    adapter_id: str | None = None,
+    adapter: tuple[str, str] | None = None,
 ) -> Slot:
     """The fair queue of the base model's workers in the pool: a slot on the least loaded of the
-    request's workers (those holding its adapter) that has room."""
+    request's workers (those holding its adapter, given as (id, the caller's key)) that has room.
+    An adapter evicted while its request waits is placed again (once, however many wait)."""
     gate, in_flight = st.gate, st.routing.in_flight
     if not scope_workers():
         raise Unavailable(f"no worker serves {base} right now")
 
     def pick() -> Worker | None:
         workers = scope_workers()
-        if adapter_id is not None:
-            workers = [w for w in workers if adapter_id in w.resident]
+        if adapter is not None:
+            workers = [w for w in workers if adapter[0] in w.resident]
+            if not workers:
+                single_flight(st, adapter[1], adapter[0])
         return least_loaded([w for w in workers if gate.has_room(w)], in_flight)
 
     return await gate.enter(gate.scope(base, pool, scope_workers), tenant.id, tenant.tier, pick, base)
