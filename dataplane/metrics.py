@@ -90,7 +90,8 @@ class Metrics:
         self.queue_wait = metrics.Histogram(
             r,
             "loraplane_queue_wait_seconds",
-            "Time requests waited for a slot on their base model's workers, by tier (only those that waited).",
+            "Time requests waited for a slot on their base model's workers, by tier (those that found others "
+            "waiting: some wait no time, their turn came at once).",
             ("tier",),
         )
         self.queue_rejected = metrics.Counter(
