@@ -205,10 +205,11 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, store: Store, placer: Placer, auth: Auth) -> None:
+    def __init__(self, store: Store, placer: Placer, auth: Auth, prefetch_workers: int = 2) -> None:
         self._store = store
         self._placer = placer
         self._auth = auth
+        self._prefetch_workers = prefetch_workers
 
     @grpc_errors
     async def DrainWorker(self, request: adpb.DrainWorkerRequest, context: Context) -> adpb.DrainWorkerResponse:
@@ -245,6 +246,19 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         was = (await self._store.pools()).get(request.worker_id, "")
         await self._placer.assign(request.worker_id, "")
         return adpb.UnassignWorkerResponse(worker_id=request.worker_id, tenant_id=was)
+
+    @grpc_errors
+    async def PrefetchAdapter(
+        self, request: adpb.PrefetchAdapterRequest, context: Context
+    ) -> adpb.PrefetchAdapterResponse:
+        is_forwarded = self._auth.peer(context)
+        rec = await self._store.get_adapter(request.adapter_id)
+        if rec is None or rec.status != "ready":
+            raise NotFound(f"no ready adapter {request.adapter_id!r}")
+        done = await self._placer.prefetch(
+            rec, self._prefetch_workers, list(request.worker_ids) or None, forwarded=is_forwarded
+        )
+        return adpb.PrefetchAdapterResponse(worker_ids=done)
 
     @grpc_errors
     async def ForceLoadAdapter(

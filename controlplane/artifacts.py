@@ -4,12 +4,15 @@ Every backend stages a write in a local temp file, hashed as it arrives (the sha
 at the end), and then publishes it whole under its final name: a blob that exists is whole. The
 filesystem store (the default) fsyncs the temp file and renames it to `blobs/<aa>/<sha256>`; the
 S3 store (`controlplane.s3store`) puts it under `<prefix>/blobs/<aa>/<sha256>` in a bucket.
+
+A blob is read whole or by byte range (agents fetch several ranges of a large blob at once).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -24,6 +27,13 @@ from typing import BinaryIO, Protocol
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
+# Bytes per WorkerService/FetchArtifact message: under the 4 MiB a gRPC client accepts by default
+# (an older agent's too), with room for the message's own few bytes.
+ARTIFACT_MESSAGE = 1 << 20
+
+
+class OutOfRange(ValueError):
+    """A byte range that starts at or past the end of the blob, or a negative offset or length."""
 
 
 def _abandoned(staging: Path) -> bool:
@@ -46,6 +56,10 @@ class Reader(Protocol):
 
     def read(self, size: int = -1, /) -> bytes: ...
 
+    def read_cached(self, size: int, /) -> bytes | None:
+        """The next bytes (at most `size`, b"" at the end) if reading them cannot block — they
+        are in memory — else None: the caller reads them in a thread."""
+
     def close(self) -> None: ...
 
 
@@ -53,6 +67,11 @@ def checked(sha256: str) -> str:
     if not SHA256.match(sha256):
         raise ValueError("not a sha256")
     return sha256
+
+
+def checked_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise OutOfRange("offset and length must not be negative")
 
 
 class ArtifactStore(abc.ABC):
@@ -95,8 +114,11 @@ class ArtifactStore(abc.ABC):
     def exists(self, sha256: str) -> bool: ...
 
     @abc.abstractmethod
-    def open_blob(self, sha256: str) -> Reader:
-        """The blob for reading; FileNotFoundError if there is none, ValueError for a bad sha256."""
+    def open_blob(self, sha256: str, offset: int = 0, length: int = 0) -> Reader:
+        """The blob for reading, from `offset`, at most `length` bytes (0: up to the end; a range
+        reaching past the end is cut there). FileNotFoundError if there is none; ValueError for a
+        bad sha256; OutOfRange for a range that starts at or past the end (an empty blob is read
+        whole: offset and length 0)."""
 
     @abc.abstractmethod
     def delete(self, sha256: str) -> None:
@@ -133,8 +155,19 @@ class FileArtifactStore(ArtifactStore):
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def open_blob(self, sha256: str) -> Reader:
-        return self.path(sha256).open("rb")
+    def open_blob(self, sha256: str, offset: int = 0, length: int = 0) -> Reader:
+        path = self.path(sha256)
+        checked_range(offset, length)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if offset and offset >= size:
+                raise OutOfRange(f"offset {offset} is past the end of the blob")
+            end = min(size, offset + length) if length else size
+            return FileRange(fd, offset, end)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
@@ -155,6 +188,54 @@ class FileArtifactStore(ArtifactStore):
         os.replace(temp_path, final)
         _fsync_dir(final.parent)
         return True
+
+
+class FileRange:
+    """Bytes `offset` to `end` of an open file, read with pread (a stored blob never changes).
+
+    `read_cached` reads what the page cache holds without waiting for the disk (RWF_NOWAIT), so
+    the control plane serves a cached blob from its event loop: a read in a thread per message
+    cost it twice the CPU (bench/artifacts.py; docs/storage.md)."""
+
+    def __init__(self, fd: int, offset: int, end: int) -> None:
+        self._fd = fd
+        self._pos = offset
+        self._end = end
+        self._buf = bytearray()
+        self._nowait = hasattr(os, "RWF_NOWAIT")
+
+    def read(self, size: int = -1, /) -> bytes:
+        n = self._end - self._pos if size < 0 else min(size, self._end - self._pos)
+        data = os.pread(self._fd, n, self._pos) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+    def read_cached(self, size: int, /) -> bytes | None:
+        n = min(size, self._end - self._pos)
+        if n <= 0:
+            return b""
+        if not self._nowait:
+            return None
+        if len(self._buf) < n:
+            self._buf = bytearray(n)
+        with memoryview(self._buf) as view:
+            try:
+                got = os.preadv(self._fd, [view[:n]], self._pos, os.RWF_NOWAIT)
+            except BlockingIOError:  # not in the page cache
+                return None
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # a filesystem or kernel without it
+                return None
+            data = bytes(view[:got])
+        self._pos += got
+        return data or None  # nothing read before the end: let `read` say what is there
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class PendingArtifact:

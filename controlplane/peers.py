@@ -62,6 +62,17 @@ class Peers:
             raise NoCapacity(f"evicting from worker {worker_id} failed: {err.details()}") from None
         return list(resp.worker_ids)
 
+    async def prefetch(self, addr: str, adapter_id: str, worker_id: str) -> list[str]:
+        try:
+            resp: adpb.PrefetchAdapterResponse = await self._stub(addr).PrefetchAdapter(
+                adpb.PrefetchAdapterRequest(adapter_id=adapter_id, worker_ids=[worker_id]),
+                metadata=(*self._metadata, *logs.metadata()),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise NoCapacity(f"prefetching onto worker {worker_id} failed: {err.details()}") from None
+        return list(resp.worker_ids)
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()

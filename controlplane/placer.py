@@ -116,6 +116,43 @@ class Placer:
                 evicted.append(adapter_id)
         return evicted
 
+    async def prefetch(
+        self, adapter: AdapterRecord, count: int, worker_ids: list[str] | None = None, forwarded: bool = False
+    ) -> list[str]:
+        """Push the adapter's bytes into node caches, without loading it: of the workers named,
+        or of the `count` a placement would pick next (its tenant's pool's, or the shared ones;
+        not draining, not holding it). A forwarded call acts on this replica's workers only.
+        Returns the workers whose caches hold the bytes now; failures are logged, not raised."""
+        views, owners, pooled = await self._views()
+        home = (await self._pools(adapter, pooled))[0]
+        if worker_ids:
+            chosen = [v for v in views if v.id in worker_ids]
+        else:
+            fit = [v for v in views if v.healthy and v.base_model == adapter.base_model and v.pool == home
+                   and not v.draining and adapter.id not in v.resident]  # fmt: skip
+            chosen = sorted(fit, key=lambda v: (v.used >= v.max_adapters, v.used, v.in_flight, v.id))[:count]
+        if forwarded:
+            chosen = [v for v in chosen if v.id in self._sessions]
+
+        async def push(wid: str) -> list[str]:
+            session = self._sessions.get(wid)
+            if session is None:
+                return await self._peers.prefetch(owners[wid], adapter.id, wid)
+            if not session.prefetch:
+                return []  # an older agent: its first load fetches
+            await self._sessions.prefetch(session, adapter)
+            return [wid]
+
+        results = await asyncio.gather(*(push(v.id) for v in chosen if v.id in owners or v.id in self._sessions),
+                                       return_exceptions=True)  # fmt: skip
+        done: list[str] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("prefetching %s: %s", adapter.id, result)
+            else:
+                done += result
+        return done
+
     async def keep_pinned(self, every_s: float = 2.0) -> None:
         """Pinned adapters stay loaded: one not resident on any serving worker (its worker lost,
         or restarted and not reloaded yet) is placed again. One replica at a time does it."""

@@ -110,6 +110,7 @@ class Registry:
                 self._artifacts.delete(sha)
             raise
         log.info("tenant %s stored adapter %s (%d bytes)", tenant.id, rec.id, rec.size_bytes)
+        self._prefetch(rec)
         return rec
 
     async def register_hub(
@@ -153,6 +154,7 @@ class Registry:
                     self._artifacts.delete(sha)
                 return
             log.info("adapter %s ready from %s@%s", rec.id, source["repo"], fetched.commit_sha)
+            self._prefetch(ready)
         except (ControlPlaneError, hub.HubError) as err:
             await self._store.fail_adapter(rec.id, str(err))
         except TimeoutError:
@@ -163,6 +165,18 @@ class Registry:
         finally:
             if pending is not None:
                 pending.discard()
+
+    def _prefetch(self, rec: AdapterRecord) -> None:
+        """A ready adapter's bytes, pushed ahead of its first request into the node caches of the
+        workers likely to load it (in the background: the upload's answer does not wait)."""
+        if self._s.prefetch_workers > 0:
+            self._spawn(self._prefetch_quietly(rec))
+
+    async def _prefetch_quietly(self, rec: AdapterRecord) -> None:
+        try:
+            await self._placer.prefetch(rec, self._s.prefetch_workers)
+        except (redis.RedisError, ControlPlaneError) as err:  # a cache warmed later, by the first load
+            log.info("prefetching %s: %s", rec.id, err)
 
     async def delete(self, rec: AdapterRecord) -> None:
         """Gone for the tenant now; evicted and garbage-collected in the background."""

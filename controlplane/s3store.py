@@ -24,7 +24,7 @@ import grpc
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from controlplane.artifacts import SHA256, ArtifactStore, Reader, checked
+from controlplane.artifacts import SHA256, ArtifactStore, OutOfRange, Reader, checked, checked_range
 from controlplane.errors import ControlPlaneError
 from loraplane.s3 import S3Settings, connect
 
@@ -47,6 +47,15 @@ def blob_key(prefix: str, sha256: str) -> str:
 
 def missing(err: ClientError) -> bool:
     return str(err.response.get("Error", {}).get("Code", "")) in MISSING
+
+
+def http_range(offset: int, length: int) -> str:
+    """The `Range` header of bytes `offset` .. `offset + length - 1` (length 0: to the end)."""
+    return f"bytes={offset}-{offset + length - 1}" if length else f"bytes={offset}-"
+
+
+def past_the_end(err: ClientError) -> bool:
+    return str(err.response.get("Error", {}).get("Code", "")) in {"InvalidRange", "416"}
 
 
 @contextlib.contextmanager
@@ -94,15 +103,19 @@ class S3ArtifactStore(ArtifactStore):
                 raise
         return True
 
-    def open_blob(self, sha256: str) -> Reader:
+    def open_blob(self, sha256: str, offset: int = 0, length: int = 0) -> Reader:
         key = self.key(sha256)
+        checked_range(offset, length)
         self._settle(sha256)
+        ranged = {"Range": http_range(offset, length)} if offset or length else {}
         with s3_errors("GET"):
             try:
-                response = self._client.get_object(Bucket=self.bucket, Key=key)
+                response = self._client.get_object(Bucket=self.bucket, Key=key, **ranged)
             except ClientError as err:
                 if missing(err):
                     raise FileNotFoundError(f"no blob {sha256}") from None
+                if past_the_end(err):
+                    raise OutOfRange(f"offset {offset} is past the end of the blob") from None
                 raise
         return Body(response["Body"])
 
@@ -169,6 +182,9 @@ class Body:
         with s3_errors("GET"):
             data: bytes = self._body.read(size if size >= 0 else None)
         return data
+
+    def read_cached(self, size: int, /) -> bytes | None:
+        return None  # every read waits for the network
 
     def close(self) -> None:
         self._body.close()

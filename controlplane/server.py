@@ -118,7 +118,9 @@ async def start(settings: Settings) -> ControlPlane:
         AdapterService(settings, store, registry, placer, auth), server
     )
     tenant_pb2_grpc.add_TenantServiceServicer_to_server(TenantService(settings, store, auth), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, placer, auth), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminService(store, placer, auth, settings.prefetch_workers), server
+    )
     worker = WorkerService(store, artifacts, sessions, Reconciler(store, sessions), auth)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker, server)
     health_servicer = health.aio.HealthServicer()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.artifacts import ArtifactStore, PendingArtifact
+from controlplane.artifacts import ARTIFACT_MESSAGE, ArtifactStore, OutOfRange, PendingArtifact
 from controlplane.errors import (
     BadRequest,
     Context,
@@ -66,7 +66,8 @@ class Auth:
             raise Unauthenticated("missing or invalid credentials")
 
     def peer(self, context: Context) -> bool:
-        """For the verbs replicas forward to each other (ForceLoadAdapter, ForceEvictAdapter):
+        """For the verbs replicas forward to each other (ForceLoadAdapter, ForceEvictAdapter,
+        PrefetchAdapter):
         the operator token, or the peer token on a forwarded call. True: the call is forwarded."""
         metadata = context.invocation_metadata()
         token, is_forwarded = bearer(metadata), forwarded(metadata)
@@ -330,15 +331,24 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     async def FetchArtifact(
         self, request: wpb.FetchArtifactRequest, context: Context
     ) -> AsyncIterator[wpb.FetchArtifactResponse]:
+        """The blob, or the byte range asked for, in messages of up to ARTIFACT_MESSAGE bytes: read
+        on the event loop what is in memory, the rest in a thread."""
         self._auth.agent(context)
         try:
-            blob = await asyncio.to_thread(self._artifacts.open_blob, request.sha256)
+            blob = await asyncio.to_thread(self._artifacts.open_blob, request.sha256, request.offset, request.length)
+        except OutOfRange as err:
+            raise BadRequest(str(err)) from None
         except ValueError:
             raise BadRequest("sha256 must be 64 hex digits") from None
         except FileNotFoundError:
             raise NotFound("no such artifact") from None
         try:
-            while chunk := await asyncio.to_thread(blob.read, 1 << 20):
+            while True:
+                chunk = blob.read_cached(ARTIFACT_MESSAGE)
+                if chunk is None:
+                    chunk = await asyncio.to_thread(blob.read, ARTIFACT_MESSAGE)
+                if not chunk:
+                    break
                 yield wpb.FetchArtifactResponse(chunk=chunk)
         finally:
             blob.close()

@@ -70,6 +70,7 @@ class AgentSession:
     unsynced: bool = False  # the record's last write to Redis failed
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set: the control plane closes the stream
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed reloads
+    prefetch: bool = False  # its agent takes PrefetchArtifact commands
 
     def view(self, draining: bool, pool: str = "") -> WorkerView:
         r = self.record
@@ -150,7 +151,7 @@ class Sessions:
             engine_restarts=reg.engine.restarts,
             max_concurrency=reg.max_concurrency,
         )
-        session = AgentSession(record, LoadBudget(self._max_loads_per_s))
+        session = AgentSession(record, LoadBudget(self._max_loads_per_s), prefetch=reg.prefetch)
         self._by_worker[reg.worker_id] = session
         self._count()
         # Before the record: a replica that sees this record sees a live worker (`Liveness.sweep`).
@@ -281,6 +282,20 @@ class Sessions:
         await self.report(session, list(result.resident), session.record.healthy)
         log.info("loaded %s on %s in %d ms", adapter.id, session.record.id, result.duration_ms)
         return result
+
+    async def prefetch(self, session: AgentSession, adapter: AdapterRecord) -> None:
+        """The adapter's bytes into the worker's node cache, not loaded."""
+        cid = uuid.uuid4().hex
+        cmd = pb.PrefetchArtifact(
+            command_id=cid, sha256=adapter.sha256, size_bytes=adapter.size_bytes, request_id=logs.REQUEST_ID.get()
+        )
+        try:
+            result = await session.command(pb.ConnectResponse(prefetch=cmd), cid, self._load_timeout)
+        except CommandFailed as err:
+            raise NoCapacity(f"prefetching onto {session.record.id} failed: {err}") from None
+        if not result.ok:
+            raise NoCapacity(f"prefetching onto {session.record.id} failed: {_redact(result.error)}")
+        log.info("prefetched %s onto %s in %d ms", adapter.id, session.record.id, result.duration_ms)
 
     async def evict(self, session: AgentSession, adapter_id: str) -> None:
         generation = await self._store.desire(session.record.id, adapter_id, wanted=False)

@@ -76,6 +76,9 @@ class Settings:
         default_factory=lambda: dict(limits.TIER_PINNED_SLOTS),
         metadata=derived(limits.PINNED_SLOT_VARS, limits.tier_pinned_slots),
     )
+    # an adapter's bytes are pushed into this many node caches of its base model when it becomes
+    # ready (those a placement would pick next); 0: none
+    prefetch_workers: int = field(default=2, metadata=var("LORAPLANE_PREFETCH_WORKERS"))
     load_timeout_s: float = field(default=60.0, metadata=var("LORAPLANE_LOAD_TIMEOUT_S"))
     heartbeat_timeout_s: float = field(default=6.0, metadata=var("LORAPLANE_HEARTBEAT_TIMEOUT_S"))
     max_loads_per_s: int = field(default=10, metadata=var("LORAPLANE_MAX_LOADS_PER_S"))

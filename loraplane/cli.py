@@ -292,6 +292,10 @@ def cmd_adapter_load(args: argparse.Namespace) -> None:
     _show(_op(args).force_load(args.adapter_id, args.worker or ""))
 
 
+def cmd_adapter_prefetch(args: argparse.Namespace) -> None:
+    print("in the node caches of:", " ".join(_op(args).prefetch(args.adapter_id, args.worker)) or "(none)")
+
+
 def cmd_adapter_evict(args: argparse.Namespace) -> None:
     print("evicted from:", " ".join(_op(args).force_evict(args.adapter_id, args.worker or "")) or "(nowhere)")
 
@@ -367,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     adapter = sub.add_parser("adapter", help="placements (operator)").add_subparsers(required=True)
     _verb(adapter, "load", cmd_adapter_load, "load an adapter now", "adapter_id").add_argument("--worker")
     _verb(adapter, "evict", cmd_adapter_evict, "evict an adapter now", "adapter_id").add_argument("--worker")
+    _verb(
+        adapter, "prefetch", cmd_adapter_prefetch, "fetch an adapter's bytes into node caches", "adapter_id"
+    ).add_argument(
+        "--worker", action="append", help="a worker (again for more); none: those a placement would pick next"
+    )
     _verb(sub, "routing", cmd_routing, "print the routing table")
     make = sub.add_parser("make-adapter", help="train a small demo adapter for tiny-llama on the CPU")
     make.add_argument("out", help="output directory")

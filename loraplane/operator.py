@@ -145,6 +145,15 @@ class Operator:
         )
         return resp
 
+    def prefetch(self, adapter_id: str, worker_ids: list[str] | None = None) -> list[str]:
+        resp: adpb.PrefetchAdapterResponse = self._call(
+            admin_pb2_grpc.AdminServiceStub,
+            "PrefetchAdapter",
+            adpb.PrefetchAdapterRequest(adapter_id=adapter_id, worker_ids=worker_ids or []),
+            timeout=120,
+        )
+        return list(resp.worker_ids)
+
     def force_evict(self, adapter_id: str, worker_id: str = "") -> list[str]:
         resp: adpb.ForceEvictAdapterResponse = self._call(
             admin_pb2_grpc.AdminServiceStub,

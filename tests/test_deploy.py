@@ -791,7 +791,8 @@ def _grpcurl_calls() -> list[tuple[str, str, str | None]]:
 
 OPERATOR_VERBS = [
     *[(admin_pb2.DESCRIPTOR.services_by_name["AdminService"], m) for m in ("DrainWorker", "UndrainWorker",
-      "ForceLoadAdapter", "ForceEvictAdapter", "GetRoutingTable", "AssignWorker", "UnassignWorker")],
+      "ForceLoadAdapter", "ForceEvictAdapter", "GetRoutingTable", "AssignWorker", "UnassignWorker",
+      "PrefetchAdapter")],
     *[(tenant_pb2.DESCRIPTOR.services_by_name["TenantService"], m.name)
       for m in tenant_pb2.DESCRIPTOR.services_by_name["TenantService"].methods],
     (worker_pb2.DESCRIPTOR.services_by_name["WorkerService"], "ListWorkers"),

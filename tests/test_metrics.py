@@ -32,6 +32,8 @@ DATAPLANE_OWN = {
 }
 # The control plane's series besides the dashboard's (docs/operations.md lists them).
 CONTROLPLANE_OWN = {"loraplane_workers_by_engine_state": ("gauge", {"base_model", "state"})}
+# The agent's (docs/operations.md, Engine supervision).
+AGENT_OWN = {"loraplane_worker_slot_leaks_total": ("counter", {"worker"})}
 
 
 def families(page: bytes) -> dict[str, tuple[str, list[Sample]]]:
@@ -122,7 +124,7 @@ async def test_the_agents_registry_reads_its_gauges_at_each_scrape(tmp_path: Pat
         "loraplane_worker_lora_slots_used", "loraplane_worker_lora_slots", "loraplane_worker_requests_running",
         "loraplane_worker_requests_waiting", "loraplane_controlplane_up",
     )  # fmt: skip
-    check(page, expected)
+    check(page, expected | AGENT_OWN)
     values = {(n, s.labels.get("worker", "")): s.value for n, (_, ss) in families(page).items() for s in ss}
     assert values[("loraplane_worker_requests_running", "w1")] == 3
     assert values[("loraplane_worker_lora_slots", "w1")] == 8

@@ -117,3 +117,57 @@ async def test_a_request_whose_client_leaves_while_it_waits_leaves_the_queue(two
             assert r.status_code == 200
     s = state(two_seqs)
     assert (s["running"], s["waiting"]) == (0, 0)
+
+
+async def test_an_unload_that_leaks_answers_success_and_keeps_the_slot() -> None:
+    """As the vLLM bug class does: the adapter leaves /v1/models, its slot stays taken, and loads
+    are refused for lack of a free slot while fewer than max_loras adapters are listed."""
+    app = create_app(SimConfig(max_loras=2, load_ms_base=0))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as sim:
+
+        async def load(name: str) -> httpx.Response:
+            return await sim.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "/none"})
+
+        async def listed() -> list[str]:
+            return [m["id"] for m in (await sim.get("/v1/models")).json()["data"] if m["parent"]]
+
+        assert (await sim.post("/sim/leak", json={"unloads": "all"})).status_code == 400
+        assert (await sim.post("/sim/leak", json={"unloads": 1})).json() == {"leak_unloads": 1, "leaked": 0}
+        assert (await load("a0")).status_code == 200
+        unloaded = await sim.post("/v1/unload_lora_adapter", json={"lora_name": "a0"})
+        assert unloaded.status_code == 200 and unloaded.text.startswith("Success")
+        assert await listed() == []
+        assert (await load("a1")).status_code == 200
+        refused = await load("a2")
+        assert refused.status_code == 400 and "no free LoRA slot" in refused.text
+        assert await listed() == ["a1"]
+        state = (await sim.get("/sim/state")).json()
+        assert (state["leaked"], state["leak_unloads"]) == (1, 0)
+        # only the next N unloads leak: this one frees its slot
+        assert (await sim.post("/v1/unload_lora_adapter", json={"lora_name": "a1"})).status_code == 200
+        assert (await load("a2")).status_code == 200
+        assert (await sim.get("/sim/state")).json()["leaked"] == 1
+
+
+def test_leak_unloads_minus_one_leaks_every_unload_until_the_process_restarts() -> None:
+    sim, url, port = start_simulator("tiny-llama", "--max-loras", "2", "--leak-unloads", "-1")
+    try:
+        assert state(url)["leak_unloads"] == -1
+        for i in range(2):
+            name = {"lora_name": f"a{i}", "lora_path": "/none"}
+            assert httpx.post(url + "/v1/load_lora_adapter", json=name, timeout=5).status_code == 200
+            assert httpx.post(url + "/v1/unload_lora_adapter", json=name, timeout=5).status_code == 200
+        refused = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": "/none"}, timeout=5)
+        assert refused.status_code == 400
+        assert (state(url)["leaked"], state(url)["adapters"]) == (2, [])
+    finally:
+        sim.terminate()
+        sim.wait(10)
+    sim, url, _ = start_simulator("tiny-llama", "--max-loras", "2", port=port)
+    try:
+        assert state(url)["leaked"] == 0
+        loaded = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": "/none"}, timeout=5)
+        assert loaded.status_code == 200
+    finally:
+        sim.terminate()
+        sim.wait(10)

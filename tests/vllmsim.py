@@ -14,6 +14,10 @@ JSON document made from the schema, deterministically, or a call of the tool wit
 `max_completion_tokens` takes precedence over `max_tokens`. With `--max-num-seqs N`, as vLLM's
 scheduler does, at most N requests generate at once and the others wait their turn in arrival order
 (a waiting stream's first token comes once it runs); `/metrics` counts them running and waiting.
+With `--leak-unloads N` (or after `POST /sim/leak {"unloads": N}`) the next N unloads (-1: every
+one) leak their slot, as a known vLLM bug class does: the unload answers success and the adapter
+leaves `/v1/models`, but its slot stays taken until the process restarts, so later loads are
+refused for lack of a free slot while fewer than `max_loras` adapters are listed.
 From the repository's root:
 
     python -m tests.vllmsim --port 8100 --max-loras 8 --tokens-per-s 50 --load-ms-per-mb 20
@@ -55,6 +59,7 @@ class SimConfig:
     load_ms_base: float = 5.0
     api_key: str = ""
     max_num_seqs: int = 0  # most requests generating at once (vLLM's --max-num-seqs); 0: no limit
+    leak_unloads: int = 0  # the first N unloads leak their slot; -1: every one
 
 
 @dataclass
@@ -68,6 +73,11 @@ class Sim:
     seen: list[dict[str, Any]] = field(default_factory=list)  # the last requests' bodies, for tests
     slots_taken: int = 0  # of max_num_seqs, by requests generating or handed a slot
     queue: deque[asyncio.Future[None]] = field(default_factory=deque)  # the waiting requests' turns, in order
+    leak_unloads: int = 0  # the next N unloads leak their slot; -1: every one
+    leaked: int = 0  # LoRA slots taken by adapters unloaded (and no longer listed)
+
+    def __post_init__(self) -> None:
+        self.leak_unloads = self.config.leak_unloads
 
     @contextlib.asynccontextmanager
     async def generating(self, model: str) -> AsyncIterator[None]:
@@ -137,7 +147,7 @@ def create_app(config: SimConfig) -> Any:
         name, path = body.get("lora_name", ""), body.get("lora_path", "")
         if name in sim.adapters or name in sim.loading:
             return sim.error(400, f"The lora adapter '{name}' has already been loaded.")
-        if len(sim.adapters) + len(sim.loading) >= config.max_loras:  # a load under way holds its slot
+        if len(sim.adapters) + len(sim.loading) + sim.leaked >= config.max_loras:  # a load under way holds its slot
             return sim.error(400, f"no free LoRA slot (max_loras={config.max_loras})")
         weights = Path(path) / "adapter_model.safetensors"
         size_mb = weights.stat().st_size / 1e6 if weights.exists() else 0.0
@@ -154,12 +164,25 @@ def create_app(config: SimConfig) -> Any:
         name = (await request.json()).get("lora_name", "")
         if sim.adapters.pop(name, None) is None:
             return sim.error(404, f"The lora adapter '{name}' cannot be found.")
+        if sim.leak_unloads:  # answered as a success, the adapter gone from /v1/models: its slot kept
+            sim.leaked += 1
+            if sim.leak_unloads > 0:
+                sim.leak_unloads -= 1
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def seen(request: Request) -> Response:
         state = {"requests": sim.seen, "running": sum(sim.running.values()), "waiting": sum(sim.waiting.values()),
-                 "max_num_seqs": config.max_num_seqs, "loads": sim.loads}  # fmt: skip
+                 "max_num_seqs": config.max_num_seqs, "loads": sim.loads, "leaked": sim.leaked,
+                 "leak_unloads": sim.leak_unloads}  # fmt: skip
         return JSONResponse({**state, "adapters": sorted(sim.adapters)})
+
+    async def leak(request: Request) -> Response:
+        """`{"unloads": N}`: the next N unloads leak their slot (-1: every one; 0: none)."""
+        unloads = (await request.json()).get("unloads")
+        if type(unloads) is not int or unloads < -1:
+            return sim.error(400, "'unloads' must be a whole number, -1 or more")
+        sim.leak_unloads = unloads
+        return JSONResponse({"leak_unloads": sim.leak_unloads, "leaked": sim.leaked})
 
     async def metrics(request: Request) -> Response:
         def adapters(requests: Counter[str]) -> str:
@@ -243,6 +266,7 @@ def create_app(config: SimConfig) -> Any:
         Route("/v1/models", models),
         Route("/metrics", metrics),
         Route("/sim/state", seen),
+        Route("/sim/leak", leak, methods=["POST"]),
         Route("/v1/load_lora_adapter", load, methods=["POST"]),
         Route("/v1/unload_lora_adapter", unload, methods=["POST"]),
         Route("/v1/chat/completions", completion(chat=True), methods=["POST"]),
@@ -801,6 +825,7 @@ def main() -> None:
     p.add_argument("--tokens-per-s", type=float, default=0.0)
     p.add_argument("--load-ms-per-mb", type=float, default=20.0)
     p.add_argument("--max-num-seqs", type=int, default=0, help="most requests generating at once (0: no limit)")
+    p.add_argument("--leak-unloads", type=int, default=0, help="the first N unloads leak their slot (-1: every one)")
     p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY", ""))
     # As an agent's engine (LORAPLANE_VLLM_COMMAND): vLLM's name flag; its other flags ignored.
     p.add_argument("--served-model-name", default="")
@@ -816,8 +841,9 @@ def main() -> None:
         threading.Thread(target=_exit_with, args=(core,), daemon=True).start()
     model = a.served_model_name or a.model
     config = SimConfig(
-        model, a.max_loras, a.tokens_per_s, a.load_ms_per_mb, api_key=a.api_key, max_num_seqs=a.max_num_seqs
-    )
+        model, a.max_loras, a.tokens_per_s, a.load_ms_per_mb, api_key=a.api_key, max_num_seqs=a.max_num_seqs,
+        leak_unloads=a.leak_unloads,
+    )  # fmt: skip
     uvicorn.run(create_app(config), host=a.host, port=a.port, log_level="warning", loop="uvloop", http="httptools")
 
 

@@ -10,7 +10,7 @@ import random
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,11 +20,12 @@ from loraplane import config, logs, metrics, nopickle
 from loraplane.catalog import Catalog
 from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
-from loraplane.state.records import DOWN, SERVING
+from loraplane.state.records import DOWN, RECYCLING, SERVING, SLOTS_LEAKED
 from workeragent.cache import ArtifactCache, Fetch, IntegrityError, S3Source
 from workeragent.concurrency import MAX_NUM_SEQS, detect, engine_max_seqs, flag
 from workeragent.engine import Engine, become_subreaper
 from workeragent.settings import Settings
+from workeragent.slots import Leak, Ledger, SlotLeak, judge
 from workeragent.supervisor import Supervisor, Timing
 from workeragent.vllm import VllmClient, VllmError, engine_command, engine_env
 
@@ -74,6 +75,15 @@ class Agent:
             self.metrics, "loraplane_controlplane_up", "1 while a control plane session is open.", ("component",)
         )
         self._cp_up.set("agent", value=0)
+        self._slots = Ledger()
+        self._leak: Leak | None = None  # slots leaked in a vLLM this agent attached to, until it is seen restarted
+        self._leaks = metrics.Counter(
+            self.metrics,
+            "loraplane_worker_slot_leaks_total",
+            "Loads vLLM refused for lack of a free LoRA slot while it listed fewer adapters than slots.",
+            ("worker",),
+        )
+        self._leaks.inc(settings.worker_id, by=0)
 
     def _gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         """A gauge of this worker, read at each scrape."""
@@ -129,8 +139,13 @@ class Agent:
 
     async def _engine(self) -> tuple[bool, pb.EngineStatus]:
         """Whether the engine serves now, and its status as heartbeats report it."""
-        if self.supervisor is None:  # a vLLM this agent attached to: it serves or it is down
+        if self.supervisor is None:  # a vLLM this agent attached to: it serves, it is down, or its slots leaked
             healthy = await self._vllm.healthy()
+            if not healthy and self._leak is not None:
+                log.info("the vLLM whose LoRA slots leaked does not answer: taken as restarted")
+                self._leak = None
+            if self._leak is not None:
+                return False, pb.EngineStatus(state=SLOTS_LEAKED, last_error=f"{self._leak}; restart this vLLM")
             return healthy, pb.EngineStatus(state=SERVING if healthy else DOWN)
         sup = self.supervisor
         status = pb.EngineStatus(state=sup.state, last_error=sup.last_error, restarts=sup.restarts)
@@ -165,6 +180,7 @@ class Agent:
             resident=await self._vllm.resident() if serving else [],
             engine=engine,
             max_concurrency=self.max_concurrency,
+            prefetch=True,
         )
         await asyncio.wait_for(call.write(pb.ConnectRequest(register=register)), REGISTER_TIMEOUT_S)
         log.info("registered %s with the control plane", self._s.worker_id)
@@ -204,28 +220,37 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self._s.heartbeat_s)
             self._beat_now.clear()
-            done = self._commands_done
-            healthy, engine = await self._engine()
-            resident: list[str] = []
-            busy: set[str] = set()
-            in_flight = 0
-            if healthy:
-                try:
-                    resident = await self._vllm.resident()
-                    busy, in_flight = await self._vllm.activity()
-                except (VllmError, aiohttp.ClientError, TimeoutError, ValueError) as err:
-                    log.warning("vLLM did not say what it holds: %s", err)
-                    healthy, resident, busy, in_flight = False, [], set(), 0
-            self._slots_used = len(resident)
-            beat = pb.Heartbeat(
-                resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight,
-                commands_done=done, engine=engine,
-            )  # fmt: skip
-            await outbox.put(pb.ConnectRequest(heartbeat=beat))
+            await self._beat(outbox)
+
+    async def _beat(self, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
+        """One heartbeat: what vLLM holds and does, and the engine's state."""
+        done = self._commands_done
+        healthy, engine = await self._engine()
+        resident: list[str] = []
+        busy: set[str] = set()
+        in_flight = 0
+        if healthy:
+            try:
+                resident = await self._vllm.resident()
+                busy, in_flight = await self._vllm.activity()
+            except (VllmError, aiohttp.ClientError, TimeoutError, ValueError) as err:
+                log.warning("vLLM did not say what it holds: %s", err)
+                healthy, resident, busy, in_flight = False, [], set(), 0
+        self._slots_used = len(resident)
+        beat = pb.Heartbeat(
+            resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight,
+            commands_done=done, engine=engine,
+        )  # fmt: skip
+        await outbox.put(pb.ConnectRequest(heartbeat=beat))
 
     async def _execute(
         self, msg: pb.ConnectResponse, outbox: asyncio.Queue[pb.ConnectRequest], order: CommandOrder
     ) -> None:
+        if msg.HasField("prefetch"):
+            result = await self._prefetch(msg.prefetch)
+            self._commands_done += 1  # every result counts: the control plane counts them all
+            await outbox.put(pb.ConnectRequest(result=result))
+            return
         cmd = msg.load if msg.HasField("load") else msg.evict
         logs.REQUEST_ID.set(cmd.request_id if logs.sane(cmd.request_id) else "")  # this task's own context
         async with order.turn(cmd.vllm_name):
@@ -240,8 +265,25 @@ class Agent:
         outcome = ("already done" if result.already_done else "done") if result.ok else f"failed: {result.error}"
         fields = {"command": verb, "vllm_name": cmd.vllm_name, "ok": result.ok, "duration_ms": result.duration_ms}
         log.info("%s %s: %s in %d ms", verb, cmd.vllm_name, outcome, result.duration_ms, extra=fields)
+        if not result.ok and self._leaving():  # out of service first, then the failure the placer retries elsewhere
+            await self._beat(outbox)
         self._commands_done += 1
         await outbox.put(pb.ConnectRequest(result=result))
+
+    async def _prefetch(self, cmd: pb.PrefetchArtifact) -> pb.CommandResult:
+        """The adapter's bytes into the node cache, verified, not loaded: its first load then
+        pays no fetch."""
+        logs.REQUEST_ID.set(cmd.request_id if logs.sane(cmd.request_id) else "")
+        started = time.monotonic()
+        result = pb.CommandResult(command_id=cmd.command_id, ok=True)
+        try:
+            await self._cache.blob(cmd.sha256, cmd.size_bytes)
+        except (IntegrityError, grpc.aio.AioRpcError, OSError, TimeoutError) as err:
+            log.warning("prefetch of %s failed: %s", cmd.sha256, err)
+            result.ok, result.error = False, str(err)[:500]
+        result.duration_ms = int((time.monotonic() - started) * 1000)
+        log.info("prefetched %s in %d ms", cmd.sha256, result.duration_ms)
+        return result
 
     @contextlib.contextmanager
     def _engine_busy(self) -> Iterator[None]:
@@ -263,17 +305,18 @@ class Agent:
             if msg.HasField("load"):
                 if msg.load.vllm_name in before:
                     result.already_done = True
+                elif leaving := self._leaving():
+                    raise VllmError(f"the engine takes no new adapter: {leaving}")
                 else:
                     d = await self._cache.adapter_dir(
                         msg.load.vllm_name, msg.load.sha256, msg.load.size_bytes, msg.load.adapter_config
                     )
-                    with self._engine_busy():
-                        await self._vllm.load(msg.load.vllm_name, str(d))
+                    await self._load(msg.load.vllm_name, str(d))
             elif msg.evict.vllm_name not in before:
                 result.already_done = True
             else:
                 await self._drain(msg.evict.vllm_name)
-                with self._engine_busy():
+                with self._engine_busy(), self._slots.change():
                     await self._vllm.unload(msg.evict.vllm_name)
                 self._cache.forget(msg.evict.vllm_name)
             after = await self._vllm.resident()
@@ -290,6 +333,40 @@ class Agent:
         result.duration_ms = int((time.monotonic() - started) * 1000)
         return result
 
+    async def _load(self, name: str, path: str) -> None:
+        """vLLM's load. One refused that proves LoRA slots leaked (`slots.judge`) takes the engine
+        out of service (`_slots_leaked`) and fails: the control plane places the adapter elsewhere."""
+        with self._engine_busy(), self._slots.change() as alone:
+            try:
+                await self._vllm.load(name, path)
+            except VllmError as err:
+                leak = await judge(err, self._vllm, self._model.max_adapters_per_worker, alone)
+                if leak is None:
+                    raise
+                self._slots_leaked(leak)
+                raise SlotLeak(leak) from None
+
+    def _slots_leaked(self, leak: Leak) -> None:
+        """The engine takes no new work until it restarts: one this agent started is recycled (its
+        requests in flight finish, then it restarts and the control plane loads back what it held);
+        one it attached to is reported so until it is seen restarted."""
+        self._leaks.inc(self._s.worker_id)
+        fields = {"slots": leak.slots, "listed": leak.listed, "leaked": leak.leaked}
+        if self.supervisor is None:
+            self._leak = leak
+            self._beat_now.set()
+            log.error("%s; this agent attached to that vLLM and cannot restart it: the worker takes no work "
+                      "until it is restarted", leak, extra=fields)  # fmt: skip
+        elif self.supervisor.recycle(str(leak), self._s.drain_timeout_s):
+            log.warning("%s; recycling the engine: its requests in flight finish (for at most %.0fs), then it "
+                        "restarts", leak, self._s.drain_timeout_s, extra=fields)  # fmt: skip
+
+    def _leaving(self) -> str:
+        """Why the engine takes no new adapter now (its slots leaked), or ""."""
+        if self.supervisor is not None:
+            return self.supervisor.last_error if self.supervisor.state == RECYCLING else ""
+        return str(self._leak) if self._leak is not None else ""
+
     async def _drain(self, name: str) -> None:
         """Let the adapter's requests in flight finish before it goes, for at most drain_timeout_s."""
         deadline = time.monotonic() + self._s.drain_timeout_s
@@ -299,11 +376,16 @@ class Agent:
                 return
             await asyncio.sleep(0.1)
 
-    async def _fetch(self, sha256: str) -> AsyncIterator[bytes]:
+    async def _fetch(self, sha256: str, offset: int, length: int) -> AsyncGenerator[bytes]:
+        """A byte range of an artifact from the control plane (length 0: up to the end)."""
         metadata = (*self._metadata, *logs.metadata())
-        call = self._stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256), metadata=metadata, timeout=600)
-        async for msg in call:
-            yield msg.chunk
+        request = pb.FetchArtifactRequest(sha256=sha256, offset=offset, length=length)
+        call = self._stub.FetchArtifact(request, metadata=metadata, timeout=600)
+        try:
+            async for msg in call:
+                yield msg.chunk
+        finally:
+            call.cancel()  # a no-op once the stream ended; else the cache gave up on this range
 
 
 class CommandOrder:

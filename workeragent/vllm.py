@@ -107,6 +107,13 @@ class VllmClient:
             return set(), int(in_flight)
         return {n for n in names.split(",") if n}, int(in_flight)
 
+    async def max_loras(self) -> int | None:
+        """vLLM's LoRA slots (`--max-loras`) as its /metrics page says, or None when it does not."""
+        async with self._session.get(f"{self.base_url}/metrics", headers=self._headers, timeout=self._timeout) as r:
+            if r.status != 200:
+                raise VllmError(f"GET /metrics answered {r.status}")
+            return parse_max_loras(await r.text())
+
     async def load(self, name: str, path: str) -> None:
         await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
@@ -149,6 +156,22 @@ def parse_activity(text: str) -> tuple[float, str, float, float]:
             elif sample.name == "vllm:num_requests_waiting":
                 waiting += sample.value
     return newest, names, running, waiting
+
+
+def parse_max_loras(text: str) -> int | None:
+    """The `max_lora` label of vLLM's `vllm:lora_requests_info` (the only word vLLM 0.32's
+    /metrics has on LoRA slots), or None when the page has no such sample (vLLM adds the first
+    once its engine has stepped)."""
+    wanted = "".join(line + "\n" for line in text.splitlines() if line.startswith("vllm:lora_requests_info"))
+    try:
+        for family in text_string_to_metric_families(wanted):
+            for sample in family.samples:
+                value = sample.labels.get("max_lora", "")
+                if value.isdigit():
+                    return int(value)
+    except ValueError:
+        return None
+    return None
 
 
 def engine_command(

@@ -47,9 +47,11 @@ class AdapterRecord:
 
 
 # A worker's engine as its agent reports it (`EngineStatus.state` in worker.proto): only SERVING
-# takes requests; DOWN is a vLLM the agent attached to (not started) that does not answer.
-ENGINE_STATES = SERVING, STARTING, HUNG, RESTARTING, CRASH_LOOP, DOWN = (
-    "serving", "starting", "hung", "restarting", "crash_loop", "down",
+# takes requests; DOWN is a vLLM the agent attached to (not started) that does not answer;
+# RECYCLING an engine whose LoRA slots leaked, finishing its requests before its agent restarts
+# it; SLOTS_LEAKED such an engine the agent attached to, and so cannot restart.
+ENGINE_STATES = SERVING, STARTING, HUNG, RESTARTING, CRASH_LOOP, DOWN, RECYCLING, SLOTS_LEAKED = (
+    "serving", "starting", "hung", "restarting", "crash_loop", "down", "recycling", "slots_leaked",
 )  # fmt: skip
 
 

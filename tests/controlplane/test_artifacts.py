@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import pytest
 
-from controlplane.artifacts import ArtifactStore, FileArtifactStore
+from controlplane.artifacts import ArtifactStore, FileArtifactStore, OutOfRange
 from controlplane.s3store import S3ArtifactStore, StoreUnavailable
 from tests.s3server import MotoServer
 from tests.support import free_port
@@ -177,6 +177,30 @@ def test_a_blob_larger_than_a_part_is_stored_whole(backend: Backend) -> None:
     assert sha == hashlib.sha256(data).hexdigest()
     assert b"".join(store.read(sha)) == data
     assert files(backend.staging("a")) == []
+
+
+def read_range(store: ArtifactStore, sha: str, offset: int, length: int) -> bytes:
+    blob = store.open_blob(sha, offset, length)
+    try:
+        return b"".join(iter(lambda: blob.read(3), b""))
+    finally:
+        blob.close()
+
+
+def test_a_blob_is_read_whole_or_by_byte_range(backend: Backend) -> None:
+    store = backend.make("a")
+    data = bytes(range(100))
+    sha = stored(store, data)
+    assert read_range(store, sha, 0, 0) == data  # neither: the whole blob (an older agent's request)
+    assert read_range(store, sha, 10, 7) == data[10:17]
+    assert read_range(store, sha, 0, 10) == data[:10]
+    assert read_range(store, sha, 90, 0) == data[90:]  # no length: to the end
+    assert read_range(store, sha, 95, 10) == data[95:]  # past the end: cut there
+    for offset, length in ((100, 0), (100, 5), (250, 1), (-1, 5), (0, -1)):
+        with pytest.raises(OutOfRange):
+            store.open_blob(sha, offset, length)
+    with pytest.raises(FileNotFoundError):
+        store.open_blob(hashlib.sha256(b"never stored").hexdigest(), 10, 7)
 
 
 class FailingFile:

@@ -1,9 +1,10 @@
 """The worker service on a real control plane in this process, against a real Redis: what
-ListWorkers shows of a worker's engine, and a crash-looping worker's stream."""
+ListWorkers shows of a worker's engine, a crash-looping worker's stream, and artifact fetches."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import grpc
 import pytest
 
 from controlplane import server
+from controlplane.artifacts import ARTIFACT_MESSAGE, FileArtifactStore
 from controlplane.settings import Settings
 from controlplane.store import Store
 from loraplane.catalog import Catalog
@@ -110,3 +112,32 @@ async def test_a_crash_looping_worker_gets_its_adapters_once_its_engine_serves(
     worker = await store.get_worker("w-loop")
     assert worker is not None and worker.healthy and (worker.engine_state, worker.engine_error) == ("serving", "")
     connected.cancel()
+
+
+async def test_fetch_artifact_serves_the_whole_blob_or_the_byte_range_asked_for(
+    plane: server.ControlPlane, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * ARTIFACT_MESSAGE + 5)
+    pending = FileArtifactStore(tmp_path / "artifacts").open_temp()  # the control plane's own store
+    pending.write(data)
+    sha, _ = pending.commit()
+    metadata = (("authorization", f"Bearer {AGENT}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+
+        async def fetch(request: pb.FetchArtifactRequest) -> list[bytes]:
+            return [msg.chunk async for msg in stub.FetchArtifact(request, metadata=metadata, timeout=10)]
+
+        whole = await fetch(pb.FetchArtifactRequest(sha256=sha))  # an older agent's request
+        assert b"".join(whole) == data
+        assert len(whole) >= 4 and max(len(c) for c in whole) == ARTIFACT_MESSAGE  # under the 4 MiB default
+        ranged = pb.FetchArtifactRequest(sha256=sha, offset=ARTIFACT_MESSAGE - 3, length=ARTIFACT_MESSAGE + 10)
+        assert b"".join(await fetch(ranged)) == data[ARTIFACT_MESSAGE - 3 : 2 * ARTIFACT_MESSAGE + 7]
+        tail = pb.FetchArtifactRequest(sha256=sha, offset=len(data) - 7, length=100)
+        assert b"".join(await fetch(tail)) == data[-7:]  # cut at the end
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fetch(pb.FetchArtifactRequest(sha256=sha, offset=len(data), length=1))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fetch(pb.FetchArtifactRequest(sha256="0" * 64, offset=5))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -24,43 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%loraplane/controlplane/v1/admin.proto\x12\x19loraplane.controlplane.v1\";\n\x13\x41ssignWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"Y\n\x14\x41ssignWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x1b\n\x13\x65victed_adapter_ids\x18\x03 \x03(\t\"*\n\x15UnassignWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\">\n\x16UnassignWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"(\n\x13\x44rainWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\")\n\x14UndrainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"*\n\x15UndrainWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\"@\n\x17\x46orceLoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"E\n\x18\x46orceLoadAdapterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\"A\n\x18\x46orceEvictAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"/\n\x19\x46orceEvictAdapterResponse\x12\x12\n\nworker_ids\x18\x01 \x03(\t\"\x18\n\x16GetRoutingTableRequest\"\xcc\x01\n\x0cRoutingEntry\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_ids\x18\x04 \x03(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x16\n\x0epool_tenant_id\x18\x07 \x01(\t\x12\x1a\n\x12pinned_adapter_ids\x18\x08 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\t \x01(\x05\"d\n\x17GetRoutingTableResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x38\n\x07workers\x18\x02 \x03(\x0b\x32\'.loraplane.controlplane.v1.RoutingEntry2\xcf\x06\n\x0c\x41\x64minService\x12l\n\x0b\x44rainWorker\x12-.loraplane.controlplane.v1.DrainWorkerRequest\x1a..loraplane.controlplane.v1.DrainWorkerResponse\x12r\n\rUndrainWorker\x12/.loraplane.controlplane.v1.UndrainWorkerRequest\x1a\x30.loraplane.controlplane.v1.UndrainWorkerResponse\x12{\n\x10\x46orceLoadAdapter\x12\x32.loraplane.controlplane.v1.ForceLoadAdapterRequest\x1a\x33.loraplane.controlplane.v1.ForceLoadAdapterResponse\x12~\n\x11\x46orceEvictAdapter\x12\x33.loraplane.controlplane.v1.ForceEvictAdapterRequest\x1a\x34.loraplane.controlplane.v1.ForceEvictAdapterResponse\x12x\n\x0fGetRoutingTable\x12\x31.loraplane.controlplane.v1.GetRoutingTableRequest\x1a\x32.loraplane.controlplane.v1.GetRoutingTableResponse\x12o\n\x0c\x41ssignWorker\x12..loraplane.controlplane.v1.AssignWorkerRequest\x1a/.loraplane.controlplane.v1.AssignWorkerResponse\x12u\n\x0eUnassignWorker\x12\x30.loraplane.controlplane.v1.UnassignWorkerRequest\x1a\x31.loraplane.controlplane.v1.UnassignWorkerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%loraplane/controlplane/v1/admin.proto\x12\x19loraplane.controlplane.v1\"@\n\x16PrefetchAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nworker_ids\x18\x02 \x03(\t\"-\n\x17PrefetchAdapterResponse\x12\x12\n\nworker_ids\x18\x01 \x03(\t\";\n\x13\x41ssignWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"Y\n\x14\x41ssignWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x1b\n\x13\x65victed_adapter_ids\x18\x03 \x03(\t\"*\n\x15UnassignWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\">\n\x16UnassignWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"(\n\x13\x44rainWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\")\n\x14UndrainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"*\n\x15UndrainWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\"@\n\x17\x46orceLoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"E\n\x18\x46orceLoadAdapterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\"A\n\x18\x46orceEvictAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"/\n\x19\x46orceEvictAdapterResponse\x12\x12\n\nworker_ids\x18\x01 \x03(\t\"\x18\n\x16GetRoutingTableRequest\"\xcc\x01\n\x0cRoutingEntry\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_ids\x18\x04 \x03(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x16\n\x0epool_tenant_id\x18\x07 \x01(\t\x12\x1a\n\x12pinned_adapter_ids\x18\x08 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\t \x01(\x05\"d\n\x17GetRoutingTableResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x38\n\x07workers\x18\x02 \x03(\x0b\x32\'.loraplane.controlplane.v1.RoutingEntry2\xc9\x07\n\x0c\x41\x64minService\x12l\n\x0b\x44rainWorker\x12-.loraplane.controlplane.v1.DrainWorkerRequest\x1a..loraplane.controlplane.v1.DrainWorkerResponse\x12r\n\rUndrainWorker\x12/.loraplane.controlplane.v1.UndrainWorkerRequest\x1a\x30.loraplane.controlplane.v1.UndrainWorkerResponse\x12{\n\x10\x46orceLoadAdapter\x12\x32.loraplane.controlplane.v1.ForceLoadAdapterRequest\x1a\x33.loraplane.controlplane.v1.ForceLoadAdapterResponse\x12~\n\x11\x46orceEvictAdapter\x12\x33.loraplane.controlplane.v1.ForceEvictAdapterRequest\x1a\x34.loraplane.controlplane.v1.ForceEvictAdapterResponse\x12x\n\x0fGetRoutingTable\x12\x31.loraplane.controlplane.v1.GetRoutingTableRequest\x1a\x32.loraplane.controlplane.v1.GetRoutingTableResponse\x12o\n\x0c\x41ssignWorker\x12..loraplane.controlplane.v1.AssignWorkerRequest\x1a/.loraplane.controlplane.v1.AssignWorkerResponse\x12u\n\x0eUnassignWorker\x12\x30.loraplane.controlplane.v1.UnassignWorkerRequest\x1a\x31.loraplane.controlplane.v1.UnassignWorkerResponse\x12x\n\x0fPrefetchAdapter\x12\x31.loraplane.controlplane.v1.PrefetchAdapterRequest\x1a\x32.loraplane.controlplane.v1.PrefetchAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplane.controlplane.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ASSIGNWORKERREQUEST']._serialized_start=68
-  _globals['_ASSIGNWORKERREQUEST']._serialized_end=127
-  _globals['_ASSIGNWORKERRESPONSE']._serialized_start=129
-  _globals['_ASSIGNWORKERRESPONSE']._serialized_end=218
-  _globals['_UNASSIGNWORKERREQUEST']._serialized_start=220
-  _globals['_UNASSIGNWORKERREQUEST']._serialized_end=262
-  _globals['_UNASSIGNWORKERRESPONSE']._serialized_start=264
-  _globals['_UNASSIGNWORKERRESPONSE']._serialized_end=326
-  _globals['_DRAINWORKERREQUEST']._serialized_start=328
-  _globals['_DRAINWORKERREQUEST']._serialized_end=367
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=369
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=409
-  _globals['_UNDRAINWORKERREQUEST']._serialized_start=411
-  _globals['_UNDRAINWORKERREQUEST']._serialized_end=452
-  _globals['_UNDRAINWORKERRESPONSE']._serialized_start=454
-  _globals['_UNDRAINWORKERRESPONSE']._serialized_end=496
-  _globals['_FORCELOADADAPTERREQUEST']._serialized_start=498
-  _globals['_FORCELOADADAPTERREQUEST']._serialized_end=562
-  _globals['_FORCELOADADAPTERRESPONSE']._serialized_start=564
-  _globals['_FORCELOADADAPTERRESPONSE']._serialized_end=633
-  _globals['_FORCEEVICTADAPTERREQUEST']._serialized_start=635
-  _globals['_FORCEEVICTADAPTERREQUEST']._serialized_end=700
-  _globals['_FORCEEVICTADAPTERRESPONSE']._serialized_start=702
-  _globals['_FORCEEVICTADAPTERRESPONSE']._serialized_end=749
-  _globals['_GETROUTINGTABLEREQUEST']._serialized_start=751
-  _globals['_GETROUTINGTABLEREQUEST']._serialized_end=775
-  _globals['_ROUTINGENTRY']._serialized_start=778
-  _globals['_ROUTINGENTRY']._serialized_end=982
-  _globals['_GETROUTINGTABLERESPONSE']._serialized_start=984
-  _globals['_GETROUTINGTABLERESPONSE']._serialized_end=1084
-  _globals['_ADMINSERVICE']._serialized_start=1087
-  _globals['_ADMINSERVICE']._serialized_end=1934
+  _globals['_PREFETCHADAPTERREQUEST']._serialized_start=68
+  _globals['_PREFETCHADAPTERREQUEST']._serialized_end=132
+  _globals['_PREFETCHADAPTERRESPONSE']._serialized_start=134
+  _globals['_PREFETCHADAPTERRESPONSE']._serialized_end=179
+  _globals['_ASSIGNWORKERREQUEST']._serialized_start=181
+  _globals['_ASSIGNWORKERREQUEST']._serialized_end=240
+  _globals['_ASSIGNWORKERRESPONSE']._serialized_start=242
+  _globals['_ASSIGNWORKERRESPONSE']._serialized_end=331
+  _globals['_UNASSIGNWORKERREQUEST']._serialized_start=333
+  _globals['_UNASSIGNWORKERREQUEST']._serialized_end=375
+  _globals['_UNASSIGNWORKERRESPONSE']._serialized_start=377
+  _globals['_UNASSIGNWORKERRESPONSE']._serialized_end=439
+  _globals['_DRAINWORKERREQUEST']._serialized_start=441
+  _globals['_DRAINWORKERREQUEST']._serialized_end=480
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=482
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=522
+  _globals['_UNDRAINWORKERREQUEST']._serialized_start=524
+  _globals['_UNDRAINWORKERREQUEST']._serialized_end=565
+  _globals['_UNDRAINWORKERRESPONSE']._serialized_start=567
+  _globals['_UNDRAINWORKERRESPONSE']._serialized_end=609
+  _globals['_FORCELOADADAPTERREQUEST']._serialized_start=611
+  _globals['_FORCELOADADAPTERREQUEST']._serialized_end=675
+  _globals['_FORCELOADADAPTERRESPONSE']._serialized_start=677
+  _globals['_FORCELOADADAPTERRESPONSE']._serialized_end=746
+  _globals['_FORCEEVICTADAPTERREQUEST']._serialized_start=748
+  _globals['_FORCEEVICTADAPTERREQUEST']._serialized_end=813
+  _globals['_FORCEEVICTADAPTERRESPONSE']._serialized_start=815
+  _globals['_FORCEEVICTADAPTERRESPONSE']._serialized_end=862
+  _globals['_GETROUTINGTABLEREQUEST']._serialized_start=864
+  _globals['_GETROUTINGTABLEREQUEST']._serialized_end=888
+  _globals['_ROUTINGENTRY']._serialized_start=891
+  _globals['_ROUTINGENTRY']._serialized_end=1095
+  _globals['_GETROUTINGTABLERESPONSE']._serialized_start=1097
+  _globals['_GETROUTINGTABLERESPONSE']._serialized_end=1197
+  _globals['_ADMINSERVICE']._serialized_start=1200
+  _globals['_ADMINSERVICE']._serialized_end=2169
 # @@protoc_insertion_point(module_scope)

@@ -70,6 +70,11 @@ class AdminServiceStub:
                 request_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerRequest.SerializeToString,
                 response_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerResponse.FromString,
                 _registered_method=True)
+        self.PrefetchAdapter = channel.unary_unary(
+                '/loraplane.controlplane.v1.AdminService/PrefetchAdapter',
+                request_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.PrefetchAdapterRequest.SerializeToString,
+                response_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.PrefetchAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -127,6 +132,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefetchAdapter(self, request, context):
+        """Fetches an adapter's bytes into the node caches of the workers given, or of those a
+        placement would pick next (LORAPLANE_PREFETCH_WORKERS of its base model), without loading
+        it. The control plane does it by itself when an adapter becomes ready.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +178,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.UnassignWorker,
                     request_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerRequest.FromString,
                     response_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerResponse.SerializeToString,
+            ),
+            'PrefetchAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefetchAdapter,
+                    request_deserializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.PrefetchAdapterRequest.FromString,
+                    response_serializer=loraplane_dot_controlplane_dot_v1_dot_admin__pb2.PrefetchAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +375,33 @@ class AdminService:
             '/loraplane.controlplane.v1.AdminService/UnassignWorker',
             loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerRequest.SerializeToString,
             loraplane_dot_controlplane_dot_v1_dot_admin__pb2.UnassignWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefetchAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplane.controlplane.v1.AdminService/PrefetchAdapter',
+            loraplane_dot_controlplane_dot_v1_dot_admin__pb2.PrefetchAdapterRequest.SerializeToString,
+            loraplane_dot_controlplane_dot_v1_dot_admin__pb2.PrefetchAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

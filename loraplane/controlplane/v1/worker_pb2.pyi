@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident", "engine", "max_concurrency")
+    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident", "engine", "max_concurrency", "prefetch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class Register(_message.Message):
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     base_model: str
     endpoint: str
@@ -22,7 +23,8 @@ class Register(_message.Message):
     resident: _containers.RepeatedScalarFieldContainer[str]
     engine: EngineStatus
     max_concurrency: int
-    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
+    prefetch: bool
+    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., prefetch: _Optional[bool] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
     __slots__ = ("state", "last_error", "restarts")
@@ -108,19 +110,37 @@ class EvictAdapter(_message.Message):
     request_id: str
     def __init__(self, command_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., generation: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class PrefetchArtifact(_message.Message):
+    __slots__ = ("command_id", "sha256", "size_bytes", "request_id")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    sha256: str
+    size_bytes: int
+    request_id: str
+    def __init__(self, command_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
 class ConnectResponse(_message.Message):
-    __slots__ = ("load", "evict")
+    __slots__ = ("load", "evict", "prefetch")
     LOAD_FIELD_NUMBER: _ClassVar[int]
     EVICT_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     load: LoadAdapter
     evict: EvictAdapter
-    def __init__(self, load: _Optional[_Union[LoadAdapter, _Mapping]] = ..., evict: _Optional[_Union[EvictAdapter, _Mapping]] = ...) -> None: ...
+    prefetch: PrefetchArtifact
+    def __init__(self, load: _Optional[_Union[LoadAdapter, _Mapping]] = ..., evict: _Optional[_Union[EvictAdapter, _Mapping]] = ..., prefetch: _Optional[_Union[PrefetchArtifact, _Mapping]] = ...) -> None: ...
 
 class FetchArtifactRequest(_message.Message):
-    __slots__ = ("sha256",)
+    __slots__ = ("sha256", "offset", "length")
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     sha256: str
-    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+    offset: int
+    length: int
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class FetchArtifactResponse(_message.Message):
     __slots__ = ("chunk",)
