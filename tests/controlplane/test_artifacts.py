@@ -203,6 +203,24 @@ def test_a_blob_is_read_whole_or_by_byte_range(backend: Backend) -> None:
         store.open_blob(hashlib.sha256(b"never stored").hexdigest(), 10, 7)
 
 
+def test_what_is_in_memory_is_read_without_waiting_and_the_rest_by_read(backend: Backend) -> None:
+    """The control plane reads cached bytes on its event loop (`read_cached`), others in a thread."""
+    store = backend.make("a")
+    data = os.urandom(3000)
+    sha = stored(store, data)
+    blob = store.open_blob(sha, 1000, 1500)
+    first = blob.read_cached(700)
+    if backend.name == "filesystem":
+        assert first == data[1000:1700]  # just written: in the page cache
+    else:
+        assert first is None  # S3: every read waits for the network
+    got = first or b""
+    while chunk := blob.read_cached(700) or blob.read(700):  # as WorkerService.FetchArtifact does
+        got += chunk
+    blob.close()
+    assert got == data[1000:2500]
+
+
 class FailingFile:
     """The staged file, failing once `limit` bytes have been read from it (a disk error mid-upload)."""
 
