@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -134,10 +135,24 @@ async def start(settings: Settings) -> ControlPlane:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("control plane listening on %s", settings.grpc_addr)
     maintenance = asyncio.gather(
-        registry.maintain(), liveness.watch(settings.heartbeat_timeout_s), placer.keep_pinned()
+        _kept("registry maintenance", registry.maintain),
+        _kept("the liveness watch", lambda: liveness.watch(settings.heartbeat_timeout_s)),
+        _kept("the pin keeper", placer.keep_pinned),
     )
     metrics_server = await metrics.serve(telemetry.REGISTRY, settings.metrics_addr)
     return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers, artifacts, metrics_server)
+
+
+async def _kept(name: str, loop: Callable[[], Awaitable[None]], pause_s: float = 1.0) -> None:
+    """Run a background loop for ever: one that stops on an error nobody expected is logged with
+    its traceback and started again, never left dead in silence (a dead liveness watch keeps a
+    lost worker in routing)."""
+    while True:
+        try:
+            await loop()
+        except Exception:
+            log.exception("%s stopped on an unexpected error; starting it again", name)
+            await asyncio.sleep(pause_s)
 
 
 async def serve(settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -141,3 +142,83 @@ async def test_fetch_artifact_serves_the_whole_blob_or_the_byte_range_asked_for(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await fetch(pb.FetchArtifactRequest(sha256="0" * 64, offset=5))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+AGENT_SCRIPT = """
+import asyncio, sys
+import grpc
+from loraplane.controlplane.v1 import worker_pb2 as pb, worker_pb2_grpc
+
+async def main(addr, token, worker_id):
+    serving = pb.EngineStatus(state="serving")
+    register = pb.Register(worker_id=worker_id, base_model="tiny-llama", endpoint="http://127.0.0.1:1",
+                           max_adapters=4, engine=serving)
+
+    async def requests():
+        yield pb.ConnectRequest(register=register)
+        while True:
+            yield pb.ConnectRequest(heartbeat=pb.Heartbeat(healthy=True, engine=serving))
+            await asyncio.sleep(0.05)
+
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stream = worker_pb2_grpc.WorkerServiceStub(channel).Connect(
+            requests(), metadata=(("authorization", f"Bearer {token}"),))
+        async for _ in stream:
+            pass
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_killed_agents_workers_leave_routing_at_once(plane: server.ControlPlane, store: Store) -> None:
+    """Agents killed with SIGKILL: each one's worker is out of routing as soon as its stream
+    breaks, every time (heartbeats would only time out after 60 s here). Found in CI: gRPC
+    cancelled a stream's handler during its cleanup, the detach's Redis write was cut short, and
+    the worker stayed routable, unwatched, for the 30 s an unowned worker's agent is waited for."""
+
+    async def routable(ids: list[str]) -> list[str]:
+        workers = [await store.get_worker(wid) for wid in ids]
+        return [w.id for w in workers if w is not None and (w.healthy or w.owner)]
+
+    addr = f"127.0.0.1:{plane.port}"
+    for round_ in range(6):
+        ids = [f"w-killed-{round_}-{i}" for i in range(8)]
+        agents = [await asyncio.create_subprocess_exec(sys.executable, "-c", AGENT_SCRIPT, addr, AGENT, w) for w in ids]
+
+        async def registered(ids: list[str] = ids) -> bool:
+            return len(await routable(ids)) == len(ids)
+
+        try:
+            await eventually(registered, 30, "the agents never registered")
+        finally:
+            for agent in agents:
+                agent.kill()
+            for agent in agents:
+                await agent.wait()
+        deadline = time.monotonic() + 3
+        while (left := await routable(ids)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not left, f"round {round_}: killed agents' workers still in routing"
+
+
+async def test_a_background_loop_that_fails_unexpectedly_is_logged_and_started_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The control plane's loops (liveness watch, pin keeper, registry maintenance) catch the
+    errors they expect; one that stops on anything else is not left dead in silence."""
+    runs: list[int] = []
+    again = asyncio.Event()
+
+    async def loop() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            raise KeyError("unexpected")
+        again.set()
+        await asyncio.Event().wait()
+
+    kept = asyncio.create_task(server._kept("the test loop", loop, pause_s=0.01))
+    await asyncio.wait_for(again.wait(), 5)
+    kept.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await kept
+    assert runs == [0, 1] and "the test loop stopped on an unexpected error" in caplog.text
