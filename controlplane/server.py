@@ -40,6 +40,7 @@ from loraplane.controlplane.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from loraplane.state import client as state_client
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,7 @@ def artifact_store(settings: Settings) -> ArtifactStore:
 
 
 async def start(settings: Settings) -> ControlPlane:
-    # A pooled connection idle over a second is pinged before use: one left over from a Redis that
-    # restarted is replaced there, not failed on (a 503) the first time it is used again.
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=1, decode_responses=True
-    )
+    client = state_client.connect(settings.redis_url, timeout_s=5)
     await client.ping()
     store = Store(client)
     artifacts = await asyncio.to_thread(artifact_store, settings)

@@ -39,6 +39,7 @@ from dataplane.upstream import Pool
 from loraplane import config, logs, metrics, nopickle
 from loraplane.catalog import BaseModel, Catalog
 from loraplane.controlplane.v1 import adapter_pb2 as apb
+from loraplane.state import client as state_client
 from loraplane.state import queries, usage
 
 log = logging.getLogger(__name__)
@@ -344,13 +345,7 @@ class DataPlane:
     def _lifespan(self, settings: Settings) -> Callable[[Starlette], AbstractAsyncContextManager[dict[str, State]]]:
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[dict[str, State]]:
-            client = redis.Redis.from_url(
-                settings.redis_url,
-                socket_timeout=2,
-                socket_connect_timeout=2,
-                health_check_interval=1,
-                decode_responses=True,  # health checks: see controlplane/server.py
-            )
+            client = state_client.connect(settings.redis_url, timeout_s=2)
             catalog = Catalog.load(settings.catalog_path)
             routing = RoutingTable(client, answering)
             redis_down = Breaker()

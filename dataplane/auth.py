@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
@@ -22,6 +23,9 @@ class KeyCache:
         self.redis_down = redis_down
         self._ttl = ttl_s
         self._cache: dict[str, tuple[Tenant, float]] = {}
+        # One Redis lookup per key at a time: a burst of requests with a key not cached (after a
+        # restart, or the caches cleared) waits for the one lookup rather than each asking.
+        self._asking: dict[str, asyncio.Future[Tenant | None]] = {}
 
     def invalidate(self, message: Invalidation) -> None:
         if isinstance(message, KeyChanged):
@@ -48,7 +52,7 @@ class KeyCache:
         if hit and (hit[1] > now or self.redis_down.open):
             return hit[0]
         try:
-            tenant = await queries.key_tenant(self._r, digest)
+            tenant = await self._lookup(digest)
         except (redis.ConnectionError, redis.TimeoutError):
             self.redis_down.trip()
             if hit:  # Redis is down: a key we knew stays good until Redis is back.
@@ -62,3 +66,16 @@ class KeyCache:
             raise Forbidden("this tenant is suspended")
         self._cache[digest] = (tenant, now + self._ttl)
         return tenant
+
+    async def _lookup(self, digest: str) -> Tenant | None:
+        asking = self._asking.get(digest)
+        if asking is not None:
+            return await asyncio.shield(asking)  # one caller leaving does not cancel the others' lookup
+        asking = self._asking[digest] = asyncio.ensure_future(queries.key_tenant(self._r, digest))
+        try:
+            return await asyncio.shield(asking)
+        finally:
+            if asking.done():
+                del self._asking[digest]
+            else:  # the first caller left: the lookup finishes for the others, then is forgotten
+                asking.add_done_callback(lambda _: self._asking.pop(digest, None))

@@ -4,6 +4,7 @@ the data plane and the control plane agreeing through a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import time
@@ -21,6 +22,7 @@ from dataplane.errors import Forbidden, NotFound
 from dataplane.resolve import Resolver
 from dataplane.routing import RoutingTable
 from loraplane.catalog import BaseModel, Catalog
+from loraplane.state import client as state_client
 from loraplane.state import keys, messages, queries
 from loraplane.state.records import Activity, AdapterRecord, ApiKey, Tenant, WorkerRecord
 from tests.support import RedisServer
@@ -156,3 +158,32 @@ async def test_recency_is_the_later_of_a_request_and_a_placement(client: redis.R
     await store.touch("adp_a", 20.0)  # a placement's
     await store.touch("adp_c", 5.0)
     assert await store.last_used(["adp_a", "adp_b", "adp_c", "adp_d"]) == {"adp_a": 20.0, "adp_b": 30.0, "adp_c": 5.0}
+
+
+async def test_a_burst_beyond_the_pool_waits_for_a_connection(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every component's client queues commands beyond its pool (redis-py's own pool raises
+    MaxConnectionsError, which every component reads as Redis down)."""
+    monkeypatch.setattr(state_client, "MAX_CONNECTIONS", 3)
+    c = state_client.connect(redis_server.url, timeout_s=5)
+    try:
+        held = await asyncio.gather(*(c.blpop(["lp:test:never"], timeout=0.02) for _ in range(30)))  # each holds one
+        assert held == [None] * 30
+        assert len(c.connection_pool._available_connections) <= 3
+    finally:
+        await c.aclose()
+
+
+async def test_a_burst_of_requests_with_an_uncached_key_asks_redis_once(client: redis.Redis) -> None:
+    """After the caches were cleared (Redis flapped, a restart), 200 requests with one key cost
+    one lookup, not 200 (which, with each its own connection, exhausted the pool)."""
+    key = new_api_key()
+    await Store(client).tenants.create(
+        Tenant("ten_burst", "acme", "shared", time.time()), key_hash(key), key_prefix(key)
+    )
+    auth = KeyCache(client, 30, Breaker())
+    await client.config_resetstat()
+    tenants = await asyncio.gather(*(auth.tenant_id(f"Bearer {key}") for _ in range(200)))
+    assert set(tenants) == {"ten_burst"}
+    assert (await client.info("commandstats"))["cmdstat_hget"]["calls"] == 1
