@@ -60,6 +60,7 @@ class ControlPlane:
     redis: redis.Redis
     port: int
     registry: Registry
+    sessions: Sessions
     maintenance: asyncio.Future[tuple[None, None, None]]
     peers: Peers
     artifacts: ArtifactStore
@@ -68,6 +69,7 @@ class ControlPlane:
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.sessions.settle()  # the agents' streams ended: their workers written out of routing
         if self.metrics is not None:
             self.metrics.close()
         self.maintenance.cancel()
@@ -137,7 +139,9 @@ async def start(settings: Settings) -> ControlPlane:
         _kept("the pin keeper", placer.keep_pinned),
     )
     metrics_server = await metrics.serve(telemetry.REGISTRY, settings.metrics_addr)
-    return ControlPlane(server, health_servicer, client, port, registry, maintenance, peers, artifacts, metrics_server)
+    return ControlPlane(
+        server, health_servicer, client, port, registry, sessions, maintenance, peers, artifacts, metrics_server
+    )
 
 
 async def _kept(name: str, loop: Callable[[], Awaitable[None]], pause_s: float = 1.0) -> None:

@@ -296,10 +296,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             ended.cancel()
             if session.reconciling:
                 session.reconciling.cancel()
-            # Shielded: gRPC may cancel this handler again while it cleans up, and a detach cut
-            # short at its Redis write leaves the worker in routing, ownerless in nobody's
-            # memory, until the sweep gives up on its agent (ACTIVITY_TTL_S later).
-            await asyncio.shield(self._sessions.detach(session))
+            await asyncio.shield(self._sessions.detach_soon(session))
 
     async def _read(self, session: AgentSession, it: AsyncIterator[wpb.ConnectRequest]) -> None:
         """Results are resolved as they come; heartbeats are recorded by `_beats`, newest first

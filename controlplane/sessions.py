@@ -123,6 +123,7 @@ class Sessions:
         self._load_timeout = load_timeout_s
         self._max_loads_per_s = max_loads_per_s
         self._by_worker: dict[str, AgentSession] = {}
+        self._detaching: set[asyncio.Task[None]] = set()
 
     def get(self, worker_id: str) -> AgentSession | None:
         return self._by_worker.get(worker_id)
@@ -175,6 +176,21 @@ class Sessions:
             telemetry.AGENTS.set(*labels, value=n)
         for labels, n in engines.items():
             telemetry.ENGINES.set(*labels, value=n)
+
+    def detach_soon(self, session: AgentSession) -> asyncio.Task[None]:
+        """`detach` in a task of its own, which cancelling the caller does not cut short (gRPC
+        may cancel a stream's handler again while it cleans up: a detach stopped at its Redis
+        write left the worker in routing, ownerless in nobody's memory, for ACTIVITY_TTL_S);
+        `settle` waits for it."""
+        task = asyncio.ensure_future(self.detach(session))
+        self._detaching.add(task)
+        task.add_done_callback(self._detaching.discard)
+        return task
+
+    async def settle(self) -> None:
+        """Until every detach started has written (before Redis is closed)."""
+        if self._detaching:
+            await asyncio.gather(*self._detaching, return_exceptions=True)
 
     async def detach(self, session: AgentSession) -> None:
         session.fail_all("worker disconnected")
