@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from controlplane.errors import BadRequest, Context, FailedPrecondition, NotFound, grpc_errors
 from controlplane.keys import key_hash, key_prefix, new_api_key, new_id
@@ -79,6 +80,17 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
             pinned_adapter_ids=await self._store.tenant_pinned(t.id),
         )
 
+    async def _pins_fit(self, tenant: Tenant) -> None:
+        """A tier or allowance change that would leave the tenant more pins than it allows is
+        refused: the operator unpins first (pins are the tenant's choice, not ours to drop)."""
+        pinned = await self._store.tenant_pinned(tenant.id)
+        allowed = tenant.pin_allowance(self._settings.tier_pinned_slots)
+        if len(pinned) > allowed:
+            raise FailedPrecondition(
+                f"the tenant has {len(pinned)} pinned adapter(s) and would be allowed {allowed}: "
+                f"unpin {len(pinned) - allowed} first ({', '.join(sorted(pinned))})"
+            )
+
     @grpc_errors
     async def CreateTenant(self, request: tpb.CreateTenantRequest, context: Context) -> tpb.CreateTenantResponse:
         self._auth.operator(context)
@@ -106,6 +118,7 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
             raise FailedPrecondition(
                 f"the tenant has {len(pool)} dedicated worker(s) ({', '.join(sorted(pool))}): unassign them first"
             )
+        await self._pins_fit(replace(await self._tenants.require(request.tenant_id), tier=tier))
         tenant = await self._tenants.set_tier(request.tenant_id, tier)
         log.info("tenant %s is now %s", tenant.id, tenant.tier)
         return tpb.SetTenantTierResponse(tenant=await self._message(tenant))
@@ -174,6 +187,8 @@ class TenantService(tenant_pb2_grpc.TenantServiceServicer):
             raise BadRequest("pinned_slots must be 0 or more")
         slots = request.pinned_slots if has_slots else None if request.pinned_slots_tier_default else UNCHANGED
         spill = request.spill_over if request.HasField("spill_over") else None
+        if slots != UNCHANGED:
+            await self._pins_fit(replace(await self._tenants.require(request.tenant_id), pinned_slots=slots))
         tenant = await self._tenants.set_capacity(request.tenant_id, slots, spill)
         log.info("tenant %s capacity: pinned slots %s, spill-over %s", tenant.id,
                  tenant.pin_allowance(self._settings.tier_pinned_slots), tenant.spill)  # fmt: skip

@@ -434,11 +434,18 @@ def test_pins_are_counted_against_the_allowance(ts: TierStack) -> None:
     raised = ts.set_capacity(tenant, pinned_slots=3)
     assert (raised.pinned_slots, raised.own_pinned_slots) == (3, True)
     assert ts.pin(tenant, c).pinned == 3
-    assert ts.set_capacity(tenant, pinned_slots_tier_default=True).pinned_slots == 2
-    assert code_of(lambda: ts.pin(tenant, d))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Fewer slots than pins, by its own allowance or by a lower tier's: refused until pins go.
+    code, details, http = code_of(lambda: ts.set_capacity(tenant, pinned_slots_tier_default=True))
+    assert (code, http) == (grpc.StatusCode.FAILED_PRECONDITION, "409") and "unpin 1" in details, details
+    assert ts.describe(tenant).pinned_slots == 3
 
     # Deleting pinned adapters gives their slots back.
     ts.delete(tenant, a)
+    assert ts.set_capacity(tenant, pinned_slots_tier_default=True).pinned_slots == 2
+    assert code_of(lambda: ts.pin(tenant, d))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, details, _ = code_of(lambda: ts.set_tier(tenant, tenant_pb2.TIER_SHARED))  # shared: 0 slots
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "unpin 2" in details, details
+    assert ts.describe(tenant).tier == tenant_pb2.TIER_RESERVED
     ts.delete(tenant, b)
     assert sorted(ts.describe(tenant).pinned_adapter_ids) == [c]
     assert ts.pin(tenant, d).pinned == 2
