@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&loraplane/controlplane/v1/worker.proto\x12\x19loraplane.controlplane.v1\"\xcf\x01\n\x08Register\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12\x10\n\x08resident\x18\x05 \x03(\t\x12\x37\n\x06\x65ngine\x18\x06 \x01(\x0b\x32\'.loraplane.controlplane.v1.EngineStatus\x12\x17\n\x0fmax_concurrency\x18\x07 \x01(\x05\x12\x10\n\x08prefetch\x18\x08 \x01(\x08\"C\n\x0c\x45ngineStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x12\n\nlast_error\x18\x02 \x01(\t\x12\x10\n\x08restarts\x18\x03 \x01(\x05\"\xa8\x01\n\tHeartbeat\x12\x10\n\x08resident\x18\x01 \x03(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0c\n\x04\x62usy\x18\x03 \x03(\t\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\x05\x12\x15\n\rcommands_done\x18\x05 \x01(\x03\x12\x37\n\x06\x65ngine\x18\x06 \x01(\x0b\x32\'.loraplane.controlplane.v1.EngineStatus\"{\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0c\x61lready_done\x18\x04 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x03\x12\x10\n\x08resident\x18\x06 \x03(\t\"\xc7\x01\n\x0e\x43onnectRequest\x12\x37\n\x08register\x18\x01 \x01(\x0b\x32#.loraplane.controlplane.v1.RegisterH\x00\x12\x39\n\theartbeat\x18\x02 \x01(\x0b\x32$.loraplane.controlplane.v1.HeartbeatH\x00\x12:\n\x06result\x18\x03 \x01(\x0b\x32(.loraplane.controlplane.v1.CommandResultH\x00\x42\x05\n\x03msg\"\xac\x01\n\x0bLoadAdapter\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x11\n\tvllm_name\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x61\x64\x61pter_config\x18\x06 \x01(\x0c\x12\x12\n\ngeneration\x18\x07 \x01(\x03\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"]\n\x0c\x45victAdapter\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x11\n\tvllm_name\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"^\n\x10PrefetchArtifact\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xcb\x01\n\x0f\x43onnectResponse\x12\x36\n\x04load\x18\x01 \x01(\x0b\x32&.loraplane.controlplane.v1.LoadAdapterH\x00\x12\x38\n\x05\x65vict\x18\x02 \x01(\x0b\x32\'.loraplane.controlplane.v1.EvictAdapterH\x00\x12?\n\x08prefetch\x18\x03 \x01(\x0b\x32+.loraplane.controlplane.v1.PrefetchArtifactH\x00\x42\x05\n\x03msg\"F\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"&\n\x15\x46\x65tchArtifactResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"\x14\n\x12ListWorkersRequest\"\xaf\x02\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12\x1c\n\x14resident_adapter_ids\x18\x05 \x03(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x14\n\x0c\x65ngine_state\x18\x07 \x01(\t\x12\x19\n\x11\x65ngine_last_error\x18\x08 \x01(\t\x12\x17\n\x0f\x65ngine_restarts\x18\t \x01(\x05\x12\x16\n\x0epool_tenant_id\x18\n \x01(\t\x12\x1a\n\x12pinned_adapter_ids\x18\x0b \x03(\t\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x17\n\x0fmax_concurrency\x18\r \x01(\x05\"I\n\x13ListWorkersResponse\x12\x32\n\x07workers\x18\x01 \x03(\x0b\x32!.loraplane.controlplane.v1.Worker2\xd9\x02\n\rWorkerService\x12\x64\n\x07\x43onnect\x12).loraplane.controlplane.v1.ConnectRequest\x1a*.loraplane.controlplane.v1.ConnectResponse(\x01\x30\x01\x12t\n\rFetchArtifact\x12/.loraplane.controlplane.v1.FetchArtifactRequest\x1a\x30.loraplane.controlplane.v1.FetchArtifactResponse0\x01\x12l\n\x0bListWorkers\x12-.loraplane.controlplane.v1.ListWorkersRequest\x1a..loraplane.controlplane.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&loraplane/controlplane/v1/worker.proto\x12\x19loraplane.controlplane.v1\"\xe2\x01\n\x08Register\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12\x10\n\x08resident\x18\x05 \x03(\t\x12\x37\n\x06\x65ngine\x18\x06 \x01(\x0b\x32\'.loraplane.controlplane.v1.EngineStatus\x12\x17\n\x0fmax_concurrency\x18\x07 \x01(\x05\x12\x10\n\x08prefetch\x18\x08 \x01(\x08\x12\x11\n\tgpu_slots\x18\t \x01(\x05\"C\n\x0c\x45ngineStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x12\n\nlast_error\x18\x02 \x01(\t\x12\x10\n\x08restarts\x18\x03 \x01(\x05\"\xb8\x01\n\tHeartbeat\x12\x10\n\x08resident\x18\x01 \x03(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0c\n\x04\x62usy\x18\x03 \x03(\t\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\x05\x12\x15\n\rcommands_done\x18\x05 \x01(\x03\x12\x37\n\x06\x65ngine\x18\x06 \x01(\x0b\x32\'.loraplane.controlplane.v1.EngineStatus\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x03(\t\"{\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0c\x61lready_done\x18\x04 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x03\x12\x10\n\x08resident\x18\x06 \x03(\t\"\xc7\x01\n\x0e\x43onnectRequest\x12\x37\n\x08register\x18\x01 \x01(\x0b\x32#.loraplane.controlplane.v1.RegisterH\x00\x12\x39\n\theartbeat\x18\x02 \x01(\x0b\x32$.loraplane.controlplane.v1.HeartbeatH\x00\x12:\n\x06result\x18\x03 \x01(\x0b\x32(.loraplane.controlplane.v1.CommandResultH\x00\x42\x05\n\x03msg\"\xac\x01\n\x0bLoadAdapter\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x11\n\tvllm_name\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x61\x64\x61pter_config\x18\x06 \x01(\x0c\x12\x12\n\ngeneration\x18\x07 \x01(\x03\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"]\n\x0c\x45victAdapter\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x11\n\tvllm_name\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"^\n\x10PrefetchArtifact\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xcb\x01\n\x0f\x43onnectResponse\x12\x36\n\x04load\x18\x01 \x01(\x0b\x32&.loraplane.controlplane.v1.LoadAdapterH\x00\x12\x38\n\x05\x65vict\x18\x02 \x01(\x0b\x32\'.loraplane.controlplane.v1.EvictAdapterH\x00\x12?\n\x08prefetch\x18\x03 \x01(\x0b\x32+.loraplane.controlplane.v1.PrefetchArtifactH\x00\x42\x05\n\x03msg\"F\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"&\n\x15\x46\x65tchArtifactResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"\x14\n\x12ListWorkersRequest\"\xde\x02\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12\x1c\n\x14resident_adapter_ids\x18\x05 \x03(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x14\n\x0c\x65ngine_state\x18\x07 \x01(\t\x12\x19\n\x11\x65ngine_last_error\x18\x08 \x01(\t\x12\x17\n\x0f\x65ngine_restarts\x18\t \x01(\x05\x12\x16\n\x0epool_tenant_id\x18\n \x01(\t\x12\x1a\n\x12pinned_adapter_ids\x18\x0b \x03(\t\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x17\n\x0fmax_concurrency\x18\r \x01(\x05\x12\x11\n\tgpu_slots\x18\x0e \x01(\x05\x12\x1a\n\x12\x63\x61\x63hed_adapter_ids\x18\x0f \x03(\t\"I\n\x13ListWorkersResponse\x12\x32\n\x07workers\x18\x01 \x03(\x0b\x32!.loraplane.controlplane.v1.Worker2\xd9\x02\n\rWorkerService\x12\x64\n\x07\x43onnect\x12).loraplane.controlplane.v1.ConnectRequest\x1a*.loraplane.controlplane.v1.ConnectResponse(\x01\x30\x01\x12t\n\rFetchArtifact\x12/.loraplane.controlplane.v1.FetchArtifactRequest\x1a\x30.loraplane.controlplane.v1.FetchArtifactResponse0\x01\x12l\n\x0bListWorkers\x12-.loraplane.controlplane.v1.ListWorkersRequest\x1a..loraplane.controlplane.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplane.controlplane.v1.w
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTER']._serialized_start=70
-  _globals['_REGISTER']._serialized_end=277
-  _globals['_ENGINESTATUS']._serialized_start=279
-  _globals['_ENGINESTATUS']._serialized_end=346
-  _globals['_HEARTBEAT']._serialized_start=349
-  _globals['_HEARTBEAT']._serialized_end=517
-  _globals['_COMMANDRESULT']._serialized_start=519
-  _globals['_COMMANDRESULT']._serialized_end=642
-  _globals['_CONNECTREQUEST']._serialized_start=645
-  _globals['_CONNECTREQUEST']._serialized_end=844
-  _globals['_LOADADAPTER']._serialized_start=847
-  _globals['_LOADADAPTER']._serialized_end=1019
-  _globals['_EVICTADAPTER']._serialized_start=1021
-  _globals['_EVICTADAPTER']._serialized_end=1114
-  _globals['_PREFETCHARTIFACT']._serialized_start=1116
-  _globals['_PREFETCHARTIFACT']._serialized_end=1210
-  _globals['_CONNECTRESPONSE']._serialized_start=1213
-  _globals['_CONNECTRESPONSE']._serialized_end=1416
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1418
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1488
-  _globals['_FETCHARTIFACTRESPONSE']._serialized_start=1490
-  _globals['_FETCHARTIFACTRESPONSE']._serialized_end=1528
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1530
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1550
-  _globals['_WORKER']._serialized_start=1553
-  _globals['_WORKER']._serialized_end=1856
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1858
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1931
-  _globals['_WORKERSERVICE']._serialized_start=1934
-  _globals['_WORKERSERVICE']._serialized_end=2279
+  _globals['_REGISTER']._serialized_end=296
+  _globals['_ENGINESTATUS']._serialized_start=298
+  _globals['_ENGINESTATUS']._serialized_end=365
+  _globals['_HEARTBEAT']._serialized_start=368
+  _globals['_HEARTBEAT']._serialized_end=552
+  _globals['_COMMANDRESULT']._serialized_start=554
+  _globals['_COMMANDRESULT']._serialized_end=677
+  _globals['_CONNECTREQUEST']._serialized_start=680
+  _globals['_CONNECTREQUEST']._serialized_end=879
+  _globals['_LOADADAPTER']._serialized_start=882
+  _globals['_LOADADAPTER']._serialized_end=1054
+  _globals['_EVICTADAPTER']._serialized_start=1056
+  _globals['_EVICTADAPTER']._serialized_end=1149
+  _globals['_PREFETCHARTIFACT']._serialized_start=1151
+  _globals['_PREFETCHARTIFACT']._serialized_end=1245
+  _globals['_CONNECTRESPONSE']._serialized_start=1248
+  _globals['_CONNECTRESPONSE']._serialized_end=1451
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1453
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1523
+  _globals['_FETCHARTIFACTRESPONSE']._serialized_start=1525
+  _globals['_FETCHARTIFACTRESPONSE']._serialized_end=1563
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1565
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1585
+  _globals['_WORKER']._serialized_start=1588
+  _globals['_WORKER']._serialized_end=1938
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1940
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2013
+  _globals['_WORKERSERVICE']._serialized_start=2016
+  _globals['_WORKERSERVICE']._serialized_end=2361
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident", "engine", "max_concurrency", "prefetch")
+    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident", "engine", "max_concurrency", "prefetch", "gpu_slots")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class Register(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    GPU_SLOTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     base_model: str
     endpoint: str
@@ -24,7 +25,8 @@ class Register(_message.Message):
     engine: EngineStatus
     max_concurrency: int
     prefetch: bool
-    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., prefetch: _Optional[bool] = ...) -> None: ...
+    gpu_slots: int
+    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., prefetch: _Optional[bool] = ..., gpu_slots: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
     __slots__ = ("state", "last_error", "restarts")
@@ -37,20 +39,22 @@ class EngineStatus(_message.Message):
     def __init__(self, state: _Optional[str] = ..., last_error: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("resident", "healthy", "busy", "requests_in_flight", "commands_done", "engine")
+    __slots__ = ("resident", "healthy", "busy", "requests_in_flight", "commands_done", "engine", "cached")
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_DONE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     resident: _containers.RepeatedScalarFieldContainer[str]
     healthy: bool
     busy: _containers.RepeatedScalarFieldContainer[str]
     requests_in_flight: int
     commands_done: int
     engine: EngineStatus
-    def __init__(self, resident: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., busy: _Optional[_Iterable[str]] = ..., requests_in_flight: _Optional[int] = ..., commands_done: _Optional[int] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ...) -> None: ...
+    cached: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, resident: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., busy: _Optional[_Iterable[str]] = ..., requests_in_flight: _Optional[int] = ..., commands_done: _Optional[int] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., cached: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("command_id", "ok", "error", "already_done", "duration_ms", "resident")
@@ -153,7 +157,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident_adapter_ids", "healthy", "engine_state", "engine_last_error", "engine_restarts", "pool_tenant_id", "pinned_adapter_ids", "draining", "max_concurrency")
+    __slots__ = ("worker_id", "base_model", "endpoint", "max_adapters", "resident_adapter_ids", "healthy", "engine_state", "engine_last_error", "engine_restarts", "pool_tenant_id", "pinned_adapter_ids", "draining", "max_concurrency", "gpu_slots", "cached_adapter_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +171,8 @@ class Worker(_message.Message):
     PINNED_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    GPU_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     base_model: str
     endpoint: str
@@ -180,7 +186,9 @@ class Worker(_message.Message):
     pinned_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
     draining: bool
     max_concurrency: int
-    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., engine_state: _Optional[str] = ..., engine_last_error: _Optional[str] = ..., engine_restarts: _Optional[int] = ..., pool_tenant_id: _Optional[str] = ..., pinned_adapter_ids: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
+    gpu_slots: int
+    cached_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., base_model: _Optional[str] = ..., endpoint: _Optional[str] = ..., max_adapters: _Optional[int] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., engine_state: _Optional[str] = ..., engine_last_error: _Optional[str] = ..., engine_restarts: _Optional[int] = ..., pool_tenant_id: _Optional[str] = ..., pinned_adapter_ids: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., max_concurrency: _Optional[int] = ..., gpu_slots: _Optional[int] = ..., cached_adapter_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
