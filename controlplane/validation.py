@@ -111,6 +111,9 @@ UNSERVED = {
         "vLLM serves no fully trained copies of base model modules (lm_head, embed_tokens …) in an adapter",
     ),
 }
+# The variants PEFT configures with a sub-config object: any object turns it on, an empty one with
+# its defaults (PEFT reads `{}` as the sub-config's dataclass, which is always true).
+SUBCONFIGS = {"use_bdlora", "monteclora_config", "arrow_config", "kasa_config"}
 # Every other field of PEFT's LoraConfig (0.21), read below or without effect on a served adapter
 # (bookkeeping, dropout, training-time options, the configs of refused inits).
 KNOWN_FIELDS = {
@@ -292,7 +295,7 @@ def parse_config(raw: bytes) -> AdapterConfig:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise InvalidAdapter("adapter_config.json: peft_type must be LORA")
     for name, (feature, why) in UNSERVED.items():
-        if _set(cfg.get(name)):
+        if _set(cfg.get(name)) or (name in SUBCONFIGS and isinstance(cfg.get(name), dict)):
             raise InvalidAdapter(f"adapter_config.json: {feature} is not supported: {why}")
     for name in sorted(set(cfg) - set(UNSERVED) - KNOWN_FIELDS):
         if _set(cfg[name]):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from loraplane import tinymodel
-from loraplane.catalog import FAMILIES, Architecture
+from loraplane.catalog import FAMILIES, Architecture, Catalog
 
 # Run apart: importing vLLM's model modules warns, which the test run treats as an error.
 READ_VLLM = """
@@ -37,3 +40,27 @@ def test_each_architectures_lora_targets_are_vllms() -> None:
         packed = cls["packed"]
         assert set(arch.layer_modules()) == {*packed["qkv_proj"], *packed["gate_up_proj"], "o_proj", "down_proj"}
         assert arch.family.embeddings == (cls["embeddings"] == ["embed_tokens", "lm_head"]), name
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_lora_model_of_an_architecture_outside_the_table_stops_the_catalog(family: str, tmp_path: Path) -> None:
+    """Mixtures of experts are not served here (docs/adapters.md): a `"lora": true` entry of one is
+    refused when the catalog loads, with what to do; the same entry with `"lora": false` loads."""
+    spec = tinymodel.FAMILIES[family]
+    assert spec.architecture not in FAMILIES
+    config = {**spec.dimensions, "architectures": [spec.architecture], "vocab_size": 512}
+    (tmp_path / family).mkdir()
+    (tmp_path / family / "config.json").write_text(json.dumps(config))
+    entry: dict[str, object] = {"name": f"tiny-{family}", "kind": "chat", "path": str(tmp_path / family)}
+    reason = (
+        f'architecture {spec.architecture} is not one loraplane validates adapters for .*; give the model "lora": false'
+    )
+    catalog = tmp_path / "catalog.json"
+    # Read from the model's config.json (a chat model's "lora" is true unless it says otherwise), or inline.
+    for refused in (entry, entry | {"lora": True}, entry | {"lora": True, "architecture": config}):
+        Catalog.write(catalog, [refused])
+        with pytest.raises(ValueError, match=reason):
+            Catalog.load(catalog)
+    Catalog.write(catalog, [entry | {"lora": False}])
+    model = Catalog.load(catalog).get(f"tiny-{family}")
+    assert model is not None and not model.lora and model.architecture is None

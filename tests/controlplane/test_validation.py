@@ -170,6 +170,26 @@ def validate(
         (b'{"layer_replication": [[0, 2]]}', "layer_replication is not supported"),
         (b'{"init_lora_weights": "pissa"}', "init_lora_weights='pissa' is not supported: inits such as PiSSA"),
         (b'{"init_lora_weights": "loftq"}', "init_lora_weights='loftq' is not supported"),
+        (b'{"init_lora_weights": "olora"}', "init_lora_weights='olora' is not supported: inits such as PiSSA, OLoRA"),
+        (b'{"init_lora_weights": "corda"}', "init_lora_weights='corda' is not supported: inits such as PiSSA"),
+        (b'{"use_qalora": true}', r"QALoRA \(use_qalora\) is not supported: vLLM does not serve QALoRA"),
+        (
+            b'{"use_bdlora": {"target_modules_bd_a": ["q_proj"], "target_modules_bd_b": ["o_proj"], "nblocks": 2}}',
+            r"block-diagonal LoRA \(use_bdlora\) is not supported: vLLM does not serve BD-LoRA",
+        ),
+        (
+            b'{"monteclora_config": {"num_samples": 8, "use_entropy": false, "dirichlet_prior": 0.1}}',
+            r"MonteCLoRA \(monteclora_config\) is not supported: vLLM does not serve Monte Carlo LoRA",
+        ),
+        (
+            b'{"arrow_config": {"top_k": 3, "router_temperature": 1.0, "use_gks": false}}',
+            r"Arrow routing \(arrow_config\) is not supported: vLLM does not route between LoRA experts",
+        ),
+        # PEFT reads an empty sub-config as one with its defaults: the variant is on.
+        (b'{"use_bdlora": {}}', r"block-diagonal LoRA \(use_bdlora\) is not supported"),
+        (b'{"monteclora_config": {}}', r"MonteCLoRA \(monteclora_config\) is not supported"),
+        (b'{"arrow_config": {}}', r"Arrow routing \(arrow_config\) is not supported"),
+        (b'{"kasa_config": {}}', r"KaSA \(kasa_config\) is not supported"),
         (b'{"bias": "all"}', "bias='all' is not supported"),
         (b'{"use_rslora": "yes"}', "use_rslora must be true or false"),
         (b'{"r": "8"}', "r must be a positive integer"),
@@ -252,6 +272,9 @@ PEFT_CONFIGS: dict[str, dict[str, Any]] = {
     "a regular expression": {"r": 4, "target_modules": r".*\.(q_proj|v_proj)"},
     "full module paths": {"r": 4, "target_modules": ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]},
     "layers_to_transform": {"r": 4, "target_modules": ["q_proj", "k_proj"], "layers_to_transform": [1]},
+    "layers_pattern": {
+        "r": 4, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0], "layers_pattern": "layers",
+    },
     "exclude_modules": {"r": 4, "target_modules": "all-linear", "exclude_modules": ["down_proj", "gate_proj"]},
     "embeddings and lm_head": {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "embed_tokens", "lm_head"]},
 }  # fmt: skip
@@ -300,6 +323,18 @@ def test_every_module_gets_the_rank_and_scaling_peft_gives_it(
 def test_the_plain_inits_vllm_takes_are_accepted() -> None:
     for init in ("gaussian", "eva", "orthogonal", "mica", "lora_ga", True, False):
         assert validation.parse_config(json.dumps({"init_lora_weights": init}).encode()).use_rslora is False
+
+
+def test_layers_pattern_names_the_layer_list_layers_to_transform_counts_in() -> None:
+    """PEFT finds a module's layer index after `<layers_pattern>.`: a pattern that names the model's
+    layer list is accepted, one that names another model's (GPT-2's `h`) leaves the tensors uncovered."""
+    config = {"r": 8, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 1]}
+    for pattern in ("layers", ["layers"], ["h", "layers"]):
+        assert validate(lora_tensors(), config | {"layers_pattern": pattern}).info.rank == 8
+    with pytest.raises(InvalidAdapter, match="do not cover the tensors' module model.layers.0.self_attn.q_proj"):
+        validate(lora_tensors(), config | {"layers_pattern": ["h"]})
+    with pytest.raises(InvalidAdapter, match="do not cover the tensors' module model.layers.0.self_attn.q_proj"):
+        validate(lora_tensors(), config | {"layers_to_transform": [1], "layers_pattern": "layers"})
 
 
 def test_modules_of_different_ranks_need_the_config_that_says_so() -> None:
@@ -355,6 +390,19 @@ def test_a_shape_mismatch_names_the_catalog_model_the_adapter_fits(tiny: BaseMod
     ("arch", "reason"),
     [
         ({"architectures": ["Qwen2ForCausalLM"]}, "vLLM serves no LoRA on the embeddings of Qwen2ForCausalLM"),
+        ({"architectures": ["MistralForCausalLM"]}, "vLLM serves no LoRA on the embeddings of MistralForCausalLM"),
+        (
+            {"architectures": ["GemmaForCausalLM"], "tie_word_embeddings": True},
+            "vLLM serves no LoRA on the embeddings of GemmaForCausalLM",
+        ),
+        (
+            {"architectures": ["Gemma2ForCausalLM"], "tie_word_embeddings": True},
+            "vLLM serves no LoRA on the embeddings of Gemma2ForCausalLM",
+        ),
+        (
+            {"architectures": ["Gemma3ForCausalLM"], "tie_word_embeddings": True},
+            "vLLM serves no LoRA on the embeddings of Gemma3ForCausalLM",
+        ),
         ({"tie_word_embeddings": True}, "it ties its input and output embeddings"),
         ({"vocab_size": None}, "the catalog gives no vocab_size"),
     ],
