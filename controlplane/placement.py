@@ -20,6 +20,7 @@ class WorkerView:
     in_flight: int = 0  # requests running or waiting in its vLLM
     busy: frozenset[str] = frozenset()  # its adapters with requests in flight
     pool: str = ""  # the tenant whose dedicated pool it is in; "": shared
+    cached: frozenset[str] = frozenset()  # adapters on its node's disk cache, not loaded (no fetch to load)
 
     @property
     def used(self) -> int:
@@ -72,8 +73,13 @@ def decide(
     pool: str = "",
     pinned: frozenset[str] = frozenset(),
 ) -> Decision | None:
-    """Where an adapter should be: resident > free slot on the least used worker > evict, on
-    the least loaded worker, its least recently used idle adapter. Draining workers keep serving
+    """Where an adapter should be, fastest first: resident > a free slot on a worker whose node
+    cache holds its bytes (no fetch) > a free slot on the least used worker > evict, on the least
+    loaded worker (one whose cache holds it first), its least recently used idle adapter. On a
+    worker with a host-memory tier (more adapters loaded than GPU slots) the least recently used
+    adapters are those vLLM has most likely moved out of its GPU slots into host memory (it keeps
+    its slots by recency too), so eviction goes tier by tier: host memory first, the GPU slots'
+    adapters last. Draining workers keep serving
     what they hold but take nothing new. None means no capacity right now.
 
     Only workers of `pool` are considered: a tenant's dedicated pool (its id), or "" the shared
@@ -91,14 +97,14 @@ def decide(
     candidates = [w for w in candidates if not w.draining and adapter_id not in w.resident | w.loading]
     free = [w for w in candidates if w.used < w.max_adapters]
     if free:
-        best = min(free, key=lambda w: (w.used, w.in_flight, w.id))
+        best = min(free, key=lambda w: (adapter_id not in w.cached, w.used, w.in_flight, w.id))
         return Decision(best.id, already_loaded=False)
     options = []
     for w in candidates:
         idle = [a for a in w.resident - w.loading - w.evicting - w.busy if a not in busy and a not in pinned]
         if idle:
             victim = min(idle, key=lambda a: (last_used.get(a, 0.0), a))
-            options.append((w.in_flight, last_used.get(victim, 0.0), w.id, victim))
+            options.append((adapter_id not in w.cached, w.in_flight, last_used.get(victim, 0.0), w.id, victim))
     if not options:
         return None
     *_, worker_id, victim = min(options)

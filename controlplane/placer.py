@@ -240,7 +240,7 @@ class Placer:
             act = activity.get(w.id, Activity())
             views.append(WorkerView(w.id, w.base_model, w.healthy, w.max_adapters, frozenset(w.resident),
                                     draining=w.draining, in_flight=act.in_flight, busy=act.busy,
-                                    pool=w.pool))  # fmt: skip
+                                    pool=w.pool, cached=frozenset(w.cached)))  # fmt: skip
         return views, owners, {(w.pool, w.base_model) for w in records if w.pool}
 
     async def _pools(self, adapter: AdapterRecord, pooled: set[tuple[str, str]]) -> list[str]:

@@ -321,7 +321,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             try:
                 await self._sessions.heartbeat(
                     session, list(hb.resident), hb.healthy, list(hb.busy), hb.requests_in_flight, hb.commands_done,
-                    hb.engine if hb.HasField("engine") else None,
+                    hb.engine if hb.HasField("engine") else None, list(hb.cached),
                 )  # fmt: skip
                 await self._reconciler.converge_if_drifted(session)
             except redis.RedisError as err:  # the session outlives Redis's absence; the next beat writes
@@ -373,6 +373,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     pinned_adapter_ids=[a for a in w.resident if a in pinned],
                     draining=w.draining,
                     max_concurrency=w.max_concurrency,
+                    gpu_slots=w.gpu_slots,
+                    cached_adapter_ids=w.cached,
                 )
                 for w in await self._store.list_workers()
             ]

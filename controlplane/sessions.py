@@ -80,6 +80,7 @@ class AgentSession:
             healthy=r.healthy,
             max_adapters=r.max_adapters,
             resident=frozenset(r.resident),
+            cached=frozenset(r.cached),
             loading=frozenset(self.loading),
             evicting=frozenset(self.evicting),
             draining=draining,
@@ -151,6 +152,7 @@ class Sessions:
             engine_error=reg.engine.last_error[:ENGINE_ERROR_CHARS],
             engine_restarts=reg.engine.restarts,
             max_concurrency=reg.max_concurrency,
+            gpu_slots=reg.gpu_slots,
         )
         session = AgentSession(record, LoadBudget(self._max_loads_per_s), prefetch=reg.prefetch)
         self._by_worker[reg.worker_id] = session
@@ -210,9 +212,10 @@ class Sessions:
         busy: frozenset[str] | None = None,
         seen: bool = True,
         engine: pb.EngineStatus | None = None,
+        cached: list[str] | None = None,
     ) -> None:
-        """Record what vLLM really holds, and its engine's state (None: unchanged); writes Redis
-        only when that changed."""
+        """Record what vLLM really holds, its engine's state and what its node's disk cache holds
+        (None: unchanged); writes Redis only when that changed."""
         if seen:
             session.last_seen = time.monotonic()
         if busy is not None:
@@ -222,6 +225,8 @@ class Sessions:
         if engine is not None:
             error = engine.last_error[:ENGINE_ERROR_CHARS]
             new = replace(new, engine_state=engine.state, engine_error=error, engine_restarts=engine.restarts)
+        if cached is not None:
+            new = replace(new, cached=sorted(set(cached)))
         if new != rec or session.unsynced:
             # A write that failed may still have landed (a timeout): the next report writes again.
             session.unsynced = True
@@ -241,10 +246,14 @@ class Sessions:
         in_flight: int = 0,
         commands_done: int | None = None,
         engine: pb.EngineStatus | None = None,
+        cached: list[str] | None = None,
     ) -> None:
-        """`engine`: the engine's state (None: unchanged); the worker is healthy only while it serves."""
+        """`engine`: the engine's state, `cached`: the adapters on its node's disk cache, not loaded
+        (None: unchanged); the worker is healthy only while it serves."""
         if commands_done is not None and commands_done < session.results_seen:
-            resident = session.record.resident  # measured before a result already applied: older news
+            # Measured before a result already applied: older news (a load takes an adapter from
+            # the cache, an eviction may leave it there).
+            resident, cached = session.record.resident, None
         now = time.monotonic()
         changed = (frozenset(busy), in_flight) != (session.busy, session.in_flight)
         if changed or now - session.activity_written > ACTIVITY_REFRESH_S:
@@ -253,7 +262,7 @@ class Sessions:
             session.activity_written = now
         session.in_flight = in_flight
         healthy = healthy and (engine is None or serving(engine))
-        await self.report(session, resident, healthy, frozenset(busy), engine=engine)
+        await self.report(session, resident, healthy, frozenset(busy), engine=engine, cached=cached)
 
     async def load(self, session: AgentSession, adapter: AdapterRecord, keep_intent: bool = False) -> Placement:
         """Record the intent, then load. A failed placement drops the intent; a failed reload
@@ -303,7 +312,11 @@ class Sessions:
         """The adapter's bytes into the worker's node cache, not loaded."""
         cid = uuid.uuid4().hex
         cmd = pb.PrefetchArtifact(
-            command_id=cid, sha256=adapter.sha256, size_bytes=adapter.size_bytes, request_id=logs.REQUEST_ID.get()
+            command_id=cid,
+            sha256=adapter.sha256,
+            size_bytes=adapter.size_bytes,
+            request_id=logs.REQUEST_ID.get(),
+            vllm_name=adapter.vllm_name,
         )
         try:
             result = await session.command(pb.ConnectResponse(prefetch=cmd), cid, self._load_timeout)

@@ -437,9 +437,11 @@ async def _enter(
     adapter: tuple[str, str] | None = None,
 ) -> Slot:
     """The fair queue of the base model's workers in the pool: a slot on the least loaded of the
-    request's workers (those holding its adapter, given as (id, the caller's key)) that has room.
-    An adapter evicted while its request waits is placed again (once, however many wait)."""
-    gate, in_flight = st.gate, st.routing.in_flight
+    request's workers (those holding its adapter, given as (id, the caller's key)) that has room,
+    one whose GPU slots hold the adapter first (`least_loaded`). An adapter evicted while its
+    request waits is placed again (once, however many wait)."""
+    routing = st.routing
+    gate, in_flight, in_gpu = st.gate, routing.in_flight, routing.in_gpu
     if not scope_workers():
         raise Unavailable(f"no worker serves {base} right now")
 
@@ -449,9 +451,13 @@ async def _enter(
             workers = [w for w in workers if adapter[0] in w.resident]
             if not workers:
                 single_flight(st, adapter[1], adapter[0])
+            return least_loaded([w for w in workers if gate.has_room(w)], in_flight, adapter[0], in_gpu)
         return least_loaded([w for w in workers if gate.has_room(w)], in_flight)
 
-    return await gate.enter(gate.scope(base, pool, scope_workers), tenant.id, tenant.tier, pick, base)
+    slot = await gate.enter(gate.scope(base, pool, scope_workers), tenant.id, tenant.tier, pick, base)
+    if adapter is not None:
+        routing.routed(slot.worker, adapter[0])
+    return slot
 
 
 def pool_for(st: State, tenant: Tenant, base: str) -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import redis.asyncio as redis
@@ -16,6 +16,11 @@ from loraplane.state import queries
 
 log = logging.getLogger(__name__)
 SUSPECT_S = 5.0
+# A holder whose GPU slots hold the adapter (as far as this data plane can tell) is taken over a
+# less loaded holder, unless it has more than this many more requests in flight: swapping an
+# adapter in from host memory costs little, a queue behind a busy engine more. Bounded, so that
+# one copy of an adapter cannot take all its traffic while its other copies' slots forget it.
+HOT_CREDIT = 4
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,9 @@ class Worker:
     healthy: bool
     pool: str = ""  # the tenant whose dedicated pool it is in; "": shared
     capacity: int = 0  # most requests its engine runs at once; 0: not known (no queueing)
+    # Its engine's LoRA slots when it holds more adapters loaded than that (the others wait in host
+    # memory); 0: no host-memory tier (or an agent too old to say).
+    gpu_slots: int = 0
 
 
 def candidates(workers: Sequence[Worker], base_model: str, adapter_id: str | None, pool: str = "") -> list[Worker]:
@@ -38,8 +46,24 @@ def candidates(workers: Sequence[Worker], base_model: str, adapter_id: str | Non
     return [w for w in ok if adapter_id in w.resident]
 
 
-def least_loaded(workers: Sequence[Worker], in_flight: Counter[str]) -> Worker | None:
-    return min(workers, key=lambda w: (in_flight[w.id], w.id), default=None)
+def least_loaded(
+    workers: Sequence[Worker],
+    in_flight: Counter[str],
+    adapter_id: str | None = None,
+    in_gpu: Mapping[str, Container[str]] | None = None,
+) -> Worker | None:
+    """The worker with the fewest requests in flight; for an adapter, one whose GPU slots hold it
+    (`in_gpu`: per worker with a host-memory tier, the adapters estimated there) counts HOT_CREDIT
+    fewer, and wins a tie."""
+    if adapter_id is None or not in_gpu:
+        return min(workers, key=lambda w: (in_flight[w.id], w.id), default=None)
+
+    def key(w: Worker) -> tuple[int, bool, str]:
+        slots = in_gpu.get(w.id)
+        hot = slots is not None and adapter_id in slots
+        return (in_flight[w.id] - HOT_CREDIT if hot else in_flight[w.id], not hot, w.id)
+
+    return min(workers, key=key, default=None)
 
 
 def is_hot(in_flight: int, holders: int, threshold: int) -> bool:
@@ -71,6 +95,24 @@ class RoutingTable:
         # (`updated_at` of the record read then, the adapters placed on it since).
         self._placed: dict[str, tuple[float, frozenset[str]]] = {}
         self._updated_at: dict[str, float] = {}
+        # Per worker with a host-memory tier: the last `gpu_slots` distinct adapters this data plane
+        # sent it, least recently first — its estimate of what is in that worker's GPU slots.
+        self.in_gpu: dict[str, OrderedDict[str, None]] = {}
+
+    def routed(self, worker: Worker, adapter_id: str) -> None:
+        """A request for the adapter went to the worker: its engine swaps it into a GPU slot,
+        out of which the least recently used goes back to host memory."""
+        if not worker.gpu_slots:
+            return
+        slots = self.in_gpu.get(worker.id)
+        if slots is None:
+            slots = self.in_gpu[worker.id] = OrderedDict()
+        if adapter_id in slots:
+            slots.move_to_end(adapter_id)
+            return
+        slots[adapter_id] = None
+        if len(slots) > worker.gpu_slots:
+            slots.popitem(last=False)
 
     def suspect(self, worker_id: str, for_s: float = SUSPECT_S) -> None:
         """Skip a worker that just failed to answer, for long enough that its agent's next
@@ -117,9 +159,12 @@ class RoutingTable:
         none: tuple[float, frozenset[str]] = (0.0, frozenset())
         workers = tuple(
             Worker(w.id, w.base_model, w.endpoint, frozenset(w.resident) | self._placed.get(w.id, none)[1],
-                   w.healthy and w.id not in self._unproven, w.pool, w.max_concurrency)
+                   w.healthy and w.id not in self._unproven, w.pool, w.max_concurrency,
+                   w.gpu_slots if 0 < w.gpu_slots < w.max_adapters else 0)
             for w in records
         )  # fmt: skip
+        if self.in_gpu:
+            self._forget(workers)
         if self._suspects:  # a worker whose agent reported it down and then serving again has proved itself
             was_down = {w.id for w in self.workers if not w.healthy}
             for w in workers:
@@ -127,6 +172,20 @@ class RoutingTable:
                     self._suspects.pop(w.id, None)
         self.workers, self.version = workers, version
         self.pooled = frozenset((w.pool, w.base_model) for w in workers if w.pool)
+
+    def _forget(self, workers: Sequence[Worker]) -> None:
+        """Out of the GPU slot estimates: adapters their worker no longer holds, and workers gone
+        or without a host-memory tier now."""
+        by_id = {w.id: w for w in workers}
+        for worker_id, slots in list(self.in_gpu.items()):
+            w = by_id.get(worker_id)
+            if w is None or not w.gpu_slots:
+                del self.in_gpu[worker_id]
+                continue
+            for adapter_id in [a for a in slots if a not in w.resident]:
+                del slots[adapter_id]
+            while len(slots) > w.gpu_slots:
+                slots.popitem(last=False)
 
     def pools(self, tenant_id: str, base_model: str, spill: bool) -> tuple[str, ...]:
         """Where a tenant's requests for a base model may go, in order: its dedicated pool if it

@@ -6,7 +6,9 @@ A JSON file shared by every component:
                  "lora": true, "max_rank": 64, "max_adapters_per_worker": 8}]}
 
 `path` is what vLLM serves; the dimensions adapter validation needs are read from
-the model's own `config.json` there unless given inline as `architecture`.
+the model's own `config.json` there unless given inline as `architecture`. `max_cpu_loras`
+(optional) gives workers a host-memory tier: that many adapters loaded, `max_adapters_per_worker`
+of them in LoRA slots at once.
 """
 
 from __future__ import annotations
@@ -145,6 +147,15 @@ class BaseModel:
     # A chat template for vLLM to use instead of the model's own (`--chat-template`): for a model
     # whose own template does not render tools. Empty: the model's.
     chat_template: str = ""
+    # Adapters a worker holds loaded at once, in its `max_adapters_per_worker` LoRA slots and in host
+    # memory (vLLM's `--max-cpu-loras`: an adapter there is swapped into a slot when a request needs
+    # it). 0: no host-memory tier (as many as the slots).
+    max_cpu_loras: int = 0
+
+    @property
+    def host_slots(self) -> int:
+        """Adapters a worker holds loaded at once: in its LoRA slots and in host memory."""
+        return max(self.max_cpu_loras, self.max_adapters_per_worker)
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,8 @@ class Catalog:
             lora = bool(entry.get("lora", kind == "chat")) and kind == "chat"
             arch_raw = entry.get("architecture")
             model_path = str(entry["path"])
+            slots = int(entry.get("max_adapters_per_worker", 8))
+            max_cpu_loras = _max_cpu_loras(name, entry.get("max_cpu_loras", 0), slots)
             if arch_raw is None and lora:
                 arch_raw = json.loads((Path(model_path) / "config.json").read_text())
             models[name] = BaseModel(
@@ -177,15 +190,29 @@ class Catalog:
                 path=model_path,
                 lora=lora,
                 max_rank=int(entry.get("max_rank", 64)),
-                max_adapters_per_worker=int(entry.get("max_adapters_per_worker", 8)),
+                max_adapters_per_worker=slots,
                 architecture=Architecture.from_model_config(arch_raw) if arch_raw else None,
                 repo=str(entry.get("repo", "")),
                 created=int(entry.get("created", written)),
                 tool_parser=str(entry.get("tool_parser", "")),
                 chat_template=str(entry.get("chat_template", "")),
+                max_cpu_loras=max_cpu_loras,
             )
         return cls(models=models)
 
     @staticmethod
     def write(path: Path, models: list[dict[str, object]]) -> None:
         path.write_text(json.dumps({"models": models}, indent=2) + "\n")
+
+
+def _max_cpu_loras(model: str, value: object, slots: int) -> int:
+    """A catalog entry's `max_cpu_loras`: 0 (no host-memory tier), or at least its LoRA slots, as
+    vLLM requires (`max_cpu_loras` >= `max_loras`, vllm/config/lora.py)."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"catalog: {model}: max_cpu_loras must be 0 or a whole number of adapters")
+    if value and value < slots:
+        raise ValueError(
+            f"catalog: {model}: max_cpu_loras ({value}) must be at least max_adapters_per_worker ({slots}): "
+            "the adapters held in host memory include those in the LoRA slots, and vLLM refuses fewer"
+        )
+    return value

@@ -247,12 +247,25 @@ def _worker_json(w: worker_pb2.Worker) -> dict[str, object]:
         "draining": w.draining,
         "max_adapters": w.max_adapters,
         "max_concurrency": w.max_concurrency,
+        "gpu_slots": w.gpu_slots,
         "resident_adapter_ids": list(w.resident_adapter_ids),
         "pinned_adapter_ids": list(w.pinned_adapter_ids),
+        "cached_adapter_ids": list(w.cached_adapter_ids),
         "engine_state": w.engine_state,
         "engine_restarts": w.engine_restarts,
         "engine_last_error": w.engine_last_error,
     }
+
+
+def _worker_slots(w: worker_pb2.Worker) -> str:
+    """Adapters loaded of the most it holds ("3/8"); with a host-memory tier, its GPU slots too
+    ("3/32 loaded, 8 gpu"); then how many its node's disk cache holds besides, if any."""
+    slots = f"{len(w.resident_adapter_ids)}/{w.max_adapters}"
+    if w.gpu_slots and w.gpu_slots != w.max_adapters:
+        slots += f" loaded, {w.gpu_slots} gpu"
+    if w.cached_adapter_ids:
+        slots += f", {len(w.cached_adapter_ids)} cached"
+    return slots
 
 
 def cmd_worker_list(args: argparse.Namespace) -> None:
@@ -263,7 +276,7 @@ def cmd_worker_list(args: argparse.Namespace) -> None:
     for w in workers:
         state = _worker_state(w) + ("  draining" if w.draining else "")
         pool = f"pool {w.pool_tenant_id}" if w.pool_tenant_id else "shared"
-        slots = f"{len(w.resident_adapter_ids)}/{w.max_adapters}"
+        slots = _worker_slots(w)
         print(f"{w.worker_id}  {w.base_model}  {state}  {pool}  {slots}  {w.endpoint}  restarts {w.engine_restarts}")
         if w.engine_last_error:
             print(f"    last error: {w.engine_last_error}")

@@ -361,15 +361,18 @@ async def test_worker_list_shows_each_engine(redis_server: RedisServer, tmp_path
     assert json.loads(as_json.stdout) == [
         {"worker_id": "w-a", "base_model": "tiny-llama", "endpoint": "http://a", "state": "healthy",
          "pool_tenant_id": "ten_pool", "draining": False, "max_adapters": 4, "max_concurrency": 256,
-         "resident_adapter_ids": ["adp_1", "adp_2"], "pinned_adapter_ids": ["adp_2"], "engine_state": "serving",
+         "gpu_slots": 0, "resident_adapter_ids": ["adp_1", "adp_2"], "pinned_adapter_ids": ["adp_2"],
+         "cached_adapter_ids": [], "engine_state": "serving",
          "engine_restarts": 0, "engine_last_error": ""},
         {"worker_id": "w-b", "base_model": "tiny-llama", "endpoint": "http://b", "state": "crash_loop",
-         "pool_tenant_id": "", "draining": True, "max_adapters": 4, "max_concurrency": 0,
-         "resident_adapter_ids": [], "pinned_adapter_ids": [], "engine_state": "crash_loop", "engine_restarts": 5,
+         "pool_tenant_id": "", "draining": True, "max_adapters": 4, "max_concurrency": 0, "gpu_slots": 0,
+         "resident_adapter_ids": [], "pinned_adapter_ids": [], "cached_adapter_ids": [], "engine_state": "crash_loop",
+         "engine_restarts": 5,
          "engine_last_error": "torch.OutOfMemoryError: CUDA out of memory"},
         {"worker_id": "w-c", "base_model": "tiny-llama", "endpoint": "http://c", "state": "down",
-         "pool_tenant_id": "", "draining": False, "max_adapters": 4, "max_concurrency": 0,
-         "resident_adapter_ids": [], "pinned_adapter_ids": [], "engine_state": "serving", "engine_restarts": 1,
+         "pool_tenant_id": "", "draining": False, "max_adapters": 4, "max_concurrency": 0, "gpu_slots": 0,
+         "resident_adapter_ids": [], "pinned_adapter_ids": [], "cached_adapter_ids": [], "engine_state": "serving",
+         "engine_restarts": 1,
          "engine_last_error": ""},
     ]  # fmt: skip
 

@@ -33,7 +33,11 @@ DATAPLANE_OWN = {
 # The control plane's series besides the dashboard's (docs/operations.md lists them).
 CONTROLPLANE_OWN = {"loraplane_workers_by_engine_state": ("gauge", {"base_model", "state"})}
 # The agent's (docs/operations.md, Engine supervision).
-AGENT_OWN = {"loraplane_worker_slot_leaks_total": ("counter", {"worker"})}
+AGENT_OWN = {
+    "loraplane_worker_slot_leaks_total": ("counter", {"worker"}),
+    "loraplane_worker_lora_host_slots": ("gauge", {"worker"}),  # the host-memory tier (--max-cpu-loras)
+    "loraplane_worker_lora_host_slots_used": ("gauge", {"worker"}),
+}
 
 
 def families(page: bytes) -> dict[str, tuple[str, list[Sample]]]:

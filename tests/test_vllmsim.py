@@ -4,26 +4,109 @@ schedule as vLLM does."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import start_simulator, wait_for
+from tests.support import ROOT, start_simulator, wait_for
 from tests.vllmsim import SimConfig, create_app
 from workeragent.vllm import parse_activity
 
 
 async def test_concurrent_loads_never_take_more_slots_than_max_loras() -> None:
+    """As vLLM's LRU caches do: every load succeeds, each the most recently used, and the least
+    recently used leave the slots and host memory (still listed: vLLM's API server knows them)."""
     app = create_app(SimConfig(max_loras=2, load_ms_base=50))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as sim:
         answers = await asyncio.gather(
             *(sim.post("/v1/load_lora_adapter", json={"lora_name": f"a{i}", "lora_path": "/none"}) for i in range(4))
         )
-        assert sorted(r.status_code for r in answers) == [200, 200, 400, 400]
-        assert len((await sim.get("/sim/state")).json()["adapters"]) == 2
+        assert [r.status_code for r in answers] == [200] * 4
+        state = (await sim.get("/sim/state")).json()
+        assert len(state["active"]) == 2 and state["host"] == state["active"]  # max_cpu_loras: max_loras
+        assert state["adapters"] == ["a0", "a1", "a2", "a3"] and state["max_cpu_loras"] == 2
+
+
+def sim_client(**config: Any) -> httpx.AsyncClient:
+    app = create_app(SimConfig(**config))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim")
+
+
+async def timed(sim: httpx.AsyncClient, model: str, stream: bool = False) -> float:
+    """Seconds a one-token completion for `model` takes, whole."""
+    started = time.monotonic()
+    r = await sim.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1, "stream": stream})
+    assert r.status_code == 200, r.text
+    return time.monotonic() - started
+
+
+async def swap_ins(sim: httpx.AsyncClient) -> float:
+    """The simulator's count of swap-ins, from its /metrics page."""
+    page = (await sim.get("/metrics")).text
+    (value,) = [s.value for f in text_string_to_metric_families(page) for s in f.samples
+                if s.name == "vllmsim:lora_swap_ins_total"]  # fmt: skip
+    return value
+
+
+async def load(sim: httpx.AsyncClient, name: str) -> None:
+    r = await sim.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "/none"})
+    assert r.status_code == 200, r.text
+
+
+def test_max_cpu_loras_below_max_loras_is_refused_as_vllm_refuses_it() -> None:
+    with pytest.raises(ValueError, match=re.escape("max_cpu_loras (1) must be >= max_loras (2).")):
+        SimConfig(max_loras=2, max_cpu_loras=1)
+    assert SimConfig(max_loras=2).host_capacity == 2  # vLLM's default: as many as the slots
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "vllmsim.py"), "--max-loras", "2", "--max-cpu-loras",
+                          "1"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert run.returncode == 2 and "max_cpu_loras (1) must be >= max_loras (2)." in run.stderr
+
+
+async def test_a_request_for_an_adapter_not_in_a_slot_waits_for_its_swap_in_and_is_counted() -> None:
+    """One slot, three adapters in host memory: a request for the active adapter (or the base
+    model) runs at once; one for an adapter in host memory waits --swap-in-ms and takes the slot,
+    counted in /metrics; the next for it runs at once."""
+    async with sim_client(max_loras=1, max_cpu_loras=3, swap_in_ms=300, load_ms_base=0) as sim:
+        for name in ("a", "b"):
+            await load(sim, name)  # a load takes a slot: b's
+        assert await swap_ins(sim) == 0
+        assert await timed(sim, "b") < 0.2 and await timed(sim, "tiny-llama") < 0.2
+        assert await swap_ins(sim) == 0
+
+        assert await timed(sim, "a") >= 0.3  # swapped in, b out of the slot
+        assert await swap_ins(sim) == 1
+        state = (await sim.get("/sim/state")).json()
+        assert (state["active"], state["host"], state["swap_ins"]) == (["a"], ["b", "a"], 1)
+        assert await timed(sim, "a") < 0.2
+        assert await timed(sim, "b", stream=True) >= 0.3  # a stream waits for its swap-in too
+        assert await swap_ins(sim) == 2
+        page = (await sim.get("/metrics")).text
+        assert 'max_lora="1"' in page  # the slots, as vLLM says them
+
+
+async def test_a_load_past_max_cpu_loras_drops_the_least_recently_used_from_host_memory() -> None:
+    """As vLLM's CPU LoRA cache does: the least recently used (a request uses it) leaves host
+    memory and its slot, stays listed, and a request for it loads it again from its path."""
+    async with sim_client(max_loras=1, max_cpu_loras=2, swap_in_ms=100, load_ms_base=200) as sim:
+        await load(sim, "a")
+        await load(sim, "b")
+        assert await timed(sim, "a") >= 0.1  # swapped in: now b is the least recently used
+        await load(sim, "c")
+        state = (await sim.get("/sim/state")).json()
+        assert (state["host"], state["active"], state["reloads"]) == (["a", "c"], ["c"], 0)
+        listed = [m["id"] for m in (await sim.get("/v1/models")).json()["data"] if m["parent"]]
+        assert sorted(listed) == ["a", "b", "c"]
+
+        assert await timed(sim, "b") >= 0.3  # loaded again (200 ms), then swapped in (100 ms)
+        state = (await sim.get("/sim/state")).json()
+        assert (state["host"], state["active"], state["reloads"], state["swap_ins"]) == (["c", "b"], ["b"], 1, 2)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """A vLLM simulator, a test fake for the tests and benchmarks (not part of the runtime package):
 it speaks the parts of vLLM's HTTP API loraplane uses (OpenAI completions and chat, streaming or
-not; runtime LoRA load and unload; `/v1/models`, `/health`, `/metrics`), holds at most
-`max_loras` adapters, streams tokens at a set rate and takes a load time proportional to the
+not; runtime LoRA load and unload; `/v1/models`, `/health`, `/metrics`), holds LoRA adapters as
+vLLM's two-level cache does, streams tokens at a set rate and takes a load time proportional to the
 adapter's size. No model runs, so many simulated workers fit on one machine. A completion
 request with `"sim_vllm": true` is answered in vLLM 0.32's exact shapes (`n` choices, `logprobs`,
 `stream_options.include_usage`, the null fields vLLM serializes and its default
@@ -11,13 +11,25 @@ request with `"sim_vllm": true` is answered in vLLM 0.32's exact shapes (`n` cho
 completion with a `response_format` (`json_schema`, `json_object`) or a forced tool (`tool_choice`
 a named function, or `"required"`) answers what structured output gives a model that finishes: a
 JSON document made from the schema, deterministically, or a call of the tool with such arguments.
-`max_completion_tokens` takes precedence over `max_tokens`. With `--max-num-seqs N`, as vLLM's
-scheduler does, at most N requests generate at once and the others wait their turn in arrival order
-(a waiting stream's first token comes once it runs); `/metrics` counts them running and waiting.
+`max_completion_tokens` takes precedence over `max_tokens`. A `sim_vllm` stream with
+`"sim_fail": "generation_error"` fails after its first token as vLLM 0.32's does when the engine
+ends a request with an error (`finish_reason` "error"): an `{"error": ...}` event, then `[DONE]`.
+With `--max-num-seqs N`, as vLLM's scheduler does, at most N requests generate at once and the
+others wait their turn in arrival order (a waiting stream's first token comes once it runs);
+`/metrics` counts them running and waiting.
 With `--leak-unloads N` (or after `POST /sim/leak {"unloads": N}`) the next N unloads (-1: every
 one) leak their slot, as a known vLLM bug class does: the unload answers success and the adapter
 leaves `/v1/models`, but its slot stays taken until the process restarts, so later loads are
 refused for lack of a free slot while fewer than `max_loras` adapters are listed.
+Adapters, as in vLLM 0.32 (vllm/lora/model_manager.py and worker_manager.py, the LRU managers):
+up to `--max-cpu-loras` of them (default: `--max-loras`; fewer is refused) are loaded in host
+memory, and of those at most `--max-loras` are active in a LoRA slot. A load activates its
+adapter; a request for one that is not active activates it, paying `--swap-in-ms` (counted in
+`/metrics` as `vllmsim:lora_swap_ins_total`); activating one with every slot taken deactivates the
+least recently used. A load past `--max-cpu-loras` drops the least recently used from host memory
+(and its slot), as vLLM's CPU cache does: it stays listed in `/v1/models` (vLLM's API server still
+knows it), and a request for it loads it again from its path (the load time, then the swap-in).
+Unlike vLLM, a request for an adapter is never held back for want of a slot it could take.
 From the repository's root:
 
     python -m tests.vllmsim --port 8100 --max-loras 8 --tokens-per-s 50 --load-ms-per-mb 20
@@ -37,7 +49,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +72,16 @@ class SimConfig:
     api_key: str = ""
     max_num_seqs: int = 0  # most requests generating at once (vLLM's --max-num-seqs); 0: no limit
     leak_unloads: int = 0  # the first N unloads leak their slot; -1: every one
+    max_cpu_loras: int = 0  # adapters loaded at once, in slots and host memory; 0: max_loras
+    swap_in_ms: float = 0.0  # what activating an adapter in host memory takes a request
+
+    def __post_init__(self) -> None:
+        if self.max_cpu_loras and self.max_cpu_loras < self.max_loras:  # vLLM's refusal (vllm/config/lora.py)
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}).")
+
+    @property
+    def host_capacity(self) -> int:
+        return self.max_cpu_loras or self.max_loras
 
 
 @dataclass
@@ -75,9 +97,74 @@ class Sim:
     queue: deque[asyncio.Future[None]] = field(default_factory=deque)  # the waiting requests' turns, in order
     leak_unloads: int = 0  # the next N unloads leak their slot; -1: every one
     leaked: int = 0  # LoRA slots taken by adapters unloaded (and no longer listed)
+    # vLLM's two caches, least recently used first: the adapters loaded in host memory (its CPU
+    # cache, `max_cpu_loras` of them), and of those the ones active in a LoRA slot (`max_loras`)
+    host: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    active: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    ready_at: dict[str, float] = field(default_factory=dict)  # monotonic time an adapter's swap-in is done
+    swap_ins: int = 0  # activations a request waited for
+    reloads: int = 0  # adapters loaded again from their path by a request (dropped from host memory)
 
     def __post_init__(self) -> None:
         self.leak_unloads = self.config.leak_unloads
+
+    def hold(self, name: str) -> None:
+        """The adapter in host memory, the most recently used; the least recently used dropped
+        (and deactivated) when that would hold more than `max_cpu_loras`."""
+        if name in self.host:
+            self.host.move_to_end(name)
+            return
+        if len(self.host) >= self.config.host_capacity:
+            oldest, _ = self.host.popitem(last=False)
+            self.active.pop(oldest, None)
+        self.host[name] = None
+
+    def activate(self, name: str) -> bool:
+        """The adapter (in host memory) in a LoRA slot, the most recently used: the least recently
+        used deactivated when every slot is active. False when no slot is free even so (leaked)."""
+        if name in self.active:
+            self.active.move_to_end(name)
+            return True
+        if len(self.active) >= self.config.max_loras:
+            self.active.popitem(last=False)
+        if len(self.active) + self.leaked >= self.config.max_loras:
+            return False
+        self.active[name] = None
+        return True
+
+    def ready(self, model: str) -> bool:
+        """Whether a request for `model` runs at once (the base model, or an adapter active and
+        swapped in); if so, the adapter is the most recently used in both caches."""
+        if model == self.config.model:
+            return True
+        if model not in self.active or self.ready_at.get(model, 0.0) > time.monotonic():
+            return False
+        self.host.move_to_end(model)
+        self.active.move_to_end(model)
+        return True
+
+    async def swap_in(self, model: str) -> None:
+        """A request's adapter active before it runs: loaded again from its path if it left host
+        memory, swapped into a slot if it is not in one (or waited for if its swap-in is under
+        way)."""
+        if self.ready(model) or model not in self.adapters:
+            return
+        delay = 0.0
+        if model not in self.host:
+            delay += _load_s(self.config, self.adapters[model])
+            self.reloads += 1
+        self.hold(model)
+        if model not in self.active:
+            if not self.activate(model):
+                return  # slots leaked: vLLM's engine would fail the request; this one runs
+            self.swap_ins += 1
+            delay += self.config.swap_in_ms / 1000
+            self.ready_at[model] = time.monotonic() + delay
+        else:
+            self.active.move_to_end(model)
+        wait = self.ready_at.get(model, 0.0) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     @contextlib.asynccontextmanager
     async def generating(self, model: str) -> AsyncIterator[None]:
@@ -103,6 +190,7 @@ class Sim:
             self.slots_taken += 1
         self.running[model] += 1
         try:
+            await self.swap_in(model)
             yield
         finally:
             self.running[model] -= 1
@@ -147,15 +235,16 @@ def create_app(config: SimConfig) -> Any:
         name, path = body.get("lora_name", ""), body.get("lora_path", "")
         if name in sim.adapters or name in sim.loading:
             return sim.error(400, f"The lora adapter '{name}' has already been loaded.")
-        if len(sim.adapters) + len(sim.loading) + sim.leaked >= config.max_loras:  # a load under way holds its slot
-            return sim.error(400, f"no free LoRA slot (max_loras={config.max_loras})")
-        weights = Path(path) / "adapter_model.safetensors"
-        size_mb = weights.stat().st_size / 1e6 if weights.exists() else 0.0
         sim.loading.add(name)
         try:
-            await asyncio.sleep((config.load_ms_base + config.load_ms_per_mb * size_mb) / 1000)
+            await asyncio.sleep(_load_s(config, path))
         finally:
             sim.loading.discard(name)
+        sim.hold(name)  # into host memory, then into a slot, as vLLM's add_adapter does
+        if not sim.activate(name):  # every slot taken, by leaked ones
+            sim.host.pop(name, None)
+            return sim.error(400, f"no free LoRA slot (max_loras={config.max_loras})")
+        sim.ready_at.pop(name, None)
         sim.adapters[name] = path
         sim.loads += 1
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -164,7 +253,11 @@ def create_app(config: SimConfig) -> Any:
         name = (await request.json()).get("lora_name", "")
         if sim.adapters.pop(name, None) is None:
             return sim.error(404, f"The lora adapter '{name}' cannot be found.")
-        if sim.leak_unloads:  # answered as a success, the adapter gone from /v1/models: its slot kept
+        sim.host.pop(name, None)
+        sim.ready_at.pop(name, None)
+        held = name in sim.active  # a slot (one only in host memory has none to leak)
+        sim.active.pop(name, None)
+        if held and sim.leak_unloads:  # answered as a success, the adapter gone from /v1/models: its slot kept
             sim.leaked += 1
             if sim.leak_unloads > 0:
                 sim.leak_unloads -= 1
@@ -173,8 +266,11 @@ def create_app(config: SimConfig) -> Any:
     async def seen(request: Request) -> Response:
         state = {"requests": sim.seen, "running": sum(sim.running.values()), "waiting": sum(sim.waiting.values()),
                  "max_num_seqs": config.max_num_seqs, "loads": sim.loads, "leaked": sim.leaked,
-                 "leak_unloads": sim.leak_unloads}  # fmt: skip
-        return JSONResponse({**state, "adapters": sorted(sim.adapters)})
+                 "leak_unloads": sim.leak_unloads, "max_loras": config.max_loras,
+                 "max_cpu_loras": config.host_capacity, "swap_ins": sim.swap_ins, "reloads": sim.reloads}  # fmt: skip
+        # host memory and slots: least recently used first
+        return JSONResponse({**state, "adapters": sorted(sim.adapters), "host": list(sim.host),
+                             "active": list(sim.active)})  # fmt: skip
 
     async def leak(request: Request) -> Response:
         """`{"unloads": N}`: the next N unloads leak their slot (-1: every one; 0: none)."""
@@ -194,6 +290,7 @@ def create_app(config: SimConfig) -> Any:
             f'waiting_lora_adapters="{adapters(sim.waiting)}"}} {time.time()}',
             f'vllm:num_requests_running{{model_name="{config.model}"}} {float(running)}',
             f'vllm:num_requests_waiting{{model_name="{config.model}"}} {float(waiting)}',
+            f"vllmsim:lora_swap_ins_total {float(sim.swap_ins)}",  # the simulator's own: no vLLM counts these
         ]
         return PlainTextResponse("\n".join(lines) + "\n")
 
@@ -313,7 +410,7 @@ class _FastPath:
         model = body.get("model")
         simple = not body.get("stream") and not body.get("sim_tokens_per_s") and not sim.config.tokens_per_s
         simple = simple and sim.slot_free()  # an answer taking no time takes no slot from anyone
-        if not (simple and authorized and (model == sim.config.model or model in sim.adapters)):
+        if not (simple and authorized and (model in sim.adapters or model == sim.config.model) and sim.ready(model)):
             replayed = False
 
             async def replay() -> Any:
@@ -359,6 +456,10 @@ def _completion_body(chat: bool, model: str, tokens: int, body: dict[str, Any] |
 # protocol.py and serving.py): whole answers are `model_dump()`ed, None fields included; stream
 # chunks `model_dump_json(exclude_unset=True)`, the usage chunk with `exclude_none=True`.
 VLLM_FINGERPRINT = "vllm-0.32.0-5d41402a"  # `--fingerprint-mode full` (the default): version and config hash
+# What vLLM 0.32's chat and completion stream generators send when the engine ends a request with
+# an error: GenerationError, `create_streaming_error_response` (json.dumps of ErrorResponse).
+VLLM_STREAM_ERROR = (b'data: {"error": {"message": "Internal server error", "type": "InternalServerError", '
+                     b'"param": null, "code": 500}}\n\n')  # fmt: skip
 PROMPT_TOKENS = 8
 TOKEN = {"token": "tok", "logprob": -0.25, "bytes": [116, 111, 107]}
 
@@ -493,6 +594,13 @@ def _vllm_chunks(rid: str, model: str, tokens: int, chat: bool, body: dict[str, 
                  "completion_tokens": n * tokens}  # fmt: skip
         steps[-1].append({**head, "choices": [], "usage": usage, "system_fingerprint": VLLM_FINGERPRINT})
     return steps
+
+
+def _load_s(config: SimConfig, path: str) -> float:
+    """What loading the adapter at `path` takes: the base time, and the time per MB of its weights."""
+    weights = Path(path) / "adapter_model.safetensors"
+    size_mb = weights.stat().st_size / 1e6 if weights.exists() else 0.0
+    return (config.load_ms_base + config.load_ms_per_mb * size_mb) / 1000
 
 
 def _max_tokens(body: dict[str, Any]) -> int:
@@ -767,11 +875,15 @@ async def _stream(
     """Chunks carry `sim_t`, when they were sent, so a benchmark can measure what a proxy adds."""
     async with sim.generating(model):
         if body is not None and body.get("sim_vllm") is True:
-            for k, step in enumerate(_vllm_chunks(rid, model, tokens, chat, body)):
+            steps = _vllm_chunks(rid, model, tokens, chat, body)
+            fail = body.get("sim_fail") == "generation_error"
+            for k, step in enumerate(steps[: 2 if chat else 1] if fail else steps):  # failing: the first token's
                 if rate and k:
                     await asyncio.sleep(1 / rate)
                 for chunk in step:
                     yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+            if fail:
+                yield VLLM_STREAM_ERROR
             yield b"data: [DONE]\n\n"
             await asyncio.sleep(linger)
             return
@@ -826,12 +938,17 @@ def main() -> None:
     p.add_argument("--load-ms-per-mb", type=float, default=20.0)
     p.add_argument("--max-num-seqs", type=int, default=0, help="most requests generating at once (0: no limit)")
     p.add_argument("--leak-unloads", type=int, default=0, help="the first N unloads leak their slot (-1: every one)")
+    p.add_argument("--max-cpu-loras", type=int, help="adapters loaded at once, in slots and host memory (default: "
+                   "--max-loras)")  # fmt: skip
+    p.add_argument("--swap-in-ms", type=float, default=0.0, help="what a request waits for its adapter's swap-in")
     p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY", ""))
     # As an agent's engine (LORAPLANE_VLLM_COMMAND): vLLM's name flag; its other flags ignored.
     p.add_argument("--served-model-name", default="")
     p.add_argument("--engine-child", action="store_true", help="run a child ignoring SIGTERM, like an engine core")
     p.add_argument("--fail-if", type=Path, help="fail to start, as an engine that cannot allocate, while this exists")
     a, _ = p.parse_known_args()
+    if a.max_cpu_loras is not None and a.max_cpu_loras < a.max_loras:  # vLLM's refusal (vllm/config/lora.py)
+        p.error(f"max_cpu_loras ({a.max_cpu_loras}) must be >= max_loras ({a.max_loras}).")
     if a.fail_if and a.fail_if.exists():
         print("ERROR 11-30 12:00:00 [core.py:700] EngineCore failed to start.", file=sys.stderr)
         print(f"RuntimeError: {a.fail_if.read_text().strip()}", file=sys.stderr)
@@ -842,7 +959,7 @@ def main() -> None:
     model = a.served_model_name or a.model
     config = SimConfig(
         model, a.max_loras, a.tokens_per_s, a.load_ms_per_mb, api_key=a.api_key, max_num_seqs=a.max_num_seqs,
-        leak_unloads=a.leak_unloads,
+        leak_unloads=a.leak_unloads, max_cpu_loras=a.max_cpu_loras or 0, swap_in_ms=a.swap_in_ms,
     )  # fmt: skip
     uvicorn.run(create_app(config), host=a.host, port=a.port, log_level="warning", loop="uvloop", http="httptools")
 

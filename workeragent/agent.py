@@ -59,6 +59,7 @@ class Agent:
                 extra_args=_with_max_num_seqs(settings.vllm_args, settings.max_concurrency),
                 tool_parser=model.tool_parser,
                 chat_template=model.chat_template,
+                max_cpu_loras=model.host_slots,
             )
             env = engine_env(os.environ, settings.vllm_api_key, self._vllm_secret)
             self.engine = Engine(command, env, settings.cache_dir / "vllm.pid", settings.cache_dir / "vllm.log")
@@ -67,8 +68,23 @@ class Agent:
         self.local_url = settings.vllm_url or f"http://{settings.vllm_host}:{settings.vllm_port}"
         self.endpoint = settings.advertise_url or self.local_url
         self.metrics, self._slots_used = metrics.CollectorRegistry(), 0
-        self._gauge("loraplane_worker_lora_slots_used", "LoRA slots holding an adapter.", lambda: self._slots_used)
-        self._gauge("loraplane_worker_lora_slots", "LoRA slots (--max-loras).", lambda: model.max_adapters_per_worker)
+        slots, host = model.max_adapters_per_worker, model.host_slots
+        # vLLM does not say which of the adapters it holds are in a slot: as many as it has slots,
+        # the others (a host-memory tier's) in host memory
+        self._gauge(
+            "loraplane_worker_lora_slots_used", "LoRA slots holding an adapter.", lambda: min(self._slots_used, slots)
+        )
+        self._gauge("loraplane_worker_lora_slots", "LoRA slots (--max-loras).", lambda: slots)
+        self._gauge(
+            "loraplane_worker_lora_host_slots_used",
+            "Adapters loaded, in LoRA slots or in host memory.",
+            lambda: self._slots_used,
+        )
+        self._gauge(
+            "loraplane_worker_lora_host_slots",
+            "Adapters the engine holds loaded at once, in LoRA slots and host memory (--max-cpu-loras).",
+            lambda: host,
+        )
         self._gauge("loraplane_worker_requests_running", "Requests vLLM is running.", lambda: self._vllm.running)
         self._gauge("loraplane_worker_requests_waiting", "Requests queued in vLLM.", lambda: self._vllm.waiting)
         self._cp_up = metrics.Gauge(
@@ -176,11 +192,12 @@ class Agent:
             worker_id=self._s.worker_id,
             base_model=self._model.name,
             endpoint=self.endpoint,
-            max_adapters=self._model.max_adapters_per_worker,
+            max_adapters=self._model.host_slots,
             resident=await self._vllm.resident() if serving else [],
             engine=engine,
             max_concurrency=self.max_concurrency,
             prefetch=True,
+            gpu_slots=self._model.max_adapters_per_worker,
         )
         await asyncio.wait_for(call.write(pb.ConnectRequest(register=register)), REGISTER_TIMEOUT_S)
         log.info("registered %s with the control plane", self._s.worker_id)
@@ -223,7 +240,8 @@ class Agent:
             await self._beat(outbox)
 
     async def _beat(self, outbox: asyncio.Queue[pb.ConnectRequest]) -> None:
-        """One heartbeat: what vLLM holds and does, and the engine's state."""
+        """One heartbeat: what vLLM holds and does, the engine's state, and the adapters on the
+        node's disk cache that vLLM does not hold."""
         done = self._commands_done
         healthy, engine = await self._engine()
         resident: list[str] = []
@@ -239,7 +257,7 @@ class Agent:
         self._slots_used = len(resident)
         beat = pb.Heartbeat(
             resident=resident, healthy=healthy, busy=sorted(busy), requests_in_flight=in_flight,
-            commands_done=done, engine=engine,
+            commands_done=done, engine=engine, cached=self._cache.cached(exclude=resident),
         )  # fmt: skip
         await outbox.put(pb.ConnectRequest(heartbeat=beat))
 
@@ -278,6 +296,8 @@ class Agent:
         result = pb.CommandResult(command_id=cmd.command_id, ok=True)
         try:
             await self._cache.blob(cmd.sha256, cmd.size_bytes)
+            if cmd.vllm_name:
+                self._cache.name(cmd.vllm_name, cmd.sha256)
         except (IntegrityError, grpc.aio.AioRpcError, OSError, TimeoutError) as err:
             log.warning("prefetch of %s failed: %s", cmd.sha256, err)
             result.ok, result.error = False, str(err)[:500]
@@ -340,7 +360,7 @@ class Agent:
             try:
                 await self._vllm.load(name, path)
             except VllmError as err:
-                leak = await judge(err, self._vllm, self._model.max_adapters_per_worker, alone)
+                leak = await judge(err, self._vllm, self._model.max_adapters_per_worker, alone, self._model.host_slots)
                 if leak is None:
                     raise
                 self._slots_leaked(leak)
@@ -351,7 +371,7 @@ class Agent:
         requests in flight finish, then it restarts and the control plane loads back what it held);
         one it attached to is reported so until it is seen restarted."""
         self._leaks.inc(self._s.worker_id)
-        fields = {"slots": leak.slots, "listed": leak.listed, "leaked": leak.leaked}
+        fields = {"slots": leak.slots, "listed": leak.listed, "leaked": leak.leaked, "capacity": leak.capacity}
         if self.supervisor is None:
             self._leak = leak
             self._beat_now.set()

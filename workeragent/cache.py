@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,7 +95,10 @@ class S3Source:
 
 class ArtifactCache:
     """Blobs under `blobs/<sha256>`, hard-linked into `adapters/<name>/` while loaded. Past
-    `max_bytes`, the least recently used blobs that no loaded adapter links are deleted."""
+    `max_bytes`, the least recently used blobs that no loaded adapter links are deleted.
+
+    The adapters (by the name vLLM knows them by) whose blob it holds verified are `cached()`, from
+    memory: the names it learned from `adapter_dir` and `name` (a prefetch's)."""
 
     def __init__(
         self,
@@ -120,10 +123,12 @@ class ArtifactCache:
         self._tmp.mkdir(parents=True)
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self._verified: dict[str, Stamp] = {}  # by this process, as the file was then
+        self._names: dict[str, str] = {}  # adapter name -> the sha256 of its blob, as adapter_dir learned it
 
     async def adapter_dir(self, name: str, sha256: str, size: int, config: bytes) -> Path:
         """A directory vLLM can load: the verified weights and the config we were given."""
         blob = await self.blob(sha256, size)
+        self._names[name] = sha256
         d = self._adapters / name
         if not _same_file(d / "adapter_model.safetensors", blob):  # absent, or bytes no longer the blob's
             tmp = Path(tempfile.mkdtemp(dir=self._tmp))
@@ -205,8 +210,19 @@ class ArtifactCache:
                 self._verified.pop(p.name, None)
                 total -= st.st_size
 
+    def name(self, name: str, sha256: str) -> None:
+        """`name` is the adapter whose bytes are the blob `sha256` (a prefetch says so)."""
+        self._names[name] = sha256
+
     def forget(self, name: str) -> None:
+        """The adapter's directory gone (vLLM unloaded it); its blob stays, until trimmed."""
         shutil.rmtree(self._adapters / name, ignore_errors=True)
+
+    def cached(self, exclude: Collection[str] = ()) -> list[str]:
+        """The names of the adapters whose blob is here, verified by this process, but for those
+        in `exclude`: sorted. From memory (no disk access): cheap enough for every heartbeat."""
+        skip = set(exclude)
+        return sorted(n for n, sha256 in self._names.items() if sha256 in self._verified and n not in skip)
 
 
 class _Download:

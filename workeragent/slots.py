@@ -5,6 +5,11 @@ taken (a known vLLM bug class): later loads are refused for lack of a free slot 
 lists fewer adapters than it has slots. vLLM 0.32 counts taken slots nowhere the agent can read
 (its /metrics says only `max_lora`), so a leak shows when a load is refused: `judge` tells a
 refusal that proves one from a refusal that a load or unload running at the same time explains.
+
+With a host-memory tier (`--max-cpu-loras` above `--max-loras`) vLLM lists more adapters than it
+has slots: those in host memory wait for a slot, which vLLM frees for them by deactivating the
+least recently used adapter. A load it refuses for want of a slot while it lists fewer adapters
+than it holds loaded at once (`capacity`) proves a leak as well.
 """
 
 from __future__ import annotations
@@ -27,15 +32,24 @@ NO_FREE_SLOT = re.compile(r"\bno free (lora |adapter )?slots?\b", re.IGNORECASE)
 class Leak:
     listed: int  # adapters vLLM lists (/v1/models)
     slots: int  # its LoRA slots (max_lora)
+    capacity: int = 0  # adapters it holds loaded at once, in slots and host memory; 0: `slots`
 
     @property
     def leaked(self) -> int:
-        return self.slots - self.listed
+        """Slots taken by adapters vLLM unloaded: at least this many (with a host-memory tier,
+        vLLM does not say which listed adapters hold a slot)."""
+        return max(self.slots - self.listed, 1)
 
     def __str__(self) -> str:
+        if self.capacity <= self.slots:
+            return (
+                f"LoRA slots leaked: vLLM refused a load for lack of a free slot while it lists adapters in "
+                f"{self.listed} of its {self.slots} slots ({self.leaked} taken by adapters it unloaded)"
+            )
         return (
-            f"LoRA slots leaked: vLLM refused a load for lack of a free slot while it lists adapters in "
-            f"{self.listed} of its {self.slots} slots ({self.leaked} taken by adapters it unloaded)"
+            f"LoRA slots leaked: vLLM refused a load for lack of a free slot while it lists {self.listed} of the "
+            f"{self.capacity} adapters it holds ({self.slots} in slots, the others in host memory; at least "
+            f"{self.leaked} slot{'s' if self.leaked > 1 else ''} taken by adapters it unloaded)"
         )
 
 
@@ -70,11 +84,13 @@ class Ledger:
             self._changes += 1
 
 
-async def judge(err: VllmError, client: VllmClient, default_slots: int, alone: Callable[[], bool]) -> Leak | None:
+async def judge(
+    err: VllmError, client: VllmClient, default_slots: int, alone: Callable[[], bool], capacity: int = 0
+) -> Leak | None:
     """The leak a refused load proves, if it does: refused for want of a free slot while vLLM lists
-    fewer adapters than it has slots (its `max_lora`, else `default_slots`: what the agent asked
-    for), no other load or unload running meanwhile. None when it proves nothing, or vLLM does
-    not say."""
+    fewer adapters than it holds loaded at once (its slots: its `max_lora`, else `default_slots`,
+    what the agent asked for; or `capacity`, its host-memory tier's, when that is more), no other
+    load or unload running meanwhile. None when it proves nothing, or vLLM does not say."""
     if not NO_FREE_SLOT.search(str(err)):
         return None
     try:
@@ -82,4 +98,5 @@ async def judge(err: VllmError, client: VllmClient, default_slots: int, alone: C
         slots = await client.max_loras() or default_slots
     except (VllmError, aiohttp.ClientError, TimeoutError, ValueError):
         return None
-    return Leak(listed, slots) if listed < slots and alone() else None
+    capacity = max(capacity, slots)
+    return Leak(listed, slots, capacity) if listed < capacity and alone() else None

@@ -185,10 +185,14 @@ def engine_command(
     extra_args: Sequence[str],
     tool_parser: str = "",
     chat_template: str = "",
+    max_cpu_loras: int = 0,
 ) -> list[str]:
     """vLLM's OpenAI server for one model with runtime LoRA updating on, its LoRA loading and
     every other non-serving path reserved to the holder of the agent's secret (`vllmguard`).
-    `command` runs the server (default: this Python's `-m vllm.entrypoints.openai.api_server`)."""
+    `command` runs the server (default: this Python's `-m vllm.entrypoints.openai.api_server`).
+    `max_cpu_loras` above `max_loras`: that many adapters loaded, those not in one of the
+    `max_loras` slots waiting in host memory (vLLM's CPU LoRA cache); else vLLM's default (as
+    many as the slots)."""
     return [
         *(command or (sys.executable, "-m", "vllm.entrypoints.openai.api_server")),
         "--model", model_path,
@@ -197,6 +201,7 @@ def engine_command(
         "--port", str(port),
         "--enable-lora",
         "--max-loras", str(max_loras),
+        *(("--max-cpu-loras", str(max_cpu_loras)) if max_cpu_loras > max_loras else ()),
         "--max-lora-rank", str(max_rank),
         "--disable-uvicorn-access-log",
         "--middleware", f"{vllmguard.__name__}.{vllmguard.AgentOnly.__name__}",

@@ -60,7 +60,7 @@ class WorkerRecord:
     id: str
     base_model: str
     endpoint: str
-    max_adapters: int
+    max_adapters: int  # loaded at once: in its engine's LoRA slots and in host memory (--max-cpu-loras)
     resident: list[str] = field(default_factory=list)
     healthy: bool = True
     updated_at: float = 0.0
@@ -71,6 +71,10 @@ class WorkerRecord:
     engine_error: str = ""  # the engine's last error line
     engine_restarts: int = 0  # since the agent started
     max_concurrency: int = 0  # most requests its engine runs at once (--max-num-seqs); 0: not known
+    # Of `max_adapters`, its engine's LoRA slots (--max-loras); the others wait in host memory.
+    # 0: an agent too old to say (all of `max_adapters` are slots).
+    gpu_slots: int = 0
+    cached: list[str] = field(default_factory=list)  # sorted: on its node's disk cache, not loaded
 
     def to_json(self) -> str:
         return _json(self)

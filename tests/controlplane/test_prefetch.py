@@ -65,6 +65,13 @@ def test_a_ready_adapter_is_in_the_node_caches_before_its_first_request(fleet: F
     sha = r.json()["sha256"]
     wait_for(lambda: all(cached(c, sha) for c in fleet.caches()), 10, "the bytes were not pushed to both nodes")
     assert fleet.loads() == loads  # cached, not loaded
+    adapter_id = r.json()["id"]
+
+    def listed() -> bool:  # each node's heartbeat says so: placement prefers those nodes (no fetch)
+        workers = fleet.stack.operator().list_workers().workers
+        return all(adapter_id in w.cached_adapter_ids for w in workers)
+
+    wait_for(listed, 10, "the workers' records do not list the adapter as on their node")
     inodes = {p: p.stat().st_ino for c in fleet.caches() for p in cached(c, sha)}
     chat = httpx.post(
         fleet.stack.http_url + "/v1/chat/completions",

@@ -115,16 +115,18 @@ class EvictAdapter(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., vllm_name: _Optional[str] = ..., generation: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PrefetchArtifact(_message.Message):
-    __slots__ = ("command_id", "sha256", "size_bytes", "request_id")
+    __slots__ = ("command_id", "sha256", "size_bytes", "request_id", "vllm_name")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VLLM_NAME_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     sha256: str
     size_bytes: int
     request_id: str
-    def __init__(self, command_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    vllm_name: str
+    def __init__(self, command_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., request_id: _Optional[str] = ..., vllm_name: _Optional[str] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
     __slots__ = ("load", "evict", "prefetch")
