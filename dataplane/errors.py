@@ -150,8 +150,12 @@ def from_grpc(err: grpc.aio.AioRpcError) -> ApiError:
 
 def envelope(err: ApiError) -> JSONResponse:
     """The answer to `err`, for Starlette's handlers and, called as an ASGI app, the hot path."""
-    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    return JSONResponse({"error": fields(err)}, status_code=err.status, headers=err.headers)
+
+
+def fields(err: ApiError) -> dict[str, str | None]:
+    """The error object of OpenAI's envelope (`{"error": ...}`), in an answer or a stream's event."""
+    return {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
 
 
 async def handle(request: Request, exc: Exception) -> Response:
@@ -188,17 +192,25 @@ INTERNALS = [
 ]
 
 
-def from_worker(status: int, raw: bytes, prompt_param: str) -> ApiError:
+def from_worker(status: int, raw: bytes, prompt_param: str | None) -> ApiError:
     """A worker's error answer in loraplane's words: OpenAI's envelope and types, the message
     passed on only where it helps the client (a bad request) and without internals (paths,
     exception classes, adapter ids, engine names and versions); a prompt over the context
     window is OpenAI's `context_length_exceeded`."""
-    message, param = "", None
     try:
         info = orjson.loads(raw)["error"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        info = None
+    return worker_error(status, info, prompt_param)
+
+
+def worker_error(status: int, info: object, prompt_param: str | None) -> ApiError:
+    """A worker's error object (vLLM's `{"message", "type", "param", "code"}`, of an answer with
+    HTTP status `status` or of an event in a stream) in loraplane's words, as `from_worker`
+    says; `prompt_param` the request's prompt parameter (None: not known)."""
+    message, param = "", None
+    if isinstance(info, dict):
         message, param = str(info.get("message") or "")[:2000], info.get("param")
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        pass
     if status in (400, 413, 422):
         if CONTEXT_OVERFLOW.search(message):
             return BadRequest(_plain(message), param=prompt_param, code="context_length_exceeded")

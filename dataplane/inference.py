@@ -343,7 +343,7 @@ async def _forward(st: State, worker: Worker, path: str, body: dict[str, Any], t
             # makes an engine fail would otherwise cost two workers, or take one out of routing.
             raise errors.from_worker(upstream.status, raw, PROMPT_PARAM[path])
         try:
-            return await _relay(upstream, reply, timeout)
+            return await _relay(upstream, reply, timeout, path)
         finally:
             upstream.release()
     finally:
@@ -351,9 +351,9 @@ async def _forward(st: State, worker: Worker, path: str, body: dict[str, Any], t
             adapter_in_flight[target.adapter_id] -= 1
 
 
-async def _relay(upstream: UpstreamResponse, reply: Reply, timeout: float) -> int:
+async def _relay(upstream: UpstreamResponse, reply: Reply, timeout: float, path: str) -> int:
     """The worker's answer to the client in OpenAI's shape (`shape`), `model` what the client sent;
-    SSE line by line as it arrives.
+    SSE line by line as it arrives. A stream the worker breaks off ends with an error event.
     Unreachable while nothing was sent: a stream's worker that fails before its first byte."""
     headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != access.HEADER]
     headers += reply.headers
@@ -374,21 +374,37 @@ async def _relay(upstream: UpstreamResponse, reply: Reply, timeout: float) -> in
     except Upstream as err:
         raise Unreachable(f"the worker's stream broke before its first event: {err.message}") from None
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
-    partial = b""
+    partial, tail, ending, prompt_param = b"", b"", b"", PROMPT_PARAM.get(path)
     try:
         while chunks:
             data = partial + b"".join(chunks)
             cut = data.rfind(b"\n") + 1  # whole lines only: an event never straddles two sends
             partial = data[cut:]
             if cut:
-                events = shape.events(data[:cut], model, reply.seen, reply.wanted)
+                events = shape.events(data[:cut], model, reply.seen, reply.wanted, prompt_param)
+                tail = events[-64:]
                 await send({"type": "http.response.body", "body": events, "more_body": True})
             chunks = await upstream.chunks(timeout)
-    except Upstream as err:  # the answer has started: all we can do is end it
+    except Upstream as err:  # the answer has started: it can only end, saying it broke off
         log.warning("worker stream broke: %s", err)
-    events = shape.events(partial, model, reply.seen, reply.wanted)
+        if SSE_DONE not in tail and not reply.seen.ended:  # not after its end
+            partial, ending = b"", _broken_off(path, reply)  # a line cut in two is dropped
+    events = shape.events(partial, model, reply.seen, reply.wanted, prompt_param) + ending
     await send({"type": "http.response.body", "body": events, "more_body": False})
     return upstream.status
+
+
+BROKE_OFF = "the worker's answer broke off; ask again"
+
+
+def _broken_off(path: str, reply: Reply) -> bytes:
+    """The event that ends a stream its worker broke off, so that the client knows its answer is
+    not whole: OpenAI's error (the SDKs raise it), as a Responses stream's `error` event there."""
+    if path == "/v1/responses":
+        sequence = reply.seen.sequence + 1
+        event = {"type": "error", "code": None, "message": BROKE_OFF, "param": None, "sequence_number": sequence}
+        return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+    return b"data: " + orjson.dumps({"error": errors.fields(Upstream(BROKE_OFF))}) + b"\n\n" + SSE_DONE
 
 
 async def worker_for(st: State, target: Target, key: str, tenant: Tenant, avoid: frozenset[str] = frozenset()) -> Slot:

@@ -71,17 +71,22 @@ class Meter:
         return not self._counting
 
 
+RESPONSES_ENDS = ("response.completed", "response.failed", "response.incomplete")
+
+
 class Seen:
     """The usage a worker reported for one request so far: a whole answer's, or a stream's
     (its events' continuous usage, per choice; the final usage event's when it comes)."""
 
-    __slots__ = ("prompt", "cached", "completion", "final")
+    __slots__ = ("prompt", "cached", "completion", "final", "sequence", "ended")
 
     def __init__(self) -> None:
         self.prompt = 0
         self.cached = 0
         self.completion: dict[int, int] = {}  # choice index -> its tokens so far
         self.final: Counts | None = None
+        self.sequence = -1  # a Responses stream's last `sequence_number`
+        self.ended = False  # a Responses stream's last event came (completed, failed or incomplete)
 
     def answer(self, obj: dict[str, Any]) -> None:
         """A whole answer's `usage` (chat, completions, embeddings, Responses)."""
@@ -91,6 +96,10 @@ class Seen:
 
     def event(self, obj: dict[str, Any]) -> None:
         """A stream event's usage: a chunk's continuous usage or the last event's total."""
+        sequence = obj.get("sequence_number")
+        if type(sequence) is int:
+            self.sequence = sequence
+            self.ended = obj.get("type") in RESPONSES_ENDS
         if obj.get("type") == "response.completed":  # a Responses API stream's end
             response = obj.get("response")
             if isinstance(response, dict):

@@ -6,6 +6,11 @@ object or no field at all (`annotations`, `function_call`, the usage details), l
 `refusal` and `top_logprobs` the spec requires, and adds fields of its own (`stop_reason`,
 `token_ids`, `prompt_logprobs`, `kv_transfer_params`, a `system_fingerprint` naming its
 version). Each answer (and each event of a stream) is rewritten here once: parse, fix, dump.
+
+A stream that fails once started (its 200 sent) carries the error as an event: vLLM's
+`{"error": {...}}` (a chat or text completion stream's) names the engine's exception class and
+has an integer `code`; it is told in OpenAI's words, as `errors.worker_error` tells a whole
+error answer (a Responses stream's `error` event too, as the spec's ResponseErrorEvent).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from dataplane import errors
 from dataplane.metering import Seen
 
 # Fields of the engine's own, at the top of an answer and in each choice.
@@ -44,24 +50,32 @@ def body(raw: bytes, model: str, seen: Seen | None = None) -> bytes:
 NO_USAGE, FINAL_USAGE, CONTINUOUS_USAGE = 0, 1, 2
 
 
-def events(lines: bytes, model: str, seen: Seen | None = None, wanted: int = CONTINUOUS_USAGE) -> bytes:
+def events(
+    lines: bytes,
+    model: str,
+    seen: Seen | None = None,
+    wanted: int = CONTINUOUS_USAGE,
+    prompt_param: str | None = None,
+) -> bytes:
     """Whole lines of a server-sent event stream: each `data: {...}` event reshaped, the rest as
     it is; the usage each event reports noted in `seen`, and left out where the client did not
-    ask for it (an event that carries only usage goes, with the blank line that ends it)."""
+    ask for it (an event that carries only usage goes, with the blank line that ends it); an
+    error event in OpenAI's words (`prompt_param`: the request's prompt parameter, which a
+    prompt's error names)."""
     out = []
     dropped = False
     for line in lines.split(b"\n"):
         if dropped and not line.strip(b"\r"):
             dropped = False
             continue
-        shaped = _event(line, model, seen, wanted)
+        shaped = _event(line, model, seen, wanted, prompt_param)
         dropped = shaped is None
         if shaped is not None:
             out.append(shaped)
     return b"\n".join(out)
 
 
-def _event(line: bytes, model: str, seen: Seen | None, wanted: int) -> bytes | None:
+def _event(line: bytes, model: str, seen: Seen | None, wanted: int, prompt_param: str | None) -> bytes | None:
     if not line.startswith(b"data: {"):
         return line
     end = len(line.rstrip(b"\r"))
@@ -73,12 +87,37 @@ def _event(line: bytes, model: str, seen: Seen | None, wanted: int) -> bytes | N
         return line
     if seen is not None:
         seen.event(obj)
+    failure = stream_error(obj, prompt_param)
+    if failure is not None:
+        return b"data: " + orjson.dumps(failure) + line[end:]
     if wanted != CONTINUOUS_USAGE and "usage" in obj and "choices" in obj:
         if obj["choices"]:  # a chunk's running count
             del obj["usage"]
         elif wanted == NO_USAGE:  # the usage event
             return None
     return b"data: " + orjson.dumps(answer(obj, model)) + line[end:]
+
+
+def stream_error(obj: dict[str, Any], prompt_param: str | None = None) -> dict[str, Any] | None:
+    """A stream's error event in OpenAI's words (None: `obj` is not one). vLLM's (0.32: a chat
+    or text completion stream's, `{"error": {"message", "type": "<its exception class>",
+    "param", "code": <HTTP status>}}`) is OpenAI's `{"error": {"message", "type", "param",
+    "code"}}`, said as a whole error answer of that status would be; a Responses stream's
+    (`"type": "error"`) the spec's ResponseErrorEvent, `code` a string or null."""
+    if obj.get("type") == "error":
+        err = errors.worker_error(_status(obj.get("code")), obj, prompt_param)
+        sequence = obj.get("sequence_number")
+        return {"type": "error", "code": err.code, "message": err.message, "param": err.param,
+                "sequence_number": sequence if type(sequence) is int else 0}  # fmt: skip
+    info = obj.get("error")
+    if isinstance(info, dict) and "choices" not in obj and "object" not in obj:
+        return {"error": errors.fields(errors.worker_error(_status(info.get("code")), info, prompt_param))}
+    return None
+
+
+def _status(code: object) -> int:
+    """The HTTP status an error event's `code` gives (vLLM's is one); a server error if none."""
+    return code if type(code) is int and 400 <= code <= 599 else 500
 
 
 def answer(obj: dict[str, Any], model: str) -> dict[str, Any]:

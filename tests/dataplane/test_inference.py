@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -238,19 +239,45 @@ async def test_a_stream_whose_only_worker_is_lost_before_its_first_event_is_a_50
 
 
 @pytest.mark.parametrize("hang_up", HANG_UPS, ids=["close", "reset"])
-async def test_a_stream_whose_worker_is_lost_after_its_first_event_ends_there(
+async def test_a_stream_whose_worker_is_lost_after_its_first_event_ends_there_saying_so(
     redis_server: RedisServer, tmp_path: Path, simulator: str, access_lines: AccessLines, hang_up: HangUp
 ) -> None:
     """The client has part of the answer: another worker's whole answer after it would be a
-    second one, so the stream just ends."""
+    second one, so the stream ends there, with OpenAI's error event (the SDKs raise it) so that
+    the client does not take what it got for the whole answer."""
     marker = uuid.uuid4().hex
     handler = fails(SSE_HEAD + FIRST_EVENT, hang_up)
     async with failing_first(redis_server, tmp_path, handler, simulator) as (broken, client):
         r, lines = await chat(client, stream=True, marker=marker)
         logged = await access_lines()
-    assert r.status_code == 200 and lines == [EVENT.decode().strip()]
+    assert r.status_code == 200 and lines[0] == EVENT.decode().strip() and lines[2:] == ["data: [DONE]"]
+    error = json.loads(lines[1].removeprefix("data: "))["error"]
+    assert (error["type"], error["code"], error["param"]) == ("server_error", None, None) and "broke off" in error[
+        "message"
+    ]
     assert len(broken.requests) == 1 and await simulated(simulator, marker) == 0
     assert logged == [(200, "w1")]
+
+
+RESPONSE_EVENT = (b'event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":'
+                  b'{"id":"resp_1","object":"response","created_at":1,"model":"tiny-llama","status":"in_progress",'
+                  b'"output":[]}}\n\n')  # fmt: skip
+
+
+async def test_a_responses_stream_whose_worker_is_lost_midway_ends_with_its_error_event(
+    redis_server: RedisServer, tmp_path: Path, simulator: str
+) -> None:
+    """A Responses stream broken off after its first event ends with the spec's error event, next
+    in sequence (vLLM 0.32 sends none when its stream fails: the stream just stopped)."""
+    handler = fails(SSE_HEAD + b"%x\r\n%s\r\n" % (len(RESPONSE_EVENT), RESPONSE_EVENT), reset)
+    async with failing_first(redis_server, tmp_path, handler, simulator) as (broken, client):
+        body = {"model": "tiny-llama", "input": "x", "max_output_tokens": 3, "stream": True}
+        r = await client.post("/v1/responses", json=body)
+    names = [line.removeprefix("event: ") for line in r.text.splitlines() if line.startswith("event: ")]
+    last = json.loads(r.text.strip().splitlines()[-1].removeprefix("data: "))
+    assert r.status_code == 200 and names == ["response.created", "error"]
+    assert last["type"] == "error" and last["sequence_number"] == 1 and "broke off" in last["message"]
+    assert len(broken.requests) == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

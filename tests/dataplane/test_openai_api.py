@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from dataplane import shape
+from loraplane.catalog import Catalog
 from tests import openai_spec
 from tests.dataplane.peers import Peer, peer, read_request
 from tests.dataplane.test_inference import dataplane
@@ -112,6 +114,59 @@ async def test_a_workers_errors_are_told_in_openais_words(redis_server: RedisSer
         assert error["message"] and ("context length" in error["message"] or param in error["message"])
 
 
+STREAM_ERRORS = {
+    # recorded stream: (its chunks' schema, the error's type, code, param)
+    "err_stream_chat": ("CreateChatCompletionStreamResponse", "server_error", None, None),
+    "err_stream_chat_engine_dead": ("CreateChatCompletionStreamResponse", "server_error", None, None),
+    "err_stream_completion": ("CreateCompletionResponse", "server_error", None, None),
+    "err_stream_completion_param": ("CreateCompletionResponse", "invalid_request_error", None, "skip_tokenizer_init"),
+}
+
+
+@pytest.mark.parametrize("name", STREAM_ERRORS)
+async def test_a_workers_error_in_a_stream_is_told_in_openais_words(
+    redis_server: RedisServer, tmp_path: Path, name: str
+) -> None:
+    """Once its stream has started, vLLM tells of a failure in an event: `{"error": ...}` with its
+    exception's class as `type` and the HTTP status as an integer `code` (recorded from vLLM 0.32's
+    own stream generators). The client gets it as OpenAI sends one, the error envelope as an
+    event (what the SDKs raise as an APIError), in the words a whole error answer would have."""
+    r = await relayed(redis_server, tmp_path, name)
+    schema, kind, code, param = STREAM_ERRORS[name]
+    assert r.status_code == 200, r.text
+    data = openai_spec.events(r.content)
+    assert data[-1] == "[DONE]", data
+    *chunks, failure = [json.loads(d) for d in data[:-1]]
+    for chunk in chunks:  # what came before the failure, as ever
+        violations = openai_spec.validate(schema, chunk)
+        assert [v for v in violations if not NULL_FINISH.search(f"event 0: {v}")] == [], (violations, chunk)
+    assert openai_spec.validate("ErrorResponse", failure) == [], failure
+    assert openai_spec.undeclared("ErrorResponse", failure) == [], failure
+    error = failure["error"]
+    assert (error["type"], error["code"], error["param"]) == (kind, code, param), error
+    assert not any(w.lower() in r.text.lower() for w in (*ENGINE_WORDS, "EngineCore", "InternalServerError")), r.text
+    if kind == "invalid_request_error":  # what helps the client is passed on
+        assert "tokenizer" in error["message"], error
+
+
+def test_a_responses_streams_error_event_is_the_specs() -> None:
+    """A Responses stream's `error` event (vLLM 0.32 sends none: the one it makes of a failure
+    fails its own validation, and the stream breaks off) is the spec's ResponseErrorEvent, in
+    OpenAI's words, from whatever a worker put in it."""
+    event = {"type": "error", "code": 500, "message": "EngineCore encountered an issue. See /opt/vllm/core.py",
+             "param": None, "sequence_number": 7}  # fmt: skip
+    raw = b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    out = shape.events(raw, "tiny-llama")
+    assert out.startswith(b"event: error\n") and openai_spec.validate_stream("ResponseStreamEvent", out) == []
+    (data,) = openai_spec.events(out)
+    assert json.loads(data) == {"type": "error", "code": None, "message": "The model's worker failed to answer.",
+                                "param": None, "sequence_number": 7}  # fmt: skip
+    event |= {"code": 400, "message": "ValueError: input too odd for adp_x1", "param": "body.input_text"}
+    (data,) = openai_spec.events(shape.events(b"data: " + json.dumps(event).encode(), "m", prompt_param="input"))
+    assert json.loads(data) == {"type": "error", "code": None, "message": "input too odd for the adapter",
+                                "param": "input", "sequence_number": 7}  # fmt: skip
+
+
 async def test_an_unknown_role_is_refused_before_any_worker_sees_it(redis_server: RedisServer, tmp_path: Path) -> None:
     """vLLM answers a message of role "wizard" as if it were fine (recorded: 200)."""
     assert recorded("err_bad_role")["status"] == 200
@@ -121,9 +176,12 @@ async def test_an_unknown_role_is_refused_before_any_worker_sees_it(redis_server
 
 async def test_responses_are_not_stored_and_say_so(redis_server: RedisServer, tmp_path: Path) -> None:
     async with peer(replaying("responses")) as worker, dataplane(redis_server, tmp_path, {"w1": worker.url}) as c:
-        for field, value in (("store", True), ("previous_response_id", "resp_1"), ("background", True)):
+        for field, value in (("store", True), ("previous_response_id", "resp_1"), ("background", True),
+                             ("conversation", "conv_1"), ("conversation", {"id": "conv_1"})):  # fmt: skip
             r = await c.post("/v1/responses", json={"model": "tiny-llama", "input": "hi", field: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+            assert openai_spec.validate("ErrorResponse", r.json()) == [], r.text
+        assert worker.requests == []  # none of them reached a worker
         assert (await c.post("/v1/responses", json={"model": "tiny-llama", "input": "hi"})).status_code == 200
         assert b'"store":false' in worker.requests[-1]  # never kept on a worker tenants share
         assert (await c.get("/v1/responses/resp_9f5242c58e2ae0fc")).status_code == 404
@@ -169,6 +227,34 @@ async def test_tool_choice_auto_needs_the_models_parser(redis_server: RedisServe
         tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
         body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "tools": [tool]}
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+
+
+async def test_tool_choice_auto_is_refused_for_a_model_without_a_parser(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose catalog entry names no tool-call parser has workers without automatic tool
+    choice, which would answer `tools` with `auto` (said or not) with vLLM's 400 naming its own
+    flags: refused before any worker sees it, in OpenAI's words; forced and "none" still go."""
+    write = Catalog.write
+
+    def without_parser(path: Path, models: list[dict[str, object]]) -> None:
+        write(path, [{k: v for k, v in m.items() if k != "tool_parser"} for m in models])
+
+    monkeypatch.setattr(Catalog, "write", staticmethod(without_parser))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "tools": [tool]}
+    async with peer(replaying("chat")) as worker, dataplane(redis_server, tmp_path, {"w1": worker.url}) as c:
+        for choice in ({}, {"tool_choice": "auto"}):
+            r = await c.post("/v1/chat/completions", json=body | choice)
+            assert r.status_code == 400, r.text
+            assert openai_spec.validate("ErrorResponse", r.json()) == [], r.text
+            error = r.json()["error"]
+            assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", None, "tool_choice")
+            assert "tool_choice" in error["message"] and "--" not in error["message"], error
+            assert not any(word.lower() in r.text.lower() for word in ENGINE_WORDS), r.text
+        assert worker.requests == []
+        r = await c.post("/v1/chat/completions", json=body | {"tool_choice": "none"})
+        assert r.status_code == 200 and len(worker.requests) == 1, r.text
 
 
 async def test_a_workers_failure_is_a_502_and_not_held_against_it(redis_server: RedisServer, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The data plane's real answers against OpenAI's published OpenAPI spec (tests/openai_spec,
-vendored by scripts/vendor-openai-spec): completions, chat completions and their streams,
-embeddings, models and the error envelope, each validated in full and every violation listed.
+vendored by scripts/vendor-openai-spec): completions, chat completions and their streams (one
+that fails midway too), responses and their streams, embeddings, models and the error envelope,
+each validated in full and every violation listed.
 
 The workers are vLLM simulators asked (`sim_vllm`) for vLLM 0.32's exact answers, null fields,
 `n`, `logprobs`, usage chunks and default `system_fingerprint` included: what the data plane
@@ -20,7 +21,7 @@ import pytest
 
 from tests import openai_spec
 from tests.conftest import SimStack, new_tenant, upload
-from tests.openai_spec import events, undeclared, validate, validate_stream
+from tests.openai_spec import events, undeclared, validate
 from tests.support import figure, lora_tensors, safetensors_bytes
 
 ADAPTER = "tiny-llama:spec"
@@ -108,20 +109,35 @@ def check(schema_name: str, r: httpx.Response, status: int = 200) -> dict[str, A
     return body
 
 
-def check_stream(schema_name: str, r: httpx.Response) -> list[dict[str, Any]]:
-    """A streamed answer: SSE, every event valid, `[DONE]` last, nothing of vLLM's."""
+def check_stream(schema_name: str, r: httpx.Response, failed: bool = False) -> list[dict[str, Any]]:
+    """A streamed answer: SSE, every event valid, `[DONE]` last (not in a Responses stream: it
+    ends with its `response.completed`, as OpenAI's does), nothing of vLLM's. `failed`: the
+    last event (before `[DONE]`) is an error, OpenAI's envelope (ErrorResponse)."""
     assert r.status_code == 200, r.text[:500]
     assert r.headers["content-type"].startswith("text/event-stream")
     data = events(r.content)
-    assert data and data[-1] == "[DONE]", f"the stream does not end with `data: [DONE]`: {data[-1:]}"
-    chunks: list[dict[str, Any]] = [json.loads(d) for d in data[:-1]]
+    if schema_name == "ResponseStreamEvent":
+        assert "[DONE]" not in data, "a Responses stream has no `data: [DONE]`"
+        named = [line[7:] for line in r.text.splitlines() if line.startswith("event: ")]
+        assert named == [json.loads(d)["type"] for d in data], "each event's `event:` line names its type"
+    else:
+        assert data and data[-1] == "[DONE]", f"the stream does not end with `data: [DONE]`: {data[-1:]}"
+        data = data[:-1]
+    chunks: list[dict[str, Any]] = [json.loads(d) for d in data]
+    failure = chunks.pop() if failed else None
     gap = SPEC_GAPS.get(schema_name)
-    problems = [p for p in validate_stream(schema_name, r.content) if not (gap and gap.match(p))]
-    problems = by_event(problems + names_vllm(schema_name, r.text, chunks))
-    text = report(f"{r.request.method} {r.request.url.path} (stream, {len(chunks)} events)", problems, schema_name,
+    problems = [f"event {i}: {p}" for i, chunk in enumerate(chunks) for p in validate(schema_name, chunk)]
+    problems = [p for p in problems if not (gap and gap.match(p))]
+    problems += names_vllm(schema_name, r.text, chunks)
+    if failure is not None:
+        at = f"event {len(chunks)}: "
+        problems += [at + p for p in validate("ErrorResponse", failure) + names_vllm("ErrorResponse", "", failure)]
+        problems += [f"{at}{p}: not in the spec's Error" for p in undeclared("ErrorResponse", failure)]
+    problems = by_event(problems)
+    text = report(f"{r.request.method} {r.request.url.path} (stream, {len(data)} events)", problems, schema_name,
                   chunks)  # fmt: skip
     assert problems == [], text
-    return chunks
+    return chunks if failure is None else [*chunks, failure]
 
 
 # Chat completions
@@ -164,6 +180,19 @@ def test_a_chat_completion_stream_with_n_2_and_logprobs(sim_stack: SimStack, aut
     assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1}
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_that_fails_midway(sim_stack: SimStack, auth: dict[str, str], path: str) -> None:
+    """The worker's engine fails the request after its first token (vLLM's `{"error": ...}` event,
+    its exception class the `type`, the HTTP status an integer `code`): the client gets OpenAI's
+    error envelope as the stream's last event, then `[DONE]`."""
+    prompt: dict[str, Any] = {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "Once"}
+    schema = "CreateChatCompletionStreamResponse" if path == "/v1/chat/completions" else "CreateCompletionResponse"
+    r = post(sim_stack, path, auth, model=ADAPTER, max_tokens=3, stream=True, sim_fail="generation_error", **prompt)
+    *chunks, failure = check_stream(schema, r, failed=True)
+    assert chunks and all(c["model"] == ADAPTER for c in chunks)
+    assert failure["error"]["type"] == "server_error" and "InternalServerError" not in r.text, failure
+
+
 # Completions
 
 
@@ -179,6 +208,28 @@ def test_a_completion_stream(sim_stack: SimStack, auth: dict[str, str], include_
     r = post(sim_stack, "/v1/completions", auth, model=ADAPTER, prompt="Once", max_tokens=3, stream=True, **options)
     chunks = check_stream("CreateCompletionResponse", r)
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "tok tok tok "
+
+
+# Responses
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", ADAPTER])
+def test_a_response(sim_stack: SimStack, auth: dict[str, str], model: str) -> None:
+    r = post(sim_stack, "/v1/responses", auth, model=model, input="Say something.", max_output_tokens=3)
+    body = check("Response", r)
+    assert body["model"] == model and body["object"] == "response"
+    assert body["output"][0]["content"][0]["text"] == "tok tok tok"
+
+
+def test_a_response_stream(sim_stack: SimStack, auth: dict[str, str]) -> None:
+    r = post(sim_stack, "/v1/responses", auth, model=ADAPTER, input="Say something.", max_output_tokens=3,
+             stream=True)  # fmt: skip
+    stream = check_stream("ResponseStreamEvent", r)
+    kinds = [e["type"] for e in stream]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    assert [e["sequence_number"] for e in stream] == list(range(len(stream)))
+    assert "".join(e["delta"] for e in stream if e["type"] == "response.output_text.delta") == "tok tok tok"
+    assert all(e["response"]["model"] == ADAPTER for e in stream if "response" in e)
 
 
 # Embeddings
@@ -237,6 +288,12 @@ ERRORS: dict[str, tuple[str, str, dict[str, Any], int]] = {
         404,
     ),
     "404-unknown-base-model": ("POST", "/v1/completions", {"json": {"model": "gpt-17", "prompt": "x"}}, 404),
+    "400-responses-store": (
+        "POST",
+        "/v1/responses",
+        {"json": {"model": "tiny-llama", "input": "x", "store": True}},
+        400,
+    ),
     "404-unknown-path": ("GET", "/v1/nope", {}, 404),
     "405-get-chat": ("GET", "/v1/chat/completions", {}, 405),
     "405-delete-models": ("DELETE", "/v1/models", {}, 405),

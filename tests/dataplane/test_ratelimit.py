@@ -36,7 +36,9 @@ async def admitted(limiter: Limiter, tenant: str, limits: RateLimits, tokens: in
 
 async def test_two_replicas_share_a_per_minute_limit(client: redis.Redis) -> None:
     """600 a minute (a 50-request bucket, refilled at 10 a second) through two replicas at once:
-    the bucket and its refill are admitted, within a slice per replica, not twice that."""
+    the bucket and its refill are admitted, within a slice per replica, not twice that. Slices
+    are fractions of a request (2.5 here): each replica may be left holding less than one request
+    it cannot use, so as few as 48 may be admitted (seen: 49)."""
     replicas = [Limiter(client), Limiter(client)]
     limits = RateLimits(rpm=600)
     started = time.monotonic()
@@ -44,7 +46,7 @@ async def test_two_replicas_share_a_per_minute_limit(client: redis.Redis) -> Non
     for i in range(200):
         ok += await admitted(replicas[i % 2], "t1", limits)
     elapsed = time.monotonic() - started
-    assert 50 <= ok <= 50 + 10 * elapsed + 2 * 3, (ok, elapsed)
+    assert 50 - 2 <= ok <= 50 + 10 * elapsed + 2 * 3, (ok, elapsed)
 
 
 async def test_a_refusal_says_when_to_come_back(client: redis.Redis) -> None:
