@@ -9,7 +9,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,9 +24,8 @@ from loraplane.controlplane.v1 import worker_pb2 as pb
 from loraplane.controlplane.v1 import worker_pb2_grpc
 from loraplane.state.records import WorkerRecord
 from tests.controlplane.test_peers import eventually
-from tests.controlplane.test_service import AGENT, OPERATOR, start_control_plane
+from tests.controlplane.test_service import AGENT, OPERATOR
 from tests.controlplane.test_store import record
-from tests.support import RedisServer
 
 
 def w(
@@ -173,13 +171,6 @@ async def test_the_placer_loads_where_the_node_cache_holds_the_bytes(store: Stor
         answering.cancel()
     assert placed.worker_id == "ht-cached" and not placed.already_loaded
     assert empty.outbox.empty()
-
-
-@pytest.fixture
-async def plane(redis_server: RedisServer, store: Store, tmp_path: Path) -> AsyncIterator[server.ControlPlane]:
-    cp = await start_control_plane(redis_server.url, tmp_path)
-    yield cp
-    await cp.stop(0)
 
 
 async def test_list_workers_shows_gpu_slots_and_the_node_cache(plane: server.ControlPlane, store: Store) -> None:

@@ -23,7 +23,7 @@ from loraplane.controlplane.v1 import worker_pb2_grpc
 from loraplane.state.records import WorkerRecord
 from tests.controlplane.test_peers import eventually
 from tests.controlplane.test_store import record
-from tests.support import RedisServer, free_port
+from tests.support import free_port
 
 OPERATOR, AGENT, PEER = "o" * 32, "a" * 32, "p" * 32
 
@@ -44,13 +44,6 @@ async def start_control_plane(redis_url: str, tmp_path: Path, port: int = 0, **e
         "LORAPLANE_HEARTBEAT_TIMEOUT_S": "60",  # the fake agents send heartbeats only when told
     }
     return await server.start(Settings.from_env(env | extra))
-
-
-@pytest.fixture
-async def plane(redis_server: RedisServer, store: Store, tmp_path: Path) -> AsyncIterator[server.ControlPlane]:
-    cp = await start_control_plane(redis_server.url, tmp_path)
-    yield cp
-    await cp.stop(0)
 
 
 async def test_list_workers_shows_the_engine(plane: server.ControlPlane, store: Store) -> None:
