@@ -31,7 +31,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.hotload import first_token_s, random_adapter, summary  # noqa: E402
+from hotload import first_token_s, random_adapter, summary  # noqa: E402
+
 from loraplane import tinymodel  # noqa: E402
 from loraplane.catalog import Architecture  # noqa: E402
 from loraplane.stack import CPU_SHARE, vllm_args  # noqa: E402
@@ -72,8 +73,8 @@ def main() -> None:
                "--enable-lora", "--max-loras", str(SLOTS), "--max-cpu-loras", str(HOST), "--max-lora-rank", "64",
                "--disable-uvicorn-access-log", *vllm_args()]  # fmt: skip
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE="1", **CPU_SHARE)
-        with open(Path(tmp) / "vllm.log", "wb") as out:
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(Path(tmp) / "vllm.log", "wb") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
             wait_for(lambda: client.get("/health").status_code == 200, 300, "vLLM did not start", every_s=0.5)
