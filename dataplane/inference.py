@@ -42,7 +42,7 @@ from dataplane.metering import Meter, Seen
 from dataplane.metrics import Metrics
 from dataplane.ratelimit import Admission, Limiter, RateLimited, estimate
 from dataplane.resolve import Resolver, Target
-from dataplane.routing import RoutingTable, Worker, candidates, is_hot, least_loaded
+from dataplane.routing import RoutingTable, Worker, candidates, least_loaded, wants_copy
 from dataplane.settings import Settings
 from dataplane.upstream import Pool
 from dataplane.upstream import Response as UpstreamResponse
@@ -424,9 +424,17 @@ async def worker_for(st: State, target: Target, key: str, tenant: Tenant, avoid:
     holders = candidates(usable(), base, adapter_id, pool)
     st.metrics.routing.inc("hit" if holders else "miss")
     if holders:
-        hot = is_hot(st.routing.adapter_in_flight[adapter_id] + 1, len(holders), st.settings.replicate_at_in_flight)
+        fleet: list[Worker] = []
+
+        def pool_workers() -> list[Worker]:  # only past the rule's cheap tests: not on every request
+            if not fleet:
+                fleet.extend(candidates(usable(), base, None, pool))
+            return fleet
+
+        in_flight, threshold = st.routing.in_flight, st.settings.replicate_at_in_flight
+        hot = wants_copy(st.routing.adapter_in_flight[adapter_id] + 1, holders, in_flight, pool_workers, threshold)
         full = not any(st.gate.has_room(w) for w in holders)  # its copies are full: one more, elsewhere
-        if (hot or full) and len(candidates(usable(), base, None, pool)) > len(holders):
+        if (hot or full) and len(pool_workers()) > len(holders):
             single_flight(st, key, adapter_id, replicate=True)
     else:
         st.metrics.cold_waiting.add(by=1)

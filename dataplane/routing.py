@@ -71,6 +71,41 @@ def is_hot(in_flight: int, holders: int, threshold: int) -> bool:
     return holders > 0 and in_flight > threshold * holders
 
 
+# Requests in flight per copy below which an adapter gets no copy for balance: one request per
+# copy cannot be split, and a copy for it only churns places (bench/affinity.py's W2 with a host
+# tier: with 1, fourteen times the loads for the same balance).
+COPY_MIN_IN_FLIGHT = 2
+
+
+def wants_copy(
+    adapter_in_flight: int,
+    holders: Sequence[Worker],
+    in_flight: Counter[str],
+    workers: Callable[[], Sequence[Worker]],
+    threshold: int,
+) -> bool:
+    """Whether an adapter wants one more copy, counting the request being routed
+    (`adapter_in_flight` includes it): past `threshold` requests in flight per holder (`is_hot`);
+    or, where every holder has a host-memory tier (a copy takes a place in host memory, not a
+    GPU slot), relative to the fleet: even its least loaded holder would have more requests in
+    flight with this one than the mean of `workers` (the base model's in the pool, holders
+    among them; asked for only past the cheap tests), and it has at least COPY_MIN_IN_FLIGHT
+    requests in flight per holder. The copy goes elsewhere; requests then spread over the copies
+    by load. Without a host tier a copy evicts an adapter from a GPU slot, and the fleet-relative
+    rule costs more loads than it saves imbalance (bench/affinity.py): the threshold alone."""
+    if is_hot(adapter_in_flight, len(holders), threshold):
+        return True
+    if not holders or adapter_in_flight < COPY_MIN_IN_FLIGHT * len(holders):
+        return False
+    if not all(w.gpu_slots for w in holders):
+        return False
+    fleet = workers()
+    if len(fleet) <= len(holders):
+        return False
+    least = min(in_flight[w.id] for w in holders) + 1
+    return least * len(fleet) > sum(in_flight[w.id] for w in fleet) + 1
+
+
 # Of these control plane replicas (addresses), those that answer.
 Vouch = Callable[[set[str]], Awaitable[set[str]]]
 
