@@ -60,8 +60,32 @@ def hotload(data: dict) -> None:  # type: ignore[type-arg]
     fig.savefig(RESULTS / "hotload.png", dpi=100)
 
 
+def coldsize(data: dict) -> None:  # type: ignore[type-arg]
+    tiers = ("store", "node_disk", "resident")
+    sizes = data["sizes"]
+    labels = [f"{s['file_MB']:.0f} MB\nrank {s['rank']}, " + ("all-linear" if len(s["target_modules"]) == 7
+              else "+".join(s["target_modules"])) for s in sizes.values()]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.27
+    for i, t in enumerate(tiers):
+        xs = [x + (i - 1) * width for x in range(len(sizes))]
+        ax.bar(xs, [s[t]["p50_ms"] for s in sizes.values()], width, label=f"{t.replace('_', ' ')} p50")
+        ax.scatter(xs, [s[t]["p99_ms"] for s in sizes.values()], color="black", s=12, zorder=3,
+                   label="p99" if i == 0 else None)  # fmt: skip
+    ax.axhline(data["target_s"] * 1000, color="grey", linestyle="--", linewidth=1, label="target (2 s)")
+    ax.set_xticks(range(len(sizes)), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("request -> first token (ms)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"cold first token by size and tier, {data['base_model']['name']} (simulated engine, {data['date']})",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(RESULTS / "coldsize.png", dpi=100)
+
+
 def main() -> None:
-    for name, plot in (("affinity", affinity), ("hotpath", hotpath), ("hotload", hotload)):
+    plots = (("affinity", affinity), ("hotpath", hotpath), ("hotload", hotload), ("coldsize", coldsize))
+    for name, plot in plots:
         path = RESULTS / f"{name}.json"
         if path.exists():
             plot(json.loads(path.read_text()))
