@@ -521,10 +521,10 @@ def test_full_workers_evict_the_least_recently_used_idle_adapter(
         client.chat.completions.create(
             model=f"tiny-llama:l{i}", messages=[{"role": "user", "content": "x"}], max_tokens=1
         )
-    # A cold adapter takes a free slot on the least used worker: they fill in turn.
-    assert {w: _holders(full_stack, a) for w, a in enumerate(ids[:16])} == {
-        i: {W1 if i % 2 == 0 else W2} for i in range(16)
-    }
+    # A cold adapter takes a free place (first where its node has its bytes: prefetch races this),
+    # so which worker holds which varies; each holds 8, in the order they were used.
+    held = {w: [a for a in ids[:16] if _holders(full_stack, a) == {w}] for w in (W1, W2)}
+    assert [len(held[W1]), len(held[W2])] == [8, 8], held
 
     def long_stream(model: str) -> Iterator[ChatCompletionChunk]:
         stream = client.chat.completions.create(
@@ -535,15 +535,16 @@ def test_full_workers_evict_the_least_recently_used_idle_adapter(
         next(chunks)
         return chunks
 
-    # The two least recently used (one on each worker) get a request in flight.
-    running = [long_stream("tiny-llama:l0"), long_stream("tiny-llama:l1")]
+    # Each worker's least recently used gets a request in flight.
+    busy = [held[W1][0], held[W2][0]]
+    running = [long_stream(f"tiny-llama:l{ids.index(a)}") for a in busy]
     time.sleep(2.5)  # heartbeats report them busy
     say(client, "tiny-llama:l16")
     (taker,) = _holders(full_stack, ids[16])  # either worker: each runs one request
-    assert _holders(full_stack, ids[0]) == {W1} and _holders(full_stack, ids[1]) == {W2}  # never a busy one
-    lru = ids[2] if taker == W1 else ids[3]  # the least recently used idle one on that worker went
+    assert _holders(full_stack, busy[0]) == {W1} and _holders(full_stack, busy[1]) == {W2}  # never a busy one
+    lru = held[taker][1]  # the least recently used idle one on that worker went
     assert not _holders(full_stack, lru)
-    assert all(_holders(full_stack, a) for a in ids[2:16] if a != lru)
+    assert all(_holders(full_stack, a) for a in ids[:16] if a != lru)
     for chunks in running:
         assert list(chunks)[-1].choices[0].finish_reason == "length"
 
