@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplane import tinymodel
 from loraplane.catalog import Architecture
@@ -151,13 +152,10 @@ def start_simulator(model: str, *args: str, port: int = 0) -> tuple[subprocess.P
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """A /metrics page as {(name, labels): value}."""
     out = {}
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        name, _, labels = series.partition("{")
-        pairs = frozenset(tuple(p.split("=", 1)) for p in labels.rstrip("}").split(",") if p) if labels else frozenset()
-        out[name, frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
+    # Prometheus's own parser: a label value may hold commas (vLLM's `running_lora_adapters="a,b"`)
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for sample in family.samples:
+            out[sample.name, frozenset(sample.labels.items())] = sample.value
     return out
 
 
