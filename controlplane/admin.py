@@ -19,7 +19,7 @@ from loraplane.controlplane.v1 import admin_pb2_grpc, tenant_pb2_grpc
 from loraplane.controlplane.v1 import tenant_pb2 as tpb
 from loraplane.limits import NAME, RateLimits
 from loraplane.state import usage
-from loraplane.state.records import Tenant
+from loraplane.state.records import AdapterRecord, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +262,18 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         await self._placer.assign(request.worker_id, "")
         return adpb.UnassignWorkerResponse(worker_id=request.worker_id, tenant_id=was)
 
+    async def _ready(self, adapter_id: str) -> AdapterRecord:
+        rec = await self._store.get_adapter(adapter_id)
+        if rec is None or rec.status != "ready":
+            raise NotFound(f"no ready adapter {adapter_id!r}")
+        return rec
+
     @grpc_errors
     async def PrefetchAdapter(
         self, request: adpb.PrefetchAdapterRequest, context: Context
     ) -> adpb.PrefetchAdapterResponse:
         is_forwarded = self._auth.peer(context)
-        rec = await self._store.get_adapter(request.adapter_id)
-        if rec is None or rec.status != "ready":
-            raise NotFound(f"no ready adapter {request.adapter_id!r}")
+        rec = await self._ready(request.adapter_id)
         done = await self._placer.prefetch(
             rec, self._prefetch_workers, list(request.worker_ids) or None, forwarded=is_forwarded
         )
@@ -280,9 +284,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self, request: adpb.ForceLoadAdapterRequest, context: Context
     ) -> adpb.ForceLoadAdapterResponse:
         is_forwarded = self._auth.peer(context)
-        rec = await self._store.get_adapter(request.adapter_id)
-        if rec is None or rec.status != "ready":
-            raise NotFound(f"no ready adapter {request.adapter_id!r}")
+        rec = await self._ready(request.adapter_id)
         placed = await self._placer.place(rec, worker_id=request.worker_id or None, forwarded=is_forwarded)
         return adpb.ForceLoadAdapterResponse(worker_id=placed.worker_id, already_loaded=placed.already_loaded)
 
